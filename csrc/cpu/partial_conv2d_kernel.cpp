@@ -1,0 +1,301 @@
+// CPU kernels of pconv::partial_conv2d and pconv::partial_conv2d_backward.
+//
+// Forward, in three passes over memory and never a C_out-channel mask:
+//   1. mask pass   - one read of the mask: channel sum, window sum, ratio r and
+//                    updated mask u, all single-channel [N_m, 1, H', W'] in float32
+//                    (float64 for float64 inputs);
+//   2. convolution - oneDNN (through ATen) on x * m; the product is formed in the
+//                    layout the convolution reads, so it is the only copy of the input;
+//   3. epilogue    - one read-modify-write of the output: y = (raw * r + b) * u.
+// Backward mirrors it: one pass forms g_raw = g_y * r (* u) and reduces the bias gradient,
+// oneDNN computes both convolution gradients, and the input gradient is masked in place.
+#include "../pconv.h"
+#include "mask_ratio.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <vector>
+
+namespace pconv {
+namespace {
+
+// The convolution is fastest in channels_last when one side has very few channels (the
+// RGB input layer, the RGB output layer): oneDNN's NCHW path for those shapes is several
+// times slower than its NHWC path, and the masking pass pays for the layout change.
+at::MemoryFormat compute_format(const at::Tensor& input, const ConvGeometry& g) {
+  // With one input channel both layouts hold the same bytes, but oneDNN (torch 2.13)
+  // miscomputes some strided convolutions given the channels_last strides of a C=1 tensor.
+  if (g.in_channels == 1) {
+    return at::MemoryFormat::Contiguous;
+  }
+  if (input.suggest_memory_format() == at::MemoryFormat::ChannelsLast) {
+    return at::MemoryFormat::ChannelsLast;
+  }
+  if (g.groups == 1 && (g.in_channels <= 4 || g.out_channels <= 4)) {
+    return at::MemoryFormat::ChannelsLast;
+  }
+  return at::MemoryFormat::Contiguous;
+}
+
+// x * m written once, in the layout the convolution reads.
+at::Tensor masked_input(const at::Tensor& input, const c10::optional<at::Tensor>& mask,
+                        at::MemoryFormat format) {
+  if (!(mask.has_value() && mask->defined())) {
+    return input.contiguous(format);
+  }
+  at::Tensor out = at::empty(input.sizes(), input.options().memory_format(format));
+  return at::mul_out(out, input, *mask);
+}
+
+// y = (raw * r + b) * u with a bias, y = raw * r without; raw is read once and y written
+// once. raw and out are both NCHW-contiguous or both channels_last (out may alias raw).
+template <typename scalar_t>
+void epilogue(const at::Tensor& raw, const MaskRatio& mr, const at::Tensor& bias,
+              at::Tensor& out, const ConvGeometry& g) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t plane = g.out_h * g.out_w;
+  const int64_t channels = g.out_channels;
+  const scalar_t* src = raw.const_data_ptr<scalar_t>();
+  scalar_t* dst = out.mutable_data_ptr<scalar_t>();
+  const acc_t* ratio = mr.ratio.const_data_ptr<acc_t>();
+  const acc_t* update = mr.update.const_data_ptr<acc_t>();
+  const bool has_bias = bias.defined();
+  std::vector<acc_t> b(channels, acc_t(0));
+  if (has_bias) {
+    const at::Tensor bias_c = bias.contiguous();
+    const scalar_t* bp = bias_c.const_data_ptr<scalar_t>();
+    for (int64_t c = 0; c < channels; ++c) b[c] = static_cast<acc_t>(bp[c]);
+  }
+  const int64_t mask_stride = mr.batch == 1 ? 0 : plane;
+
+  if (raw.is_contiguous(at::MemoryFormat::ChannelsLast) && channels > 1) {
+    at::parallel_for(0, g.batch * plane, 256, [&](int64_t begin, int64_t end) {
+      for (int64_t idx = begin; idx < end; ++idx) {
+        const int64_t n = idx / plane, p = idx % plane;
+        const acc_t r = ratio[n * mask_stride + p];
+        const acc_t u = update[n * mask_stride + p];
+        const scalar_t* s = src + idx * channels;
+        scalar_t* d = dst + idx * channels;
+        if (has_bias) {
+          for (int64_t c = 0; c < channels; ++c) {
+            d[c] = static_cast<scalar_t>((static_cast<acc_t>(s[c]) * r + b[c]) * u);
+          }
+        } else {
+          for (int64_t c = 0; c < channels; ++c) {
+            d[c] = static_cast<scalar_t>(static_cast<acc_t>(s[c]) * r);
+          }
+        }
+      }
+    });
+  } else {
+    const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(plane, 1));
+    at::parallel_for(0, g.batch * channels, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t nc = begin; nc < end; ++nc) {
+        const int64_t n = nc / channels, c = nc % channels;
+        const acc_t* r = ratio + n * mask_stride;
+        const acc_t* u = update + n * mask_stride;
+        const scalar_t* s = src + nc * plane;
+        scalar_t* d = dst + nc * plane;
+        if (has_bias) {
+          const acc_t bc = b[c];
+          for (int64_t p = 0; p < plane; ++p) {
+            d[p] = static_cast<scalar_t>((static_cast<acc_t>(s[p]) * r[p] + bc) * u[p]);
+          }
+        } else {
+          for (int64_t p = 0; p < plane; ++p) {
+            d[p] = static_cast<scalar_t>(static_cast<acc_t>(s[p]) * r[p]);
+          }
+        }
+      }
+    });
+  }
+}
+
+// g_raw = g_y * r * u (with bias) or g_y * r (without), and db = sum over N, H', W' of
+// g_y * u, in one read of g_y. g_y and g_raw share a layout (NCHW or channels_last).
+template <typename scalar_t>
+void grad_prologue(const at::Tensor& grad_out, const MaskRatio& mr, bool has_bias,
+                   bool need_graw, bool need_db, at::Tensor& grad_raw,
+                   at::Tensor& grad_bias_acc, const ConvGeometry& g) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t plane = g.out_h * g.out_w;
+  const int64_t channels = g.out_channels;
+  const scalar_t* gy = grad_out.const_data_ptr<scalar_t>();
+  scalar_t* gr = need_graw ? grad_raw.mutable_data_ptr<scalar_t>() : nullptr;
+  const acc_t* ratio = mr.ratio.const_data_ptr<acc_t>();
+  const acc_t* update = mr.update.const_data_ptr<acc_t>();
+  acc_t* db = need_db ? grad_bias_acc.mutable_data_ptr<acc_t>() : nullptr;
+  const int64_t mask_stride = mr.batch == 1 ? 0 : plane;
+
+  if (grad_out.is_contiguous(at::MemoryFormat::ChannelsLast) && channels > 1) {
+    // Pixels are split into fixed blocks, each reducing its own bias-gradient row, so the
+    // sum does not depend on the thread count.
+    const int64_t pixels = g.batch * plane;
+    const int64_t block = 1024;
+    const int64_t blocks = (pixels + block - 1) / block;
+    std::vector<acc_t> partial(need_db ? blocks * channels : 0, acc_t(0));
+    at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t blk = begin; blk < end; ++blk) {
+        acc_t* row = need_db ? partial.data() + blk * channels : nullptr;
+        const int64_t stop = std::min(pixels, (blk + 1) * block);
+        for (int64_t idx = blk * block; idx < stop; ++idx) {
+          const int64_t n = idx / plane, p = idx % plane;
+          const acc_t r = ratio[n * mask_stride + p];
+          const acc_t u = update[n * mask_stride + p];
+          const acc_t scale = has_bias ? r * u : r;
+          const scalar_t* s = gy + idx * channels;
+          if (need_graw) {
+            scalar_t* d = gr + idx * channels;
+            for (int64_t c = 0; c < channels; ++c) {
+              d[c] = static_cast<scalar_t>(static_cast<acc_t>(s[c]) * scale);
+            }
+          }
+          if (row) {
+            for (int64_t c = 0; c < channels; ++c) row[c] += static_cast<acc_t>(s[c]) * u;
+          }
+        }
+      }
+    });
+    if (need_db) {
+      for (int64_t blk = 0; blk < blocks; ++blk) {
+        for (int64_t c = 0; c < channels; ++c) db[c] += partial[blk * channels + c];
+      }
+    }
+  } else {
+    // One task per output channel: it owns db[c], so no reduction across threads.
+    at::parallel_for(0, channels, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t c = begin; c < end; ++c) {
+        acc_t sum = 0;
+        for (int64_t n = 0; n < g.batch; ++n) {
+          const acc_t* r = ratio + n * mask_stride;
+          const acc_t* u = update + n * mask_stride;
+          const int64_t offset = (n * channels + c) * plane;
+          const scalar_t* s = gy + offset;
+          if (need_graw) {
+            scalar_t* d = gr + offset;
+            if (has_bias) {
+              for (int64_t p = 0; p < plane; ++p) {
+                d[p] = static_cast<scalar_t>(static_cast<acc_t>(s[p]) * r[p] * u[p]);
+              }
+            } else {
+              for (int64_t p = 0; p < plane; ++p) {
+                d[p] = static_cast<scalar_t>(static_cast<acc_t>(s[p]) * r[p]);
+              }
+            }
+          }
+          if (need_db) {
+            for (int64_t p = 0; p < plane; ++p) sum += static_cast<acc_t>(s[p]) * u[p];
+          }
+        }
+        if (need_db) db[c] = sum;
+      }
+    });
+  }
+}
+
+at::Tensor expand_update(const MaskRatio& mr, const at::Tensor& input, const ConvGeometry& g) {
+  at::Tensor u = mr.update.to(input.scalar_type());
+  if (mr.batch != g.batch) {
+    u = u.expand({g.batch, 1, g.out_h, g.out_w}).contiguous();
+  }
+  return u;
+}
+
+std::tuple<at::Tensor, at::Tensor> partial_conv2d_cpu(
+    const at::Tensor& input, const c10::optional<at::Tensor>& mask, const at::Tensor& weight,
+    const c10::optional<at::Tensor>& bias, c10::IntArrayRef stride, c10::IntArrayRef padding,
+    c10::IntArrayRef dilation, int64_t groups) {
+  const ConvGeometry g =
+      check_partial_conv2d_args(input, mask, weight, bias, stride, padding, dilation, groups);
+  const at::MemoryFormat out_format = input.suggest_memory_format();
+  const MaskRatio mr = mask_ratio_cpu(mask, g, input.scalar_type());
+  if (g.batch == 0) {
+    return {at::empty({0, g.out_channels, g.out_h, g.out_w},
+                      input.options().memory_format(out_format)),
+            expand_update(mr, input, g)};
+  }
+
+  const at::MemoryFormat format = compute_format(input, g);
+  const at::Tensor xm = masked_input(input, mask, format);
+  at::Tensor raw = at::convolution(xm, weight.contiguous(format), c10::nullopt, stride, padding,
+                                   dilation, false, {0, 0}, groups);
+  const at::MemoryFormat raw_format =
+      raw.is_contiguous(at::MemoryFormat::ChannelsLast) && g.out_channels > 1
+          ? at::MemoryFormat::ChannelsLast
+          : at::MemoryFormat::Contiguous;
+  raw = raw.contiguous(raw_format);
+  const at::Tensor bias_t = bias.has_value() ? *bias : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(),
+                                  "partial_conv2d_cpu", [&] {
+                                    epilogue<scalar_t>(raw, mr, bias_t, raw, g);
+                                  });
+  // Only the small-channel layout switch above lands here in the other layout.
+  return {raw.contiguous(out_format), expand_update(mr, input, g)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> partial_conv2d_backward_cpu(
+    const at::Tensor& grad_output, const at::Tensor& input, const c10::optional<at::Tensor>& mask,
+    const at::Tensor& weight, bool has_bias, c10::IntArrayRef stride, c10::IntArrayRef padding,
+    c10::IntArrayRef dilation, int64_t groups, std::array<bool, 3> output_mask) {
+  const ConvGeometry g = check_partial_conv2d_backward_args(grad_output, input, mask, weight,
+                                                            stride, padding, dilation, groups);
+  const bool need_dx = output_mask[0], need_dw = output_mask[1];
+  const bool need_db = output_mask[2] && has_bias;
+  const at::ScalarType acc_type =
+      input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+
+  at::Tensor grad_input = at::empty({0}, input.options());
+  at::Tensor grad_weight = at::empty({0}, weight.options());
+  at::Tensor grad_bias = at::empty({0}, input.options());
+  at::Tensor grad_bias_acc = at::zeros({need_db ? g.out_channels : 0}, input.options().dtype(acc_type));
+  const bool need_graw = need_dx || need_dw;
+  if (!need_graw && !need_db) {
+    return {grad_input, grad_weight, grad_bias};
+  }
+
+  const MaskRatio mr = mask_ratio_cpu(mask, g, input.scalar_type());
+  const at::MemoryFormat format = compute_format(input, g);
+  const at::Tensor gy = grad_output.contiguous(format);
+  at::Tensor grad_raw = need_graw ? at::empty_like(gy) : at::Tensor();
+  if (gy.numel() > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(),
+                                    "partial_conv2d_backward_cpu", [&] {
+                                      grad_prologue<scalar_t>(gy, mr, has_bias, need_graw,
+                                                              need_db, grad_raw, grad_bias_acc, g);
+                                    });
+  }
+  if (need_db) grad_bias = grad_bias_acc.to(input.scalar_type());
+
+  if (need_graw) {
+    if (g.batch == 0) {
+      if (need_dx) grad_input = at::zeros_like(input);
+      if (need_dw) grad_weight = at::zeros_like(weight);
+    } else {
+      // The weight gradient reads x * m; the input gradient only needs the input's shape.
+      const at::Tensor xm = need_dw ? masked_input(input, mask, format) : input.contiguous(format);
+      auto grads = at::convolution_backward(grad_raw, xm, weight.contiguous(format), c10::nullopt,
+                                            stride, padding, dilation, false, {0, 0}, groups,
+                                            {need_dx, need_dw, false});
+      if (need_dx) {
+        grad_input = std::get<0>(grads);
+        if (g.has_mask) grad_input.mul_(*mask);
+        grad_input = grad_input.contiguous(input.suggest_memory_format());
+      }
+      if (need_dw) grad_weight = std::get<1>(grads).contiguous(weight.suggest_memory_format());
+    }
+  }
+  return {grad_input, grad_weight, grad_bias};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pconv, CPU, m) {
+  m.impl("partial_conv2d", &partial_conv2d_cpu);
+  m.impl("partial_conv2d_backward", &partial_conv2d_backward_cpu);
+}
+
+}  // namespace pconv

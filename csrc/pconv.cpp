@@ -1,0 +1,173 @@
+// Schema of the partial-convolution ops and the argument checks all backends share.
+//
+// This file is always compiled: the CPU and CUDA kernels only add TORCH_LIBRARY_IMPL
+// blocks, so a CPU-only build needs no #ifdef. The math is in shared/DESIGN.md, §1.
+#include "pconv.h"
+
+#include <Python.h>
+#include <torch/library.h>
+
+#include <sstream>
+
+namespace pconv {
+namespace {
+
+std::string shape_str(c10::IntArrayRef sizes) {
+  std::ostringstream out;
+  out << "[";
+  for (size_t i = 0; i < sizes.size(); ++i) {
+    out << (i ? ", " : "") << sizes[i];
+  }
+  out << "]";
+  return out.str();
+}
+
+void check_pair(c10::IntArrayRef values, const char* name, int64_t min_value) {
+  TORCH_CHECK(values.size() == 2,
+              "partial_conv2d: ", name, " must have 2 values (h, w), got ", shape_str(values));
+  TORCH_CHECK(values[0] >= min_value && values[1] >= min_value,
+              "partial_conv2d: ", name, " must be ", min_value == 0 ? "non-negative" : "positive",
+              ", got ", shape_str(values));
+}
+
+void check_same_device_dtype(const at::Tensor& input, const at::Tensor& other, const char* name) {
+  TORCH_CHECK(other.device() == input.device(),
+              "partial_conv2d: ", name, " is on ", other.device(), " but input is on ", input.device());
+  TORCH_CHECK(other.scalar_type() == input.scalar_type(),
+              "partial_conv2d: ", name, " has dtype ", other.scalar_type(), " but input has dtype ",
+              input.scalar_type());
+}
+
+}  // namespace
+
+ConvGeometry check_partial_conv2d_args(
+    const at::Tensor& input,
+    const c10::optional<at::Tensor>& mask,
+    const at::Tensor& weight,
+    const c10::optional<at::Tensor>& bias,
+    c10::IntArrayRef stride,
+    c10::IntArrayRef padding,
+    c10::IntArrayRef dilation,
+    int64_t groups) {
+  TORCH_CHECK(input.dim() == 4,
+              "partial_conv2d: input must be a 4-D tensor [N, C_in, H, W], got shape ",
+              shape_str(input.sizes()));
+  TORCH_CHECK(at::isFloatingType(input.scalar_type()),
+              "partial_conv2d: input must have a floating-point dtype, got ", input.scalar_type());
+  TORCH_CHECK(weight.dim() == 4,
+              "partial_conv2d: weight must be a 4-D tensor [C_out, C_in/groups, kh, kw], got shape ",
+              shape_str(weight.sizes()));
+  check_same_device_dtype(input, weight, "weight");
+  check_pair(stride, "stride", 1);
+  check_pair(padding, "padding", 0);
+  check_pair(dilation, "dilation", 1);
+  TORCH_CHECK(groups > 0, "partial_conv2d: groups must be positive, got ", groups);
+
+  ConvGeometry g;
+  g.batch = input.size(0);
+  g.in_channels = input.size(1);
+  g.in_h = input.size(2);
+  g.in_w = input.size(3);
+  g.out_channels = weight.size(0);
+  g.kernel_h = weight.size(2);
+  g.kernel_w = weight.size(3);
+  g.stride_h = stride[0];
+  g.stride_w = stride[1];
+  g.pad_h = padding[0];
+  g.pad_w = padding[1];
+  g.dil_h = dilation[0];
+  g.dil_w = dilation[1];
+  g.groups = groups;
+
+  TORCH_CHECK(g.in_channels % groups == 0 && weight.size(1) * groups == g.in_channels,
+              "partial_conv2d: weight of shape ", shape_str(weight.sizes()), " with groups=", groups,
+              " expects input with ", weight.size(1) * groups, " channels, but input has shape ",
+              shape_str(input.sizes()));
+  TORCH_CHECK(g.out_channels % groups == 0,
+              "partial_conv2d: weight of shape ", shape_str(weight.sizes()),
+              " has C_out=", g.out_channels, ", which is not divisible by groups=", groups);
+  TORCH_CHECK(g.kernel_h > 0 && g.kernel_w > 0 && g.out_channels > 0,
+              "partial_conv2d: weight of shape ", shape_str(weight.sizes()), " is empty");
+
+  const int64_t span_h = g.dil_h * (g.kernel_h - 1) + 1;
+  const int64_t span_w = g.dil_w * (g.kernel_w - 1) + 1;
+  g.out_h = (g.in_h + 2 * g.pad_h - span_h) / g.stride_h + 1;
+  g.out_w = (g.in_w + 2 * g.pad_w - span_w) / g.stride_w + 1;
+  TORCH_CHECK(g.in_h + 2 * g.pad_h >= span_h && g.in_w + 2 * g.pad_w >= span_w,
+              "partial_conv2d: input of shape ", shape_str(input.sizes()), " with padding ",
+              shape_str(padding), " is smaller than the dilated kernel [", span_h, ", ", span_w, "]");
+
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == g.out_channels,
+                "partial_conv2d: bias must have shape [", g.out_channels, "] (C_out), got ",
+                shape_str(bias->sizes()));
+    check_same_device_dtype(input, *bias, "bias");
+  }
+
+  g.has_mask = mask.has_value() && mask->defined();
+  g.mask_batch = 1;
+  g.mask_channels = 1;
+  if (g.has_mask) {
+    const at::Tensor& m = *mask;
+    TORCH_CHECK(m.dim() == 4,
+                "partial_conv2d: mask must be a 4-D tensor [N, 1 or C_in, H, W], got shape ",
+                shape_str(m.sizes()));
+    check_same_device_dtype(input, m, "mask");
+    TORCH_CHECK(m.size(2) == g.in_h && m.size(3) == g.in_w,
+                "partial_conv2d: mask spatial size [", m.size(2), ", ", m.size(3),
+                "] does not match input spatial size [", g.in_h, ", ", g.in_w, "] (mask shape ",
+                shape_str(m.sizes()), ", input shape ", shape_str(input.sizes()), ")");
+    TORCH_CHECK(m.size(1) == 1 || m.size(1) == g.in_channels,
+                "partial_conv2d: mask must have 1 channel or C_in=", g.in_channels,
+                " channels, got mask shape ", shape_str(m.sizes()), " for input shape ",
+                shape_str(input.sizes()));
+    TORCH_CHECK(m.size(0) == g.batch || m.size(0) == 1,
+                "partial_conv2d: mask batch size must be ", g.batch, " or 1, got mask shape ",
+                shape_str(m.sizes()), " for input shape ", shape_str(input.sizes()));
+    g.mask_batch = m.size(0);
+    g.mask_channels = m.size(1);
+  }
+  return g;
+}
+
+ConvGeometry check_partial_conv2d_backward_args(
+    const at::Tensor& grad_output,
+    const at::Tensor& input,
+    const c10::optional<at::Tensor>& mask,
+    const at::Tensor& weight,
+    c10::IntArrayRef stride,
+    c10::IntArrayRef padding,
+    c10::IntArrayRef dilation,
+    int64_t groups) {
+  ConvGeometry g = check_partial_conv2d_args(input, mask, weight, c10::nullopt, stride, padding,
+                                             dilation, groups);
+  const std::vector<int64_t> expected = {g.batch, g.out_channels, g.out_h, g.out_w};
+  TORCH_CHECK(grad_output.sizes() == c10::IntArrayRef(expected),
+              "partial_conv2d_backward: grad_output must have shape ", shape_str(expected),
+              ", got ", shape_str(grad_output.sizes()));
+  check_same_device_dtype(input, grad_output, "grad_output");
+  return g;
+}
+
+TORCH_LIBRARY(pconv, m) {
+  // Returns (output [N, C_out, H', W'], updated_mask [N, 1, H', W']).
+  m.def(
+      "partial_conv2d(Tensor input, Tensor? mask, Tensor weight, Tensor? bias, int[2] stride, "
+      "int[2] padding, int[2] dilation, int groups) -> (Tensor, Tensor)");
+  // Returns (grad_input, grad_weight, grad_bias); a gradient not asked for in output_mask
+  // comes back as an empty tensor.
+  m.def(
+      "partial_conv2d_backward(Tensor grad_output, Tensor input, Tensor? mask, Tensor weight, "
+      "bool has_bias, int[2] stride, int[2] padding, int[2] dilation, int groups, "
+      "bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+}
+
+}  // namespace pconv
+
+// The library is loaded as a Python extension module (`pconv_cuda._C`) so that a plain
+// import finds it next to the package; the module itself exposes nothing, the ops live
+// in torch.ops.pconv.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}

@@ -1,0 +1,65 @@
+// Shared declarations of the partial-convolution op: the geometry of one call and the
+// argument checks that every backend runs before touching data.
+//
+// Mask convention everywhere: 1 = known pixel, 0 = hole, values in [0, 1].
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/ArrayRef.h>
+#include <c10/util/Optional.h>
+
+namespace pconv {
+
+// Everything a kernel needs to know about one call, resolved once from the arguments.
+struct ConvGeometry {
+  int64_t batch;          // N of the input
+  int64_t in_channels;    // C_in
+  int64_t in_h, in_w;     // H, W
+  int64_t out_channels;   // C_out
+  int64_t kernel_h, kernel_w;
+  int64_t stride_h, stride_w;
+  int64_t pad_h, pad_w;
+  int64_t dil_h, dil_w;
+  int64_t groups;
+  int64_t out_h, out_w;   // H', W'
+  bool has_mask;
+  int64_t mask_batch;     // N or 1 (broadcast over the batch); 1 when there is no mask
+  int64_t mask_channels;  // 1 (single-channel) or C_in (multi-channel); 1 when no mask
+
+  // Number of mask values one full window covers: kh * kw * C_m (slide_winsize).
+  int64_t window_size() const { return kernel_h * kernel_w * mask_channels; }
+};
+
+// Renormalisation ratio r and updated mask u of one call, each [N_m, 1, H', W'] with
+// N_m = 1 when a single mask broadcasts over the batch. Float32, or float64 for float64
+// inputs, whatever the input dtype: the 1e-8 of the ratio underflows in float16.
+struct MaskRatio {
+  at::Tensor ratio;   // r = win / (S + 1e-8) * u
+  at::Tensor update;  // u = clamp(S, 0, 1)
+  int64_t batch;      // N_m
+};
+
+// Validates every argument of partial_conv2d and returns the resolved geometry.
+// Errors name the argument and the shapes involved.
+ConvGeometry check_partial_conv2d_args(
+    const at::Tensor& input,
+    const c10::optional<at::Tensor>& mask,
+    const at::Tensor& weight,
+    const c10::optional<at::Tensor>& bias,
+    c10::IntArrayRef stride,
+    c10::IntArrayRef padding,
+    c10::IntArrayRef dilation,
+    int64_t groups);
+
+// The same checks for the backward op, plus the gradient's shape.
+ConvGeometry check_partial_conv2d_backward_args(
+    const at::Tensor& grad_output,
+    const at::Tensor& input,
+    const c10::optional<at::Tensor>& mask,
+    const at::Tensor& weight,
+    c10::IntArrayRef stride,
+    c10::IntArrayRef padding,
+    c10::IntArrayRef dilation,
+    int64_t groups);
+
+}  // namespace pconv

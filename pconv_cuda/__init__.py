@@ -1,0 +1,38 @@
+"""pconv_cuda: fused partial convolution for PyTorch (Liu et al. 2018).
+
+Mask convention everywhere: 1 = known pixel, 0 = hole, values in [0, 1].
+
+* :func:`partial_conv2d` -- functional API over ``torch.ops.pconv.partial_conv2d``.
+* :class:`PartialConv2d` -- drop-in for ``nn.Conv2d`` and NVIDIA's ``PartialConv2d``.
+* :mod:`pconv_cuda.reference` -- the same operation in plain PyTorch (the oracle).
+"""
+try:
+    from . import _C  # noqa: F401  (registers torch.ops.pconv.*)
+except ImportError as exc:  # pragma: no cover - exercised only on a broken install
+    raise ImportError(
+        "pconv_cuda: the compiled library pconv_cuda._C could not be loaded "
+        f"({exc}). Build it with `pip install --no-build-isolation .` (or `-e .`) against "
+        "the torch you run with."
+    ) from exc
+
+from . import ops as _ops  # noqa: E402,F401  (fake kernels, autograd, autocast)
+from . import reference  # noqa: E402
+from .functional import partial_conv2d  # noqa: E402
+from .modules import LeanPartialConv2d, PartialConv2d, ReferencePartialConv2d  # noqa: E402
+
+__all__ = [
+    "partial_conv2d",
+    "PartialConv2d",
+    "ReferencePartialConv2d",
+    "LeanPartialConv2d",
+    "reference",
+    "has_cuda_kernels",
+]
+__version__ = "0.1.0"
+
+
+def has_cuda_kernels() -> bool:
+    """True when the library was built with its CUDA kernels."""
+    import torch
+
+    return torch._C._dispatch_has_kernel_for_dispatch_key("pconv::partial_conv2d", "CUDA")

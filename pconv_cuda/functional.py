@@ -1,0 +1,43 @@
+"""Functional API of the fused partial convolution."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.nn.modules.utils import _pair
+
+__all__ = ["partial_conv2d"]
+
+
+def partial_conv2d(
+    input: Tensor,
+    mask: Tensor | None,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups: int = 1,
+) -> tuple[Tensor, Tensor]:
+    """Fused partial convolution (``shared/DESIGN.md`` §1).
+
+    Args:
+        input: ``[N, C_in, H, W]`` floating point, NCHW or channels_last.
+        mask: ``[N or 1, 1, H, W]`` (single-channel) or ``[N or 1, C_in, H, W]``
+            (multi-channel), values in [0, 1] with 1 = known pixel and 0 = hole, same dtype
+            and device as ``input`` (a bool mask is converted). A leading 1 broadcasts over
+            the batch. ``None`` means all ones: partial-convolution padding.
+        weight: ``[C_out, C_in / groups, kh, kw]``.
+        bias: ``[C_out]`` or ``None``.
+        stride, padding, dilation: an int or a pair, as in ``torch.nn.functional.conv2d``
+            (padding is zeros and counts as hole).
+        groups: as in ``torch.nn.functional.conv2d``.
+
+    Returns:
+        ``(output, updated_mask)``: output ``[N, C_out, H', W']`` in the input's dtype and
+        memory format; updated_mask ``[N, 1, H', W']``, 1 where the window saw any known
+        pixel (between 0 and 1 for soft masks).
+    """
+    if mask is not None and mask.dtype == torch.bool:
+        mask = mask.to(input.dtype)
+    return torch.ops.pconv.partial_conv2d(
+        input, mask, weight, bias, _pair(stride), _pair(padding), _pair(dilation), groups)

@@ -1,0 +1,95 @@
+"""Python-side registrations of the pconv ops: fake kernels, autograd and autocast.
+
+The ops themselves (schema, CPU and CUDA kernels, argument checks) live in the compiled
+library; this module teaches the dispatcher what it cannot learn from C++: output shapes
+for tracing (``torch.compile``, ``opcheck``), the backward, and autocast casting.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch._prims_common import suggest_memory_format
+
+_lib = torch.library.Library("pconv", "FRAGMENT")
+_forward = torch.ops.pconv.partial_conv2d.default
+_backward = torch.ops.pconv.partial_conv2d_backward.default
+
+
+def _out_size(size, kernel, stride, padding, dilation):
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+@torch.library.register_fake("pconv::partial_conv2d")
+def _partial_conv2d_fake(input, mask, weight, bias, stride, padding, dilation, groups):
+    # Shape and dtype checks live in the C++ op alone (a traced graph reports them when it
+    # runs); devices are checked here too, since mixed devices never reach a C++ kernel.
+    for name, t in (("weight", weight), ("bias", bias), ("mask", mask)):
+        if t is not None and t.device != input.device:
+            raise RuntimeError(
+                f"partial_conv2d: {name} is on {t.device} but input is on {input.device}")
+    n, _, h, w = input.shape
+    out_h = _out_size(h, weight.shape[2], stride[0], padding[0], dilation[0])
+    out_w = _out_size(w, weight.shape[3], stride[1], padding[1], dilation[1])
+    fmt = suggest_memory_format(input)
+    out = input.new_empty((n, weight.shape[0], out_h, out_w)).contiguous(memory_format=fmt)
+    update = input.new_empty((n, 1, out_h, out_w))
+    return out, update
+
+
+@torch.library.register_fake("pconv::partial_conv2d_backward")
+def _partial_conv2d_backward_fake(grad_output, input, mask, weight, has_bias, stride, padding,
+                                  dilation, groups, output_mask):
+    empty = (0,)
+    grad_input = (input.new_empty(input.shape).contiguous(memory_format=suggest_memory_format(input))
+                  if output_mask[0] else input.new_empty(empty))
+    grad_weight = (weight.new_empty(weight.shape).contiguous(
+        memory_format=suggest_memory_format(weight)) if output_mask[1] else weight.new_empty(empty))
+    grad_bias = (input.new_empty((weight.shape[0],)) if output_mask[2] and has_bias
+                 else input.new_empty(empty))
+    return grad_input, grad_weight, grad_bias
+
+
+def _setup_context(ctx, inputs, output):
+    input, mask, weight, bias, stride, padding, dilation, groups = inputs
+    ctx.save_for_backward(input, mask, weight)
+    ctx.has_bias = bias is not None
+    ctx.conv_args = (stride, padding, dilation, groups)
+    ctx.mark_non_differentiable(output[1])
+
+
+def _backward_fn(ctx, grad_output: Tensor, _grad_update: Tensor):
+    input, mask, weight = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    want = [needs[0], needs[2], bool(needs[3]) and ctx.has_bias]
+    if grad_output is None or not any(want):
+        return None, None, None, None, None, None, None, None
+    grad_input, grad_weight, grad_bias = _backward(
+        grad_output, input, mask, weight, ctx.has_bias, *ctx.conv_args, want)
+    return (grad_input if want[0] else None, None, grad_weight if want[1] else None,
+            grad_bias if want[2] else None, None, None, None, None)
+
+
+torch.library.register_autograd("pconv::partial_conv2d", _backward_fn, setup_context=_setup_context)
+
+
+def _register_autocast(device_type: str) -> None:
+    """Run the op in the autocast dtype of ``device_type`` (the ratio stays float32 inside
+    the kernels). Unlike torch.library.register_autocast, the target dtype is read when the
+    op runs, so bfloat16 and float16 autocast both work."""
+    key_name = "Autocast" + torch._C._dispatch_key_for_device(device_type)
+    key = getattr(torch._C.DispatchKey, key_name)
+
+    def cast(t, dtype):
+        return t.to(dtype) if t is not None and t.is_floating_point() else t
+
+    def kernel(_keyset, input, mask, weight, bias, stride, padding, dilation, groups):
+        dtype = torch.get_autocast_dtype(device_type)
+        with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(key)):
+            return _forward(cast(input, dtype), cast(mask, dtype), cast(weight, dtype),
+                            cast(bias, dtype), stride, padding, dilation, groups)
+
+    _lib.impl("partial_conv2d", kernel, key_name, with_keyset=True)
+
+
+for _device_type in ("cpu", "cuda"):
+    _register_autocast(_device_type)

@@ -1,0 +1,242 @@
+"""The registered op: gradcheck, opcheck, torch.compile, autocast, layouts, edge cases."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pconv_cuda
+from pconv_cuda import reference
+
+from conftest import Case, make_inputs, random_cases
+
+OP = torch.ops.pconv.partial_conv2d
+
+
+def _args(case):
+    return case.stride, case.padding, case.dilation, case.groups
+
+
+GRAD_CASES = random_cases(12, seed=99)
+
+
+@pytest.mark.parametrize("case", GRAD_CASES, ids=[c.ids() for c in GRAD_CASES])
+@pytest.mark.parametrize("impl", ["op", "reference"])
+def test_gradcheck_float64(case, impl):
+    fn = pconv_cuda.partial_conv2d if impl == "op" else reference.partial_conv2d
+    x, m, w, b = make_inputs(case, torch.float64, seed=3)
+    params = tuple(t for t in (x, w, b) if t is not None)
+
+    def f(*p):
+        bias = p[2] if b is not None else None
+        return fn(p[0], m, p[1], bias, *_args(case))[0]
+
+    assert torch.autograd.gradcheck(f, params, eps=1e-6, atol=1e-7)
+
+
+def _opcheck_samples():
+    cases = [
+        Case(2, 4, 6, 9, 7, (3, 3), (1, 1), (1, 1), (1, 1), 1, True, "binary", False, 2),
+        Case(2, 4, 4, 8, 8, (5, 3), (2, 1), (2, 1), (1, 2), 2, False, "soft", True, 1),
+        Case(1, 3, 5, 7, 6, (3, 3), (2, 2), (1, 1), (1, 1), 1, True, "none", False, 1),
+    ]
+    for case in cases:
+        x, m, w, b = make_inputs(case, torch.float32, seed=5)
+        yield (x, m, w, b, list(case.stride), list(case.padding), list(case.dilation), case.groups)
+
+
+@pytest.mark.parametrize("sample", list(_opcheck_samples()), ids=["single", "multi", "nomask"])
+def test_opcheck(sample):
+    torch.library.opcheck(OP, sample)
+
+
+def test_opcheck_backward_op():
+    case = Case(2, 4, 6, 9, 7, (3, 3), (1, 1), (1, 1), (1, 1), 1, True, "binary", False, 2)
+    x, m, w, b = make_inputs(case, torch.float32, seed=5, requires_grad=False)
+    gy = torch.randn(2, 6, 9, 7)
+    for output_mask in ([True, True, True], [False, True, False], [True, False, True]):
+        torch.library.opcheck(torch.ops.pconv.partial_conv2d_backward.default,
+                              (gy, x, m, w, True, [1, 1], [1, 1], [1, 1], 1, output_mask))
+
+
+class _Stack(torch.nn.Module):
+    """A small encoder of partial convs passing masks along, like the UNet's."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = pconv_cuda.PartialConv2d(3, 8, 5, stride=2, padding=2, return_mask=True)
+        self.b = pconv_cuda.PartialConv2d(8, 8, 3, padding=1, bias=False, return_mask=True)
+        self.c = pconv_cuda.PartialConv2d(8, 4, 3, padding=1, multi_channel=True,
+                                          return_mask=True)
+
+    def forward(self, x, m):
+        x, m = self.a(x, m)
+        x, m = self.b(torch.relu(x), m)
+        x, m = self.c(x, m.expand(-1, 8, -1, -1))
+        return x, m
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compile_fullgraph_matches_eager(backend):
+    torch._dynamo.reset()
+    model = _Stack()
+    x = torch.randn(2, 3, 16, 16)
+    m = (torch.rand(2, 1, 16, 16) > 0.5).float()
+    compiled = torch.compile(model, fullgraph=True, backend=backend)
+    out, mask = compiled(x, m)
+    ref_out, ref_mask = model(x, m)
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mask, ref_mask)
+    out.sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    ref_out.sum().backward()
+    for g, p in zip(grads, model.parameters()):
+        torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_autocast_cpu_runs_in_bfloat16_with_float32_ratio():
+    case = Case(2, 8, 16, 12, 12, (3, 3), (1, 1), (1, 1), (1, 1), 1, True, "binary", False, 2)
+    x, m, w, b = make_inputs(case, torch.float32, seed=11)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, update = pconv_cuda.partial_conv2d(x, m, w, b, 1, 1)
+    assert out.dtype == torch.bfloat16 and update.dtype == torch.bfloat16
+    ref, _ = reference.partial_conv2d(x, m, w, b, 1, 1)
+    # Error of the fused op against float32 at most ~2x that of the reference run in bf16.
+    ref_bf16, _ = reference.partial_conv2d(x.bfloat16(), m.bfloat16(), w.bfloat16(),
+                                           b.bfloat16(), 1, 1)
+    err = (out.float() - ref).abs().max()
+    err_ref = (ref_bf16.float() - ref).abs().max()
+    assert err <= 2 * err_ref + 1e-2, (err, err_ref)
+    out.float().sum().backward()
+    assert w.grad is not None and w.grad.dtype == torch.float32 and torch.isfinite(w.grad).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_empty_windows_give_zero_not_nan(dtype):
+    x = torch.randn(2, 4, 12, 12, dtype=dtype, requires_grad=True)
+    w = torch.randn(5, 4, 3, 3, dtype=dtype, requires_grad=True)
+    b = torch.randn(5, dtype=dtype, requires_grad=True)
+    m = torch.ones(2, 1, 12, 12, dtype=dtype)
+    m[:, :, 2:9, 2:9] = 0  # a hole wider than the kernel: windows inside see no known pixel
+    out, update = pconv_cuda.partial_conv2d(x, m, w, b, 1, 1)
+    assert torch.isfinite(out).all()
+    assert (out[:, :, 4:7, 4:7] == 0).all() and (update[:, :, 4:7, 4:7] == 0).all()
+    assert (update[:, :, 0, 0] == 1).all()
+    out.float().sum().backward()
+    for t in (x, w, b):
+        assert torch.isfinite(t.grad).all()
+    assert (x.grad[:, :, 2:9, 2:9] == 0).all()  # no gradient into holes
+
+
+def test_all_ones_mask_renormalises_the_border():
+    """Partial-convolution padding: border windows see fewer pixels and are scaled up."""
+    x = torch.ones(1, 1, 6, 6)
+    w = torch.ones(1, 1, 3, 3)
+    out, update = pconv_cuda.partial_conv2d(x, None, w, None, 1, 1)
+    torch.testing.assert_close(out, torch.full_like(out, 9.0))  # every window renormalised to 9
+    assert (update == 1).all()
+    plain = F.conv2d(x, w, padding=1)
+    assert plain[0, 0, 0, 0] == 4 and out[0, 0, 0, 0] == 9
+
+
+def test_maskless_equals_all_ones_mask():
+    case = Case(2, 3, 4, 9, 10, (5, 5), (2, 2), (2, 2), (1, 1), 1, True, "none", False, 1)
+    x, _, w, b = make_inputs(case, torch.float64, seed=2, requires_grad=False)
+    out_none, upd_none = pconv_cuda.partial_conv2d(x, None, w, b, 2, 2)
+    ones = torch.ones(2, 1, 9, 10, dtype=torch.float64)
+    out_ones, upd_ones = pconv_cuda.partial_conv2d(x, ones, w, b, 2, 2)
+    torch.testing.assert_close(out_none, out_ones, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(upd_none, upd_ones)
+
+
+def _all_grads(x, m, w, b, **kw):
+    out, update = pconv_cuda.partial_conv2d(x, m, w, b, **kw)
+    gx, gw, gb = torch.autograd.grad(out, (x, w, b), torch.ones_like(out))
+    return out, update, gx, gw, gb
+
+
+@pytest.mark.parametrize("c_in", [1, 3, 16])
+def test_channels_last_and_non_contiguous_inputs(c_in):
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(2, c_in, 11, 13, dtype=torch.float64, generator=g)
+    m = (torch.rand(2, c_in, 11, 13, generator=g) > 0.3).double()
+    w = torch.randn(6, c_in, 3, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    b = torch.randn(6, dtype=torch.float64, generator=g, requires_grad=True)
+    kw = dict(stride=2, padding=1)
+    x = base.clone().requires_grad_(True)
+    want = _all_grads(x, m, w, b, **kw)
+
+    x_cl = base.contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    got = _all_grads(x_cl, m.contiguous(memory_format=torch.channels_last), w, b, **kw)
+    if c_in > 1:
+        assert got[0].is_contiguous(memory_format=torch.channels_last)
+        assert got[2].is_contiguous(memory_format=torch.channels_last)
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10)
+
+    # Non-contiguous: a transposed view of the spatial dims and a strided mask.
+    wide = torch.randn(2, c_in, 13, 11, dtype=torch.float64, generator=g)
+    x_t = base.detach().clone()
+    x_nc = wide.transpose(2, 3).copy_(x_t).requires_grad_(True)
+    assert not x_nc.is_contiguous()
+    m_nc = torch.zeros(2, c_in, 11, 26, dtype=torch.float64)[..., ::2].copy_(m)
+    assert not m_nc.is_contiguous()
+    got = _all_grads(x_nc, m_nc, w, b, **kw)
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10)
+
+
+def test_batch_broadcast_mask_equals_expanded_mask():
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 4, 8, 8, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(5, 4, 3, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    b = torch.randn(5, dtype=torch.float64, generator=g, requires_grad=True)
+    m1 = (torch.rand(1, 1, 8, 8, generator=g) > 0.5).double()
+    got = _all_grads(x, m1, w, b, padding=1)
+    want = _all_grads(x, m1.expand(3, 1, 8, 8).contiguous(), w, b, padding=1)
+    assert got[1].shape == (3, 1, 8, 8)
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
+
+
+def test_empty_batch():
+    x = torch.randn(0, 4, 8, 8, requires_grad=True)
+    w = torch.randn(5, 4, 3, 3, requires_grad=True)
+    out, update = pconv_cuda.partial_conv2d(x, torch.ones(0, 1, 8, 8), w, None, 1, 1)
+    assert out.shape == (0, 5, 8, 8) and update.shape == (0, 1, 8, 8)
+    out.sum().backward()
+    assert x.grad.shape == x.shape and (w.grad == 0).all()
+
+
+def test_mask_gets_no_gradient():
+    x = torch.randn(1, 2, 6, 6, requires_grad=True)
+    m = torch.rand(1, 1, 6, 6, requires_grad=True)
+    w = torch.randn(3, 2, 3, 3, requires_grad=True)
+    out, update = pconv_cuda.partial_conv2d(x, m, w, None, 1, 1)
+    assert not update.requires_grad
+    out.sum().backward()
+    assert m.grad is None and x.grad is not None
+
+
+def test_only_weight_gradient_requested():
+    """First-layer case: the image needs no gradient, the weight does."""
+    x = torch.randn(2, 3, 10, 10, dtype=torch.float64)
+    m = (torch.rand(2, 1, 10, 10) > 0.5).double()
+    w = torch.randn(4, 3, 3, 3, dtype=torch.float64, requires_grad=True)
+    out, _ = pconv_cuda.partial_conv2d(x, m, w, None, 2, 1)
+    (gw,) = torch.autograd.grad(out.sum(), (w,))
+    out_r, _ = reference.partial_conv2d(x, m, w, None, 2, 1)
+    (gw_r,) = torch.autograd.grad(out_r.sum(), (w,))
+    torch.testing.assert_close(gw, gw_r, rtol=1e-10, atol=1e-10)
+
+
+def test_bfloat16_forward_close_to_float32():
+    case = Case(2, 16, 16, 16, 16, (3, 3), (1, 1), (1, 1), (1, 1), 1, True, "soft", True, 2)
+    x, m, w, b = make_inputs(case, torch.float32, seed=8, requires_grad=False)
+    ref, ref_u = reference.partial_conv2d(x, m, w, b, 1, 1)
+    out, update = pconv_cuda.partial_conv2d(x.bfloat16(), m.bfloat16(), w.bfloat16(),
+                                            b.bfloat16(), 1, 1)
+    low, _ = reference.partial_conv2d(x.bfloat16(), m.bfloat16(), w.bfloat16(), b.bfloat16(), 1, 1)
+    err = (out.float() - ref).abs().max()
+    err_low = (low.float() - ref).abs().max()
+    assert out.dtype == torch.bfloat16
+    assert err <= 2 * err_low + 1e-2, (err, err_low)
