@@ -6,6 +6,8 @@ Mask convention everywhere: 1 = known pixel, 0 = hole, values in [0, 1].
 * :class:`PartialConv2d` -- drop-in for ``nn.Conv2d`` and NVIDIA's ``PartialConv2d``.
 * :mod:`pconv_cuda.reference` -- the same operation in plain PyTorch (the oracle).
 """
+import torch  # noqa: F401  (loads libtorch, which the compiled library links against)
+
 try:
     from . import _C  # noqa: F401  (registers torch.ops.pconv.*)
 except ImportError as exc:  # pragma: no cover - exercised only on a broken install
@@ -33,6 +35,4 @@ __version__ = "0.1.0"
 
 def has_cuda_kernels() -> bool:
     """True when the library was built with its CUDA kernels."""
-    import torch
-
     return torch._C._dispatch_has_kernel_for_dispatch_key("pconv::partial_conv2d", "CUDA")

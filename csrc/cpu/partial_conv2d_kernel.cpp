@@ -27,9 +27,11 @@ namespace {
 // RGB input layer, the RGB output layer): oneDNN's NCHW path for those shapes is several
 // times slower than its NHWC path, and the masking pass pays for the layout change.
 at::MemoryFormat compute_format(const at::Tensor& input, const ConvGeometry& g) {
-  // With one input channel both layouts hold the same bytes, but oneDNN (torch 2.13)
-  // miscomputes some strided convolutions given the channels_last strides of a C=1 tensor.
-  if (g.in_channels == 1) {
+  // Two oneDNN defects of torch 2.13 (CPU) keep some shapes in NCHW whatever the input:
+  // with one input channel both layouts hold the same bytes, but strided convolutions given
+  // the channels_last strides of a C=1 tensor return wrong values; and the channels_last
+  // 1x1 weight-gradient kernel corrupts the heap for strided shapes with few channels.
+  if (g.in_channels == 1 || (g.kernel_h == 1 && g.kernel_w == 1)) {
     return at::MemoryFormat::Contiguous;
   }
   if (input.suggest_memory_format() == at::MemoryFormat::ChannelsLast) {
