@@ -1,0 +1,44 @@
+// Host-side launchers of the CUDA partial-convolution kernels (declarations).
+//
+// Each launcher takes a parameter struct (params.cuh) that the op code
+// (partial_conv2d_kernel.cu) fills from tensors, picks a kernel instantiation and a launch
+// shape, launches on the given stream (the current stream of the current device) and
+// checks the launch. They are explicitly instantiated for float, double, c10::Half and
+// c10::BFloat16 in mask_ratio.cu, epilogue.cu and grad_prologue.cu, which include no ATen
+// header: those files compile quickly and in parallel, and the one file that includes
+// ATen has no device code.
+#pragma once
+
+#include "params.cuh"
+
+namespace pconv {
+namespace cuda {
+
+// The mask pass (mask_ratio_kernel.cuh). Sets the launch-shape fields of p itself.
+template <typename scalar_t>
+void launch_mask_ratio(MaskRatioParams<scalar_t, acc_type<scalar_t>> p, cudaStream_t stream);
+
+// The forward epilogue, in place (elementwise_kernel.cuh).
+template <typename scalar_t>
+void launch_epilogue(const EpilogueParams<scalar_t, acc_type<scalar_t>>& p, cudaStream_t stream);
+
+// Sets the launch plan of the backward prologue (vec, chunks, num_partials = K), so that
+// the caller can allocate partials [C, K] before launch_grad_prologue.
+template <typename scalar_t>
+void plan_grad_prologue(GradPrologueParams<scalar_t, acc_type<scalar_t>>& p);
+
+// The backward prologue: g_raw and the per-block bias-gradient partials.
+template <typename scalar_t>
+void launch_grad_prologue(const GradPrologueParams<scalar_t, acc_type<scalar_t>>& p,
+                          cudaStream_t stream);
+
+// The bias gradient from the partials, in a fixed order.
+template <typename scalar_t>
+void launch_bias_grad_finalize(const BiasGradParams<scalar_t, acc_type<scalar_t>>& p,
+                               cudaStream_t stream);
+
+// Number of streaming multiprocessors of the current device (cached per device).
+int multiprocessor_count();
+
+}  // namespace cuda
+}  // namespace pconv

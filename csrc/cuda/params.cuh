@@ -1,0 +1,105 @@
+// Kernel parameters of the CUDA partial convolution, as plain structs, and the small device
+// helpers the kernels share.
+//
+// Every kernel takes one of these structs by value: the launchers (the .cu files) fill
+// them from tensors, the kernel templates (the *_kernel.cuh files) hold only the math.
+// A future implicit-GEMM path (masking on load, renormalising in the epilogue) reads the
+// same MaskRatio buffers and slots in next to the cuDNN path per shape.
+//
+// Mask convention: 1 = known pixel, 0 = hole. The math is shared/DESIGN.md, §1.
+#pragma once
+
+#include <cstdint>
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <cuda_runtime.h>
+
+namespace pconv {
+namespace cuda {
+
+// Accumulation type of the ratio, the epilogue and the reductions: float, or double for
+// double inputs (the same as at::opmath_type for the four dtypes the op dispatches).
+template <typename scalar_t>
+struct AccType {
+  using type = float;
+};
+template <>
+struct AccType<double> {
+  using type = double;
+};
+template <typename scalar_t>
+using acc_type = typename AccType<scalar_t>::type;
+
+// ---------------------------------------------------------------------------------------
+// Mask pass: S = window sum of the channel-summed mask, u = clamp(S, 0, 1),
+// r = win / (S + 1e-8) * u, each [N_m, 1, H', W'] contiguous in acc_t.
+template <typename scalar_t, typename acc_t>
+struct MaskRatioParams {
+  const scalar_t* mask;  // [N_m, C_m, H, W] with the strides below; nullptr: no mask
+  int64_t mask_stride_n, mask_stride_c, mask_stride_h, mask_stride_w;
+  acc_t* ratio;          // [N_m, 1, H', W'] contiguous
+  acc_t* update;         // [N_m, 1, H', W'] contiguous
+  scalar_t* update_out;  // optional copy of update in the input dtype (nullptr: none)
+  int64_t planes;        // N_m (1 without a mask)
+  int64_t channels;      // C_m
+  int64_t in_h, in_w, out_h, out_w;
+  int64_t kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w;
+  acc_t window;          // kh * kw * C_m (slide_winsize)
+  // Launch shape, set by the launcher: one block computes a tile of blockDim.y x
+  // blockDim.x outputs of one plane; blocks walk tiles_h * tiles_w * planes tiles. The
+  // footprint of one tile in the (padded) input is staged in shared memory when it fits.
+  int64_t tiles_h, tiles_w;
+  int64_t foot_h, foot_w;
+};
+
+// ---------------------------------------------------------------------------------------
+// Forward epilogue, in place on the convolution output raw (NCHW or channels_last
+// contiguous): y = (raw * r + b) * u with a bias, y = raw * r without.
+template <typename scalar_t, typename acc_t>
+struct EpilogueParams {
+  scalar_t* out;          // raw on entry, y on exit; [N, C, H', W'] contiguous in its layout
+  const acc_t* ratio;     // [N_m, 1, H', W']
+  const acc_t* update;    // [N_m, 1, H', W']
+  const scalar_t* bias;   // [C] or nullptr
+  int64_t numel;          // N * C * H' * W'
+  int64_t channels;       // C_out
+  int64_t plane;          // H' * W'
+  int64_t mask_plane_stride;  // H' * W', or 0 when one mask broadcasts over the batch
+  bool channels_last;         // layout of out
+};
+
+// ---------------------------------------------------------------------------------------
+// Backward prologue: g_raw = g_y * r * u (bias) or g_y * r (no bias), and the first stage
+// of db = sum over N, H', W' of g_y * u: per-block partial sums in partials[c * K + k],
+// reduced over k by the finalize kernel in a fixed order (deterministic, no atomics).
+template <typename scalar_t, typename acc_t>
+struct GradPrologueParams {
+  const scalar_t* grad_out;   // g_y, [N, C, H', W'] contiguous in its layout
+  scalar_t* grad_raw;         // same layout as grad_out, or nullptr (not needed)
+  const acc_t* ratio;         // [N_m, 1, H', W']
+  const acc_t* update;        // [N_m, 1, H', W']
+  acc_t* partials;            // [C, K], or nullptr (db not needed)
+  int64_t num_partials;       // K
+  int64_t batch, channels, plane;
+  int64_t mask_plane_stride;  // H' * W', or 0 when one mask broadcasts over the batch
+  bool has_bias;
+  bool channels_last;         // layout of grad_out and grad_raw
+  // Launch plan, set by plan_grad_prologue before partials is allocated:
+  int vec;                    // values per access: 16 / sizeof(scalar_t), or 1
+  // NCHW: the [N * C, H' * W'] rows are cut into chunks of chunk_elems values; one block
+  // handles one (row, chunk) item at a time; K = N * chunks_per_row.
+  // channels_last: K = the number of pixel blocks (gridDim.x).
+  int64_t chunks_per_row, chunk_elems;
+};
+
+template <typename scalar_t, typename acc_t>
+struct BiasGradParams {
+  const acc_t* partials;  // [C, K]
+  int64_t num_partials;   // K
+  int64_t channels;       // C
+  scalar_t* grad_bias;    // [C]
+};
+
+}  // namespace cuda
+}  // namespace pconv

@@ -1,0 +1,315 @@
+// CUDA kernels of pconv::partial_conv2d and pconv::partial_conv2d_backward (registers the
+// CUDA dispatch key only; the schema and the argument checks live in csrc/pconv.cpp).
+//
+// Forward (first design: cuDNN for the GEMM, everything else in our kernels):
+//   1. mask pass   - one kernel, one read of the mask: channel sum, window sum, ratio r
+//                    and updated mask u, single-channel [N_m, 1, H', W'] in float32
+//                    (float64 for float64 inputs), never C_out times;
+//   2. masking     - x * m in one elementwise pass, written in the layout the convolution
+//                    reads (the input's suggested memory format);
+//   3. convolution - at::convolution (cuDNN) on x * m, without bias;
+//   4. epilogue    - one in-place kernel over the output: y = (raw * r + b) * u.
+// Backward: the mask pass again, one kernel forming g_raw = g_y * r (* u) and the bias
+// gradient (two-stage, deterministic), at::convolution_backward for dx and dW (dW on
+// x * m), and dx * m in one pass that also fixes the layout.
+//
+// Headers: only c10/cuda (guard, stream, launch check) and per-operator ATen headers; no
+// ATen/cuda/CUDAContext.h, which pulls cuBLAS/cuSPARSE/cuSOLVER headers this code does
+// not need (see tools/check_cuda_compile.sh).
+//
+// This file holds no device code: it fills the parameter structs of params.cuh from
+// tensors and calls the launchers of launch.cuh, which live in the light .cu files.
+#include "../pconv.h"
+#include "launch.cuh"
+
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/convolution.h>
+#include <ATen/ops/convolution_backward.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mul.h>
+#include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <array>
+#include <tuple>
+
+namespace pconv {
+namespace cuda {
+namespace {
+
+// True when t is contiguous in channels_last but not in NCHW order. A tensor that is both
+// (C == 1 or H' * W' == 1) has a single memory order, which the NCHW index math reads.
+bool is_channels_last(const at::Tensor& t) {
+  return t.is_contiguous(at::MemoryFormat::ChannelsLast) && !t.is_contiguous();
+}
+
+bool is_dense(const at::Tensor& t) {
+  return t.is_contiguous() || t.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+// ------------------------------------------------------------------------ mask pass
+
+// r and u ([N_m, 1, H', W'], float32, float64 for float64 inputs) from one read of the mask
+// (any strides); with no mask, S counts the in-bounds taps. When update_out is given it
+// receives u in the input dtype as well.
+MaskRatio mask_ratio_cuda(const c10::optional<at::Tensor>& mask, const ConvGeometry& g,
+                          const at::Tensor& input, at::Tensor* update_out) {
+  const at::ScalarType acc = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const int64_t planes = g.has_mask ? g.mask_batch : 1;
+  const auto options = input.options().dtype(acc).memory_format(at::MemoryFormat::Contiguous);
+  MaskRatio mr{at::empty({planes, 1, g.out_h, g.out_w}, options),
+               at::empty({planes, 1, g.out_h, g.out_w}, options), planes};
+  if (update_out != nullptr) {
+    *update_out = at::empty({planes, 1, g.out_h, g.out_w},
+                            input.options().memory_format(at::MemoryFormat::Contiguous));
+  }
+  if (mr.ratio.numel() == 0) return mr;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
+                                  "pconv_mask_ratio_cuda", [&] {
+    using acc_t = acc_type<scalar_t>;
+    MaskRatioParams<scalar_t, acc_t> p{};
+    if (g.has_mask) {
+      const at::Tensor& m = *mask;
+      p.mask = m.const_data_ptr<scalar_t>();
+      p.mask_stride_n = m.stride(0);
+      p.mask_stride_c = m.stride(1);
+      p.mask_stride_h = m.stride(2);
+      p.mask_stride_w = m.stride(3);
+    }
+    p.ratio = mr.ratio.mutable_data_ptr<acc_t>();
+    p.update = mr.update.mutable_data_ptr<acc_t>();
+    p.update_out = update_out != nullptr ? update_out->mutable_data_ptr<scalar_t>() : nullptr;
+    p.planes = planes;
+    p.channels = g.mask_channels;
+    p.in_h = g.in_h;
+    p.in_w = g.in_w;
+    p.out_h = g.out_h;
+    p.out_w = g.out_w;
+    p.kernel_h = g.kernel_h;
+    p.kernel_w = g.kernel_w;
+    p.stride_h = g.stride_h;
+    p.stride_w = g.stride_w;
+    p.pad_h = g.pad_h;
+    p.pad_w = g.pad_w;
+    p.dil_h = g.dil_h;
+    p.dil_w = g.dil_w;
+    p.window = static_cast<acc_t>(g.window_size());
+    launch_mask_ratio<scalar_t>(p, c10::cuda::getCurrentCUDAStream());
+  });
+  return mr;
+}
+
+// ------------------------------------------------------------------------- epilogue
+
+// In place on raw ([N, C_out, H', W'], NCHW- or channels_last-contiguous):
+// raw = (raw * r + b) * u with a bias, raw * r without.
+void epilogue_cuda(at::Tensor& raw, const MaskRatio& mr, const c10::optional<at::Tensor>& bias,
+                   const ConvGeometry& g) {
+  TORCH_INTERNAL_ASSERT(is_dense(raw), "pconv: the epilogue needs a dense NCHW/NHWC tensor");
+  if (raw.numel() == 0) return;
+  const at::Tensor bias_c =
+      bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, raw.scalar_type(),
+                                  "pconv_epilogue_cuda", [&] {
+    using acc_t = acc_type<scalar_t>;
+    EpilogueParams<scalar_t, acc_t> p{};
+    p.out = raw.mutable_data_ptr<scalar_t>();
+    p.ratio = mr.ratio.const_data_ptr<acc_t>();
+    p.update = mr.update.const_data_ptr<acc_t>();
+    p.bias = bias_c.defined() ? bias_c.const_data_ptr<scalar_t>() : nullptr;
+    p.numel = raw.numel();
+    p.channels = g.out_channels;
+    p.plane = g.out_h * g.out_w;
+    p.mask_plane_stride = mr.batch == 1 ? 0 : p.plane;
+    p.channels_last = is_channels_last(raw);
+    launch_epilogue<scalar_t>(p, c10::cuda::getCurrentCUDAStream());
+  });
+}
+
+// -------------------------------------------------------------------- grad prologue
+
+// From grad_output (dense NCHW or channels_last): grad_raw (same layout, when defined) =
+// g_y * r * u (has_bias) or g_y * r, and, when grad_bias is non-null,
+// *grad_bias = sum over N, H', W' of g_y * u ([C_out], input dtype; two-stage, no atomics).
+void grad_prologue_cuda(const at::Tensor& grad_output, const MaskRatio& mr, bool has_bias,
+                        at::Tensor& grad_raw, at::Tensor* grad_bias, const ConvGeometry& g) {
+  TORCH_INTERNAL_ASSERT(is_dense(grad_output), "pconv: grad_output must be dense here");
+  TORCH_INTERNAL_ASSERT(!grad_raw.defined() ||
+                            (grad_raw.sizes() == grad_output.sizes() && is_dense(grad_raw) &&
+                             is_channels_last(grad_raw) == is_channels_last(grad_output)),
+                        "pconv: grad_raw must have grad_output's shape and layout");
+  const auto dense = grad_output.options().memory_format(at::MemoryFormat::Contiguous);
+  if (grad_output.numel() == 0) {
+    if (grad_bias != nullptr) *grad_bias = at::zeros({g.out_channels}, dense);
+    return;
+  }
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_output.scalar_type(),
+                                  "pconv_grad_prologue_cuda", [&] {
+    using acc_t = acc_type<scalar_t>;
+    GradPrologueParams<scalar_t, acc_t> p{};
+    p.grad_out = grad_output.const_data_ptr<scalar_t>();
+    p.grad_raw = grad_raw.defined() ? grad_raw.mutable_data_ptr<scalar_t>() : nullptr;
+    p.ratio = mr.ratio.const_data_ptr<acc_t>();
+    p.update = mr.update.const_data_ptr<acc_t>();
+    p.partials = nullptr;
+    p.batch = g.batch;
+    p.channels = g.out_channels;
+    p.plane = g.out_h * g.out_w;
+    p.mask_plane_stride = mr.batch == 1 ? 0 : p.plane;
+    p.has_bias = has_bias;
+    p.channels_last = is_channels_last(grad_output);
+    plan_grad_prologue<scalar_t>(p);
+    at::Tensor partials;
+    if (grad_bias != nullptr) {
+      partials = at::empty({p.channels, p.num_partials}, mr.ratio.options());
+      p.partials = partials.mutable_data_ptr<acc_t>();
+    }
+    launch_grad_prologue<scalar_t>(p, stream);
+    if (grad_bias != nullptr) {
+      *grad_bias = at::empty({g.out_channels}, dense);
+      BiasGradParams<scalar_t, acc_t> f{};
+      f.partials = partials.const_data_ptr<acc_t>();
+      f.num_partials = p.num_partials;
+      f.channels = g.out_channels;
+      f.grad_bias = grad_bias->mutable_data_ptr<scalar_t>();
+      launch_bias_grad_finalize<scalar_t>(f, stream);
+    }
+  });
+}
+
+// ------------------------------------------------------------------------------ ops
+
+// x * m written once, in the layout the convolution reads; the mask broadcasts over the
+// channels (single-channel) and the batch (mask batch 1).
+at::Tensor masked_input(const at::Tensor& input, const c10::optional<at::Tensor>& mask,
+                        at::MemoryFormat format) {
+  if (!(mask.has_value() && mask->defined())) {
+    return input.contiguous(format);
+  }
+  at::Tensor out = at::empty(input.sizes(), input.options().memory_format(format));
+  at::mul_out(out, input, *mask);
+  return out;
+}
+
+// The convolution's result as the epilogue kernels read it: NCHW- or channels_last-
+// contiguous (cuDNN returns one of them; other backends may not).
+at::Tensor dense_layout(const at::Tensor& t, at::MemoryFormat preferred) {
+  return is_dense(t) ? t : t.contiguous(preferred);
+}
+
+// Forward through cuDNN: masked input, convolution without bias, fused epilogue in place.
+// This is the one place where another forward path (an implicit-GEMM kernel that masks on
+// load and renormalises in its epilogue, reading the same MaskRatio) would be chosen per
+// shape.
+at::Tensor forward_cudnn_epilogue(const at::Tensor& input, const c10::optional<at::Tensor>& mask,
+                                  const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                                  c10::IntArrayRef stride, c10::IntArrayRef padding,
+                                  c10::IntArrayRef dilation, const ConvGeometry& g,
+                                  const MaskRatio& mr, at::MemoryFormat format) {
+  const at::Tensor xm = masked_input(input, mask, format);
+  at::Tensor raw = at::convolution(xm, weight.contiguous(format), c10::nullopt, stride, padding,
+                                   dilation, /*transposed=*/false, /*output_padding=*/{0, 0},
+                                   g.groups);
+  raw = dense_layout(raw, format);
+  epilogue_cuda(raw, mr, bias, g);
+  return raw;
+}
+
+std::tuple<at::Tensor, at::Tensor> partial_conv2d_cuda(
+    const at::Tensor& input, const c10::optional<at::Tensor>& mask, const at::Tensor& weight,
+    const c10::optional<at::Tensor>& bias, c10::IntArrayRef stride, c10::IntArrayRef padding,
+    c10::IntArrayRef dilation, int64_t groups) {
+  const ConvGeometry g =
+      check_partial_conv2d_args(input, mask, weight, bias, stride, padding, dilation, groups);
+  TORCH_CHECK(input.is_cuda(), "partial_conv2d: the CUDA kernel got input on ", input.device());
+  const c10::cuda::CUDAGuard device_guard(input.device());
+  const at::MemoryFormat out_format = input.suggest_memory_format();
+
+  at::Tensor update;  // u in the input dtype, [N_m, 1, H', W']
+  const MaskRatio mr = mask_ratio_cuda(mask, g, input, &update);
+  if (mr.batch != g.batch) {
+    update = update.expand({g.batch, 1, g.out_h, g.out_w}).contiguous();
+  }
+  if (g.batch == 0) {
+    return {at::empty({0, g.out_channels, g.out_h, g.out_w},
+                      input.options().memory_format(out_format)),
+            update};
+  }
+  at::Tensor out = forward_cudnn_epilogue(input, mask, weight, bias, stride, padding, dilation,
+                                          g, mr, out_format);
+  return {out.contiguous(out_format), update};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> partial_conv2d_backward_cuda(
+    const at::Tensor& grad_output, const at::Tensor& input, const c10::optional<at::Tensor>& mask,
+    const at::Tensor& weight, bool has_bias, c10::IntArrayRef stride, c10::IntArrayRef padding,
+    c10::IntArrayRef dilation, int64_t groups, std::array<bool, 3> output_mask) {
+  const ConvGeometry g = check_partial_conv2d_backward_args(grad_output, input, mask, weight,
+                                                            stride, padding, dilation, groups);
+  TORCH_CHECK(input.is_cuda(), "partial_conv2d_backward: the CUDA kernel got input on ",
+              input.device());
+  const c10::cuda::CUDAGuard device_guard(input.device());
+  const bool need_dx = output_mask[0], need_dw = output_mask[1];
+  const bool need_db = output_mask[2] && has_bias;
+  const bool need_graw = need_dx || need_dw;
+
+  at::Tensor grad_input = at::empty({0}, input.options());
+  at::Tensor grad_weight = at::empty({0}, weight.options());
+  at::Tensor grad_bias = at::empty({0}, input.options());
+  if (!need_graw && !need_db) {
+    return {grad_input, grad_weight, grad_bias};
+  }
+
+  const at::MemoryFormat format = input.suggest_memory_format();
+  const MaskRatio mr = mask_ratio_cuda(mask, g, input, nullptr);
+  const at::Tensor gy = grad_output.contiguous(format);
+  at::Tensor grad_raw =
+      need_graw ? at::empty(gy.sizes(), gy.options().memory_format(format)) : at::Tensor();
+  grad_prologue_cuda(gy, mr, has_bias, grad_raw, need_db ? &grad_bias : nullptr, g);
+
+  if (need_graw) {
+    if (g.batch == 0) {
+      if (need_dx) grad_input = at::zeros_like(input, at::MemoryFormat::Preserve);
+      if (need_dw) grad_weight = at::zeros_like(weight, at::MemoryFormat::Preserve);
+    } else {
+      // The weight gradient reads x * m; the input gradient only needs the input's shape.
+      const at::Tensor xm = need_dw ? masked_input(input, mask, format) : input.contiguous(format);
+      auto grads = at::convolution_backward(grad_raw, xm, weight.contiguous(format),
+                                            c10::nullopt, stride, padding, dilation,
+                                            /*transposed=*/false, /*output_padding=*/{0, 0},
+                                            groups, {need_dx, need_dw, false});
+      if (need_dx) {
+        at::Tensor dx = std::get<0>(grads);
+        if (g.has_mask) {
+          // dx * m: in place when dx already has the input's layout, else one pass that
+          // masks and changes the layout together.
+          if (dx.is_contiguous(format)) {
+            dx.mul_(*mask);
+          } else {
+            at::Tensor out = at::empty(input.sizes(), input.options().memory_format(format));
+            at::mul_out(out, dx, *mask);
+            dx = out;
+          }
+        }
+        grad_input = dx.contiguous(format);
+      }
+      if (need_dw) grad_weight = std::get<1>(grads).contiguous(weight.suggest_memory_format());
+    }
+  }
+  return {grad_input, grad_weight, grad_bias};
+}
+
+}  // namespace
+}  // namespace cuda
+
+TORCH_LIBRARY_IMPL(pconv, CUDA, m) {
+  m.impl("partial_conv2d", &cuda::partial_conv2d_cuda);
+  m.impl("partial_conv2d_backward", &cuda::partial_conv2d_backward_cuda);
+}
+
+}  // namespace pconv
