@@ -1,0 +1,1 @@
+"""Speed and memory suite of the fused partial convolution (``python -m benchmarks``)."""
