@@ -55,7 +55,8 @@ def layer_rows(args, device, log):
         shapes = [(f"smoke", s) for s in SMOKE_SHAPES]
         shapes = [(args.sizes[0], m, s) for m, s in shapes]
     else:
-        shapes = [(size, m, s) for size in args.sizes for m, s in distinct(unet_layer_shapes(size))]
+        shapes = [(size, m, s) for size in args.sizes
+                  for m, s in distinct(unet_layer_shapes(size, which=args.models))]
     impls = cases.implementations([i for i in IMPLS if i not in args.skip])
     rows = []
     total = len(shapes) * len(args.dtypes) * len(args.modes)
@@ -148,6 +149,8 @@ def parse_args(argv=None):
     p.add_argument("--sizes", type=int, nargs="+")
     p.add_argument("--batch", type=int)
     p.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES))
+    p.add_argument("--models", nargs="+", choices=["pconv", "modified"],
+                   default=["pconv", "modified"], help="UNets whose layer shapes are measured")
     p.add_argument("--modes", nargs="+", choices=["single", "multi"], default=["single", "multi"])
     p.add_argument("--warmup", type=int)
     p.add_argument("--repeats", type=int)

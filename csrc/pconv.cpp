@@ -4,6 +4,8 @@
 // blocks, so a CPU-only build needs no #ifdef. The math is in shared/DESIGN.md, §1.
 #include "pconv.h"
 
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mul.h>
 #include <Python.h>
 #include <torch/library.h>
 
@@ -147,6 +149,16 @@ ConvGeometry check_partial_conv2d_backward_args(
               ", got ", shape_str(grad_output.sizes()));
   check_same_device_dtype(input, grad_output, "grad_output");
   return g;
+}
+
+at::Tensor masked_input(const at::Tensor& input, const c10::optional<at::Tensor>& mask,
+                        at::MemoryFormat format) {
+  if (!(mask.has_value() && mask->defined())) {
+    return input.contiguous(format);
+  }
+  at::Tensor out = at::empty(input.sizes(), input.options().memory_format(format));
+  at::mul_out(out, input, *mask);
+  return out;
 }
 
 TORCH_LIBRARY(pconv, m) {

@@ -62,4 +62,10 @@ ConvGeometry check_partial_conv2d_backward_args(
     c10::IntArrayRef dilation,
     int64_t groups);
 
+// x * m written once, in `format` (the layout the convolution will read); the mask
+// broadcasts over channels (single-channel) and batch (mask batch 1). Without a mask: the
+// input itself in `format`. Device-agnostic (ATen ops), shared by the CPU and CUDA paths.
+at::Tensor masked_input(const at::Tensor& input, const c10::optional<at::Tensor>& mask,
+                        at::MemoryFormat format);
+
 }  // namespace pconv

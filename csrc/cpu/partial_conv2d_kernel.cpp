@@ -43,16 +43,6 @@ at::MemoryFormat compute_format(const at::Tensor& input, const ConvGeometry& g) 
   return at::MemoryFormat::Contiguous;
 }
 
-// x * m written once, in the layout the convolution reads.
-at::Tensor masked_input(const at::Tensor& input, const c10::optional<at::Tensor>& mask,
-                        at::MemoryFormat format) {
-  if (!(mask.has_value() && mask->defined())) {
-    return input.contiguous(format);
-  }
-  at::Tensor out = at::empty(input.sizes(), input.options().memory_format(format));
-  return at::mul_out(out, input, *mask);
-}
-
 // y = (raw * r + b) * u with a bias, y = raw * r without; raw is read once and y written
 // once. raw and out are both NCHW-contiguous or both channels_last (out may alias raw).
 template <typename scalar_t>

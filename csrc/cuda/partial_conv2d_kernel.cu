@@ -184,18 +184,6 @@ void grad_prologue_cuda(const at::Tensor& grad_output, const MaskRatio& mr, bool
 
 // ------------------------------------------------------------------------------ ops
 
-// x * m written once, in the layout the convolution reads; the mask broadcasts over the
-// channels (single-channel) and the batch (mask batch 1).
-at::Tensor masked_input(const at::Tensor& input, const c10::optional<at::Tensor>& mask,
-                        at::MemoryFormat format) {
-  if (!(mask.has_value() && mask->defined())) {
-    return input.contiguous(format);
-  }
-  at::Tensor out = at::empty(input.sizes(), input.options().memory_format(format));
-  at::mul_out(out, input, *mask);
-  return out;
-}
-
 // The convolution's result as the epilogue kernels read it: NCHW- or channels_last-
 // contiguous (cuDNN returns one of them; other backends may not).
 at::Tensor dense_layout(const at::Tensor& t, at::MemoryFormat preferred) {
