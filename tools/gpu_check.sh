@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Everything that needs a GPU, in one go: build with the CUDA kernels, run the whole test
+# suite (GPU tests included), run a small case under compute-sanitizer memcheck, and the
+# GPU benchmark. Logs and the benchmark JSON land in $OUT (default ./gpu-out).
+#
+#   bash tools/gpu_check.sh            # all steps
+#   STEPS="build tests" bash tools/gpu_check.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-gpu-out}
+STEPS=${STEPS:-"build tests memcheck bench"}
+PY=${PYTHON:-python3}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+status=0
+
+step() { case " $STEPS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
+
+if step build; then
+  export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
+  echo "== build (TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST)"
+  if ! $PY -m pip install --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1; then
+    tail -40 "$OUT/build.log"; exit 1
+  fi
+  $PY -c "import pconv_cuda, torch; assert pconv_cuda.has_cuda_kernels(); print('CUDA kernels:', torch.cuda.get_device_name())"
+fi
+if step tests; then
+  echo "== tests"
+  $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_parity.py tests/test_op.py \
+      tests/test_module.py tests/test_errors.py 2>&1 | tee "$OUT/tests.log" | tail -15
+  status=$((status | ${PIPESTATUS[0]}))
+fi
+if step memcheck; then
+  echo "== compute-sanitizer memcheck"
+  compute-sanitizer --tool memcheck --error-exitcode 9 $PY tools/memcheck_case.py \
+      >"$OUT/memcheck.log" 2>&1
+  rc=$?; tail -5 "$OUT/memcheck.log"; status=$((status | rc))
+fi
+if step bench; then
+  echo "== benchmark"
+  $PY -m benchmarks --preset gpu --json "$OUT/bench.json" 2>"$OUT/bench.progress" \
+      | tee "$OUT/bench.txt"
+  status=$((status | ${PIPESTATUS[0]}))
+fi
+exit $status
