@@ -7,9 +7,7 @@ warm-up, and rotate through several input sets so caches do not flatter a repeat
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import statistics
-import sys
 import time
 from typing import Callable, Sequence
 
@@ -41,36 +39,14 @@ def median_time_ms(fn: Callable[[object], object], inputs: Sequence[object], dev
     return statistics.median(times)
 
 
-_MMAP_FIXED = False
-
-
-def _fix_cpu_mmap_threshold() -> None:
-    """Make glibc serve every large allocation with mmap and unmap it on free, so that the
-    process's resident size follows live tensor memory (by default glibc raises the mmap
-    threshold after the first large free and keeps freed memory mapped)."""
-    global _MMAP_FIXED
-    if _MMAP_FIXED or not sys.platform.startswith("linux"):
-        return
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL("libc.so.6")
-        m_mmap_threshold = -3
-        libc.mallopt(m_mmap_threshold, 256 * 1024)
-    _MMAP_FIXED = True
-
-
-def _rss_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def peak_memory_mb(fn: Callable[[], object], device: str) -> float:
-    """Peak memory in MB that ``fn()`` allocates above what was live before it.
+    """Peak memory in MB that ``fn()`` allocates above what was live before it, after one
+    untimed call (so caches and scratch buffers are in their steady state).
 
-    CUDA: the caching allocator's peak. CPU (Linux): growth of the peak resident set,
-    with large allocations forced onto mmap so that freed tensors leave it."""
+    CUDA: the caching allocator's peak. CPU: the allocation and free events of the CPU
+    allocator as the profiler records them (every tensor, inside compiled ops too), summed
+    in time order."""
+    fn()
     if device == "cuda":
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
@@ -78,12 +54,17 @@ def peak_memory_mb(fn: Callable[[], object], device: str) -> float:
         fn()
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - base) / 2**20
-    _fix_cpu_mmap_threshold()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets VmHWM to the current resident size
-    base = _rss_kb("VmRSS")
-    fn()
-    return max(0, _rss_kb("VmHWM") - base) / 1024
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]")
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak / 2**20
 
 
 def environment(device: str) -> dict:

@@ -11,6 +11,7 @@
 // oneDNN computes both convolution gradients, and the input gradient is masked in place.
 #include "../pconv.h"
 #include "mask_ratio.h"
+#include "workspace.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -23,24 +24,29 @@
 namespace pconv {
 namespace {
 
-// The convolution is fastest in channels_last when one side has very few channels (the
-// RGB input layer, the RGB output layer): oneDNN's NCHW path for those shapes is several
-// times slower than its NHWC path, and the masking pass pays for the layout change.
+// The layout the convolution runs in: the input's, except where oneDNN (torch 2.13, CPU)
+// is unsafe in channels_last. With one input channel both layouts hold the same bytes, but
+// strided convolutions given the channels_last strides of a C=1 tensor return wrong
+// values; and the channels_last 1x1 weight-gradient kernel corrupts the heap for strided
+// shapes with few channels. (Switching small-channel layers to channels_last internally
+// speeds up the bare convolution, but the layout changes around it cost more than it
+// saves, measured at the UNet's first and last layers.)
 at::MemoryFormat compute_format(const at::Tensor& input, const ConvGeometry& g) {
-  // Two oneDNN defects of torch 2.13 (CPU) keep some shapes in NCHW whatever the input:
-  // with one input channel both layouts hold the same bytes, but strided convolutions given
-  // the channels_last strides of a C=1 tensor return wrong values; and the channels_last
-  // 1x1 weight-gradient kernel corrupts the heap for strided shapes with few channels.
   if (g.in_channels == 1 || (g.kernel_h == 1 && g.kernel_w == 1)) {
     return at::MemoryFormat::Contiguous;
   }
-  if (input.suggest_memory_format() == at::MemoryFormat::ChannelsLast) {
-    return at::MemoryFormat::ChannelsLast;
+  return input.suggest_memory_format();
+}
+
+// x * m in the layout the convolution reads, written into this thread's scratch buffer
+// (it lives only until the convolution has read it).
+at::Tensor cpu_masked_input(const at::Tensor& input, const c10::optional<at::Tensor>& mask,
+                            at::MemoryFormat format) {
+  if (!(mask.has_value() && mask->defined())) {
+    return input.contiguous(format);
   }
-  if (g.groups == 1 && (g.in_channels <= 4 || g.out_channels <= 4)) {
-    return at::MemoryFormat::ChannelsLast;
-  }
-  return at::MemoryFormat::Contiguous;
+  at::Tensor out = cpu_scratch(Scratch::kMaskedInput, input.sizes(), input.options(), format);
+  return at::mul_out(out, input, *mask);
 }
 
 // y = (raw * r + b) * u with a bias, y = raw * r without; raw is read once and y written
@@ -212,7 +218,7 @@ std::tuple<at::Tensor, at::Tensor> partial_conv2d_cpu(
   }
 
   const at::MemoryFormat format = compute_format(input, g);
-  const at::Tensor xm = masked_input(input, mask, format);
+  const at::Tensor xm = cpu_masked_input(input, mask, format);
   at::Tensor raw = at::convolution(xm, weight.contiguous(format), c10::nullopt, stride, padding,
                                    dilation, false, {0, 0}, groups);
   const at::MemoryFormat raw_format =
@@ -225,7 +231,7 @@ std::tuple<at::Tensor, at::Tensor> partial_conv2d_cpu(
                                   "partial_conv2d_cpu", [&] {
                                     epilogue<scalar_t>(raw, mr, bias_t, raw, g);
                                   });
-  // Only the small-channel layout switch above lands here in the other layout.
+  // Differs from the input layout only where compute_format avoided channels_last.
   return {raw.contiguous(out_format), expand_update(mr, input, g)};
 }
 
@@ -252,7 +258,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> partial_conv2d_backward_cpu(
   const MaskRatio mr = mask_ratio_cpu(mask, g, input.scalar_type());
   const at::MemoryFormat format = compute_format(input, g);
   const at::Tensor gy = grad_output.contiguous(format);
-  at::Tensor grad_raw = need_graw ? at::empty_like(gy) : at::Tensor();
+  at::Tensor grad_raw =
+      need_graw ? cpu_scratch(Scratch::kGradRaw, gy.sizes(), gy.options(), format) : at::Tensor();
   if (gy.numel() > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(),
                                     "partial_conv2d_backward_cpu", [&] {
@@ -268,7 +275,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> partial_conv2d_backward_cpu(
       if (need_dw) grad_weight = at::zeros_like(weight);
     } else {
       // The weight gradient reads x * m; the input gradient only needs the input's shape.
-      const at::Tensor xm = need_dw ? masked_input(input, mask, format) : input.contiguous(format);
+      const at::Tensor xm =
+          need_dw ? cpu_masked_input(input, mask, format) : input.contiguous(format);
       auto grads = at::convolution_backward(grad_raw, xm, weight.contiguous(format), c10::nullopt,
                                             stride, padding, dilation, false, {0, 0}, groups,
                                             {need_dx, need_dw, false});
