@@ -95,6 +95,31 @@ def make_inputs(case: Case, dtype=torch.float64, device="cpu", seed=0, requires_
     return x, m, wt, b
 
 
+TINY_MODEL = {"kind": "pconv", "layers": 3, "base_channels": 8}
+"""The model of the application tests: randomly initialised, small enough for the CPU."""
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A pconv-train checkpoint of :data:`TINY_MODEL` with seeded random weights."""
+    from train.checkpoint import build_model, save_checkpoint
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
+    save_checkpoint(path, {"model_spec": TINY_MODEL,
+                           "model": build_model(TINY_MODEL).state_dict()})
+    return path
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test: the CI machine's two cores are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)

@@ -12,24 +12,12 @@ from train.checkpoint import build_model, save_checkpoint
 from train.images import load_image, load_mask, save_image, save_mask
 
 SAMPLES = Path(__file__).resolve().parents[1] / "train" / "samples"
-SPEC = {"kind": "pconv", "layers": 3, "base_channels": 8}
+from conftest import TINY_MODEL as SPEC  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
-def _one_thread(monkeypatch):
-    # The machine's cores are shared: keep each test to one intra-op thread.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
-    save_checkpoint(path, {"model_spec": SPEC, "model": build_model(SPEC).state_dict()})
-    return path
 
 
 def _write_pair(folder: Path, name: str, h: int, w: int, seed: int, mask_name=None,

@@ -24,16 +24,13 @@ from train.apps import board  # noqa: E402
 from train.apps.board import create_app, decode_upload  # noqa: E402
 from train.checkpoint import CheckpointError, build_model, save_checkpoint  # noqa: E402
 
-SPEC = {"kind": "pconv", "layers": 3, "base_channels": 8}
+from conftest import TINY_MODEL as SPEC  # noqa: E402
 SAMPLES = Path(__file__).resolve().parents[1] / "train" / "samples"
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

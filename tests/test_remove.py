@@ -14,10 +14,8 @@ from train.apps import segment
 from train.apps.remove import comparison_strip, main, removal_mask
 from train.apps.segment import (VOC_CLASSES, Segmenter, SegmenterError,
                                 TorchvisionSegmenter, class_mask, make_segmenter, parse_classes)
-from train.checkpoint import build_model, save_checkpoint
 from train.images import load_image, load_mask, save_image
 
-SPEC = {"kind": "pconv", "layers": 3, "base_channels": 8}
 PERSON, CAR = VOC_CLASSES.index("person"), VOC_CLASSES.index("car")
 # Where the synthetic picture has its red "person" and blue "car".
 RED = (slice(20, 36), slice(30, 51))
@@ -25,19 +23,8 @@ BLUE = (slice(45, 56), slice(5, 16))
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
-    save_checkpoint(path, {"model_spec": SPEC, "model": build_model(SPEC).state_dict()})
-    return path
 
 
 @pytest.fixture
