@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from .images import ImageLoadError, PathLike, find_images, load_image, readable_images
+from .images import PathLike, find_images, load_image, load_readable, readable_images
 from .masks import MaskSource
 
 __all__ = [
@@ -247,18 +247,11 @@ class ImageFolderDataset(Dataset):
 
     def load(self, index: int) -> torch.Tensor:
         """Image ``index`` untransformed ``[3, H, W]``, or the next readable one if it is bad."""
-        n = len(self.files)
-        for k in range(n):
-            j = (index + k) % n
-            if j in self._bad:
-                continue
-            try:
-                return load_image(self.files[j])
-            except ImageLoadError as e:
-                # Remembered per process, so each worker warns about a file once.
-                self._bad.add(j)
-                logger.warning("skipping unreadable image %s: %s", e.path, e.reason)
-        raise RuntimeError(f"none of the {n} images under {self.root} could be read")
+        try:
+            return load_readable(self.files, index, lambda j: load_image(self.files[j]),
+                                 self._bad, "image")
+        except RuntimeError as e:
+            raise RuntimeError(f"{e} (under {self.root})") from None
 
     def __getitem__(self, index: int) -> torch.Tensor:
         if not 0 <= index < len(self.files):

@@ -42,6 +42,7 @@ __all__ = [
     "image_from_numpy",
     "mask_to_numpy",
     "mask_from_numpy",
+    "load_readable",
 ]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
@@ -318,3 +319,26 @@ def save_mask(mask: torch.Tensor, path: PathLike, invert: bool = False) -> None:
     """
     path = _prepare_path(path)
     Image.fromarray(mask_to_numpy(mask, invert=invert)).save(path)
+
+
+def load_readable(files: list[Path], index: int, load, bad: set[int], what: str):
+    """``load(j)`` for the first readable file ``j`` at or after ``index`` (wrapping round).
+
+    A file that fails with :class:`ImageLoadError` is added to ``bad`` (the caller's
+    per-process set, so each worker warns about a file once), logged as a warning naming
+    the path, and skipped. ``what`` names the files in messages ("image", "mask").
+
+    Raises:
+        RuntimeError: no file could be read.
+    """
+    n = len(files)
+    for k in range(n):
+        j = (index + k) % n
+        if j in bad:
+            continue
+        try:
+            return load(j)
+        except ImageLoadError as e:
+            bad.add(j)
+            logger.warning("skipping unreadable %s %s: %s", what, e.path, e.reason)
+    raise RuntimeError(f"none of the {n} {what} files could be read")

@@ -38,6 +38,7 @@ from .images import (
     PathLike,
     find_images,
     load_mask,
+    load_readable,
     mask_from_numpy,
     mask_to_numpy,
     readable_images,
@@ -345,17 +346,10 @@ class MaskFolder:
 
     def _load_some(self, index: int) -> torch.Tensor:
         """File ``index``, or the next readable one after it; bad files are logged once."""
-        n = len(self.files)
-        for k in range(n):
-            j = (index + k) % n
-            if j in self._bad:
-                continue
-            try:
-                return self.load(j)
-            except ImageLoadError as e:
-                self._bad.add(j)
-                logger.warning("skipping unreadable mask %s: %s", e.path, e.reason)
-        raise RuntimeError(f"no mask file under {self.root} could be read")
+        try:
+            return load_readable(self.files, index, self.load, self._bad, "mask")
+        except RuntimeError as e:
+            raise RuntimeError(f"{e} (under {self.root})") from None
 
     def _warn_if_inverted(self) -> None:
         # Mask sets have small holes on average; a set that is mostly "hole" was almost
