@@ -32,8 +32,8 @@ PRESETS = {
     # Batch 1 on CPU: the inference case, and what 2 cores can time in minutes.
     # torch.compile is left out on CPU (a compile per shape and dtype costs more than the
     # whole table); name it with --skip to keep it (--skip with no value).
-    "cpu": dict(sizes=[256], batch=1, dtypes=["float32", "bfloat16"], warmup=2, repeats=7,
-                model_size=256, model_batch=1, skip=["compiled"]),
+    "cpu": dict(sizes=[256], batch=1, dtypes=["float32", "bfloat16"], warmup=3, repeats=21,
+                model_size=256, model_batch=1, skip=["compiled"], malloc="retain"),
     "gpu": dict(sizes=[256, 512], batch=8, dtypes=["float32", "bfloat16", "float16"],
                 warmup=5, repeats=30, model_size=256, model_batch=8),
     "smoke": dict(sizes=[16], batch=2, dtypes=["float32"], warmup=1, repeats=2,
@@ -73,10 +73,9 @@ def layer_rows(args, device, log):
                                              ("fwd+bwd", cases.train_call)):
                     row = dict(size=size, model=model, layer=shape.label, mode=mode,
                                dtype=dtype_name, pass_=pass_name, ms={})
-                    for name, impl in impls.items():
-                        call = make_call(impl, shape, w, b)
-                        row["ms"][name] = timing.median_time_ms(call, inputs, device,
-                                                                args.warmup, args.repeats)
+                    calls = {name: make_call(impl, shape, w, b) for name, impl in impls.items()}
+                    row["ms"] = timing.median_times_ms(calls, inputs, device, args.warmup,
+                                                       args.repeats)
                     if pass_name == "fwd+bwd":
                         probes.append((row, shape, mode, dtype))
                     rows.append(row)
@@ -102,14 +101,15 @@ def model_rows(args, device, log):
         dtype = DTYPES[dtype_name]
         row = dict(size=args.model_size, model="pconv", layer="training step", mode="single",
                    dtype=dtype_name, pass_="step", ms={})
-        for name, layer in (("fused", pconv_cuda.PartialConv2d),
-                            ("reference", pconv_cuda.ReferencePartialConv2d)):
-            log(f"training step {dtype_name} {name}")
-            kwargs = dict(layers=4, base_channels=8) if args.smoke else {}
-            step = cases.unet_train_step(layer, args.model_size, args.model_batch, device,
-                                         dtype, **kwargs)
-            row["ms"][name] = timing.median_time_ms(lambda _: step(), [None], device,
-                                                    max(1, args.warmup), args.model_repeats)
+        log(f"training step {dtype_name}")
+        kwargs = dict(layers=4, base_channels=8) if args.smoke else {}
+        steps = {name: cases.unet_train_step(layer, args.model_size, args.model_batch, device,
+                                             dtype, **kwargs)
+                 for name, layer in (("fused", pconv_cuda.PartialConv2d),
+                                     ("reference", pconv_cuda.ReferencePartialConv2d))}
+        row["ms"] = timing.median_times_ms({n: (lambda _, s=s: s()) for n, s in steps.items()},
+                                           [None], device, max(1, args.warmup),
+                                           args.model_repeats)
         rows.append(row)
     return rows
 
@@ -122,7 +122,8 @@ def _cell(ms, floor):
 
 def format_table(rows, env) -> str:
     head = (f"device: {env['device']} | torch {env['torch']} | CUDA {env['cuda']} | "
-            f"cuDNN {env['cudnn']} | TF32 matmul={env['tf32_matmul']} cudnn={env['tf32_cudnn']}")
+            f"cuDNN {env['cudnn']} | TF32 matmul={env['tf32_matmul']} cudnn={env['tf32_cudnn']} | "
+            f"malloc: {env.get('malloc', 'default')}")
     cols = ["size", "model", "layer", "mode", "dtype", "pass"] + list(IMPLS) + ["peak MB fused/ref"]
     lines = [head, "times in ms, (ratio to the plain conv); step rows: ratio to the fused step",
              " | ".join(cols)]
@@ -165,6 +166,9 @@ def parse_args(argv=None):
     p.add_argument("--no-model", action="store_true", help="skip the training-step row")
     p.add_argument("--model-repeats", type=int, default=5)
     p.add_argument("--threads", type=int, help="torch.set_num_threads on CPU")
+    p.add_argument("--malloc", choices=["retain", "default"],
+                   help="retain: glibc keeps freed memory, so no implementation pays page "
+                        "faults on reused sizes (CPU preset); default: glibc as it comes")
     p.add_argument("--json", help="write the rows and the environment here")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     args = p.parse_args(argv)
@@ -188,6 +192,7 @@ def main(argv=None) -> int:
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
+    retained = args.malloc == "retain" and timing.retain_freed_memory()
     start = time.time()
 
     def log(msg):
@@ -195,6 +200,7 @@ def main(argv=None) -> int:
             print(f"[{time.time() - start:7.1f}s] {msg}", file=sys.stderr, flush=True)
 
     env = timing.environment(device)
+    env["malloc"] = "glibc, freed memory retained" if retained else "default"
     rows = layer_rows(args, device, log)
     if not args.no_model:
         rows += model_rows(args, device, log)

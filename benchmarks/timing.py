@@ -9,34 +9,52 @@ from __future__ import annotations
 import contextlib
 import statistics
 import time
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
+
+
+def _time_once_ms(fn: Callable[[object], object], arg: object, device: str) -> float:
+    if device == "cuda":
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn(arg)
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    fn(arg)
+    return (time.perf_counter() - t0) * 1e3
+
+
+def median_times_ms(calls: Mapping[str, Callable[[object], object]], inputs: Sequence[object],
+                    device: str, warmup: int, repeats: int) -> dict[str, float]:
+    """Median wall time in ms of each ``calls[name](inputs[i % len(inputs)])``.
+
+    The calls are interleaved: every repeat runs each of them once, in an order rotated
+    from one repeat to the next, so a slow stretch of the machine (another process, clock
+    changes, allocator state) lands on all of them alike rather than on whichever was being
+    timed at that moment. ``warmup`` untimed rounds come first."""
+    names = list(calls)
+    for i in range(warmup):
+        for name in names:
+            calls[name](inputs[i % len(inputs)])
+    if device == "cuda":
+        torch.cuda.synchronize()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for i in range(repeats):
+        shift = i % len(names)
+        for name in names[shift:] + names[:shift]:
+            times[name].append(_time_once_ms(calls[name], inputs[i % len(inputs)], device))
+    return {name: statistics.median(v) for name, v in times.items()}
 
 
 def median_time_ms(fn: Callable[[object], object], inputs: Sequence[object], device: str,
                    warmup: int, repeats: int) -> float:
     """Median wall time in ms of ``fn(inputs[i % len(inputs)])`` over ``repeats`` calls,
     after ``warmup`` untimed calls."""
-    for i in range(warmup):
-        fn(inputs[i % len(inputs)])
-    times = []
-    if device == "cuda":
-        torch.cuda.synchronize()
-        for i in range(repeats):
-            start = torch.cuda.Event(enable_timing=True)
-            end = torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn(inputs[i % len(inputs)])
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-    else:
-        for i in range(repeats):
-            t0 = time.perf_counter()
-            fn(inputs[i % len(inputs)])
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return median_times_ms({"fn": fn}, inputs, device, warmup, repeats)["fn"]
 
 
 def peak_memory_mb(fn: Callable[[], object], device: str) -> float:
@@ -65,6 +83,25 @@ def peak_memory_mb(fn: Callable[[], object], device: str) -> float:
         live += nbytes
         peak = max(peak, live)
     return peak / 2**20
+
+
+def retain_freed_memory() -> bool:
+    """Ask glibc to keep freed memory in the process (no mmap for large blocks, no
+    trimming), as jemalloc or tcmalloc would. Otherwise every multi-megabyte tensor is a
+    fresh mapping whose first touch page-faults once per 4 KiB page: on small VMs that
+    costs as much as a pass over the data, and how many faults a call takes depends on
+    the heap's state, not on the code being timed. Applies to every implementation alike.
+    Returns False where the C library is not glibc."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(mallopt(m_mmap_threshold, 1 << 30)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
 
 
 def environment(device: str) -> dict:

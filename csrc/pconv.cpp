@@ -3,6 +3,7 @@
 // This file is always compiled: the CPU and CUDA kernels only add TORCH_LIBRARY_IMPL
 // blocks, so a CPU-only build needs no #ifdef. The math is in shared/DESIGN.md, §1.
 #include "pconv.h"
+#include "cpu/workspace.h"
 
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mul.h>
@@ -10,6 +11,7 @@
 #include <torch/library.h>
 
 #include <sstream>
+#include <vector>
 
 namespace pconv {
 namespace {
@@ -151,6 +153,24 @@ ConvGeometry check_partial_conv2d_backward_args(
   return g;
 }
 
+MaskRatio check_saved_mask_ratio(const at::Tensor& ratio, const at::Tensor& update,
+                                 const at::Tensor& input, const ConvGeometry& g) {
+  const at::ScalarType acc = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const std::vector<int64_t> expected = {g.has_mask ? g.mask_batch : 1, 1, g.out_h, g.out_w};
+  auto check = [&](const at::Tensor& t, const char* name) {
+    TORCH_CHECK(t.sizes() == c10::IntArrayRef(expected) && t.is_contiguous(),
+                "partial_conv2d_train_backward: ", name, " must be a contiguous tensor of shape ",
+                shape_str(expected), ", got shape ", shape_str(t.sizes()));
+    TORCH_CHECK(t.scalar_type() == acc, "partial_conv2d_train_backward: ", name,
+                " must have dtype ", acc, ", got ", t.scalar_type());
+    TORCH_CHECK(t.device() == input.device(), "partial_conv2d_train_backward: ", name,
+                " is on ", t.device(), " but input is on ", input.device());
+  };
+  check(ratio, "ratio");
+  check(update, "update");
+  return MaskRatio{ratio, update, expected[0]};
+}
+
 at::Tensor masked_input(const at::Tensor& input, const c10::optional<at::Tensor>& mask,
                         at::MemoryFormat format) {
   if (!(mask.has_value() && mask->defined())) {
@@ -172,14 +192,47 @@ TORCH_LIBRARY(pconv, m) {
       "partial_conv2d_backward(Tensor grad_output, Tensor input, Tensor? mask, Tensor weight, "
       "bool has_bias, int[2] stride, int[2] padding, int[2] dilation, int groups, "
       "bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+  // The forward autograd runs when the weight needs a gradient: besides (output,
+  // updated_mask) it returns what the backward would otherwise recompute, x * m (in the
+  // layout the convolution read) and the float r and u ([N_m, 1, H', W']), so the
+  // backward reads neither the input nor a multi-channel mask again.
+  m.def(
+      "partial_conv2d_train(Tensor input, Tensor mask, Tensor weight, Tensor? bias, "
+      "int[2] stride, int[2] padding, int[2] dilation, int groups) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "partial_conv2d_train_backward(Tensor grad_output, Tensor masked_input, Tensor mask, "
+      "Tensor ratio, Tensor update, Tensor weight, bool has_bias, int[2] stride, "
+      "int[2] padding, int[2] dilation, int groups, bool[3] output_mask) "
+      "-> (Tensor, Tensor, Tensor)");
 }
 
 }  // namespace pconv
 
 // The library is loaded as a Python extension module (`pconv_cuda._C`) so that a plain
-// import finds it next to the package; the module itself exposes nothing, the ops live
-// in torch.ops.pconv.
+// import finds it next to the package. The ops live in torch.ops.pconv; the module itself
+// only exposes the CPU block cache (see cpu/workspace.h).
+namespace {
+
+PyObject* py_release_cpu_cache(PyObject*, PyObject*) {
+  return PyLong_FromLongLong(pconv::release_cached_blocks());
+}
+
+PyObject* py_cpu_cache_bytes(PyObject*, PyObject*) {
+  return PyLong_FromLongLong(pconv::cached_block_bytes());
+}
+
+PyMethodDef module_methods[] = {
+    {"release_cpu_cache", py_release_cpu_cache, METH_NOARGS,
+     "Free the idle CPU blocks kept for x * m; returns the bytes freed."},
+    {"cpu_cache_bytes", py_cpu_cache_bytes, METH_NOARGS,
+     "Bytes of idle CPU blocks kept for x * m."},
+    {nullptr, nullptr, 0, nullptr}};
+
+}  // namespace
+
 extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1,
+                                          module_methods};
   return PyModule_Create(&module_def);
 }

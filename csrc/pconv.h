@@ -62,6 +62,12 @@ ConvGeometry check_partial_conv2d_backward_args(
     c10::IntArrayRef dilation,
     int64_t groups);
 
+// r and u that partial_conv2d_train returned for its backward, checked against the
+// geometry of the call (dtype float32, float64 for float64 inputs; [N_m, 1, H', W'],
+// NCHW-contiguous; same device as the input).
+MaskRatio check_saved_mask_ratio(const at::Tensor& ratio, const at::Tensor& update,
+                                 const at::Tensor& input, const ConvGeometry& g);
+
 // x * m written once, in `format` (the layout the convolution will read); the mask
 // broadcasts over channels (single-channel) and batch (mask batch 1). Without a mask: the
 // input itself in `format`. Device-agnostic (ATen ops), shared by the CPU and CUDA paths.

@@ -29,6 +29,7 @@ __all__ = [
     "LeanPartialConv2d",
     "reference",
     "has_cuda_kernels",
+    "release_cpu_cache",
 ]
 __version__ = "0.1.0"
 
@@ -36,3 +37,13 @@ __version__ = "0.1.0"
 def has_cuda_kernels() -> bool:
     """True when the library was built with its CUDA kernels."""
     return torch._C._dispatch_has_kernel_for_dispatch_key("pconv::partial_conv2d", "CUDA")
+
+
+def release_cpu_cache() -> int:
+    """Free the idle CPU memory blocks kept for reuse, and return how many bytes that was.
+
+    In training, the fused layer keeps ``x * m`` for its backward in blocks that go back
+    to a cache, not to the system, when the backward is done, so the next step reuses
+    them instead of page-faulting fresh memory. The cache holds at most the blocks of one
+    step (and never more than 2 GiB); call this when training is over to return them."""
+    return _C.release_cpu_cache()

@@ -13,6 +13,8 @@ from torch._prims_common import suggest_memory_format
 _lib = torch.library.Library("pconv", "FRAGMENT")
 _forward = torch.ops.pconv.partial_conv2d.default
 _backward = torch.ops.pconv.partial_conv2d_backward.default
+_train_forward = torch.ops.pconv.partial_conv2d_train.default
+_train_backward = torch.ops.pconv.partial_conv2d_train_backward.default
 
 
 def _out_size(size, kernel, stride, padding, dilation):
@@ -36,6 +38,30 @@ def _partial_conv2d_fake(input, mask, weight, bias, stride, padding, dilation, g
     return out, update
 
 
+def _ratio_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _compute_format(input, weight):
+    # Mirrors the kernels: the convolution runs in the input's layout, except in NCHW for a
+    # single input channel or a 1x1 kernel (oneDNN defects in channels_last, see the CPU
+    # kernel), on the CPU only.
+    fmt = suggest_memory_format(input)
+    if input.device.type == "cpu" and (input.shape[1] == 1 or tuple(weight.shape[2:]) == (1, 1)):
+        fmt = torch.contiguous_format
+    return fmt
+
+
+@torch.library.register_fake("pconv::partial_conv2d_train")
+def _partial_conv2d_train_fake(input, mask, weight, bias, stride, padding, dilation, groups):
+    out, update = _partial_conv2d_fake(input, mask, weight, bias, stride, padding, dilation,
+                                       groups)
+    masked = input.new_empty(input.shape).contiguous(memory_format=_compute_format(input, weight))
+    stats_shape = (mask.shape[0], 1, out.shape[2], out.shape[3])
+    ratio = input.new_empty(stats_shape, dtype=_ratio_dtype(input.dtype))
+    return out, update, masked, ratio, torch.empty_like(ratio)
+
+
 @torch.library.register_fake("pconv::partial_conv2d_backward")
 def _partial_conv2d_backward_fake(grad_output, input, mask, weight, has_bias, stride, padding,
                                   dilation, groups, output_mask):
@@ -55,6 +81,7 @@ def _setup_context(ctx, inputs, output):
     ctx.has_bias = bias is not None
     ctx.conv_args = (stride, padding, dilation, groups)
     ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
 
 
 def _backward_fn(ctx, grad_output: Tensor, _grad_update: Tensor):
@@ -72,6 +99,45 @@ def _backward_fn(ctx, grad_output: Tensor, _grad_update: Tensor):
 torch.library.register_autograd("pconv::partial_conv2d", _backward_fn, setup_context=_setup_context)
 
 
+@torch.library.register_fake("pconv::partial_conv2d_train_backward")
+def _partial_conv2d_train_backward_fake(grad_output, masked_input, mask, ratio, update, weight,
+                                        has_bias, stride, padding, dilation, groups, output_mask):
+    return _partial_conv2d_backward_fake(grad_output, masked_input, mask, weight, has_bias,
+                                         stride, padding, dilation, groups, output_mask)
+
+
+def _train_setup_context(ctx, inputs, output):
+    input, mask, weight, bias, stride, padding, dilation, groups = inputs
+    _, update, masked, ratio, update_acc = output
+    ctx.save_for_backward(masked, mask, ratio, update_acc, weight)
+    ctx.has_bias = bias is not None
+    ctx.conv_args = (stride, padding, dilation, groups)
+    # The input gradient comes back in the layout of x * m, which differs from the input's
+    # only where the CPU kernel runs a channels_last input in NCHW.
+    ctx.input_format = suggest_memory_format(input)
+    ctx.mark_non_differentiable(update, masked, ratio, update_acc)
+    # Otherwise autograd fills an input-sized zero tensor for the gradient of x * m.
+    ctx.set_materialize_grads(False)
+
+
+def _train_backward_fn(ctx, grad_output, _g_update, _g_masked, _g_ratio, _g_update_acc):
+    masked, mask, ratio, update_acc, weight = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    want = [needs[0], needs[2], bool(needs[3]) and ctx.has_bias]
+    if grad_output is None or not any(want):
+        return None, None, None, None, None, None, None, None
+    grad_input, grad_weight, grad_bias = _train_backward(
+        grad_output, masked, mask, ratio, update_acc, weight, ctx.has_bias, *ctx.conv_args, want)
+    if want[0]:
+        grad_input = grad_input.contiguous(memory_format=ctx.input_format)
+    return (grad_input if want[0] else None, None, grad_weight if want[1] else None,
+            grad_bias if want[2] else None, None, None, None, None)
+
+
+torch.library.register_autograd("pconv::partial_conv2d_train", _train_backward_fn,
+                                setup_context=_train_setup_context)
+
+
 def _register_autocast(device_type: str) -> None:
     """Run the op in the autocast dtype of ``device_type`` (the ratio stays float32 inside
     the kernels). Unlike torch.library.register_autocast, the target dtype is read when the
@@ -82,13 +148,14 @@ def _register_autocast(device_type: str) -> None:
     def cast(t, dtype):
         return t.to(dtype) if t is not None and t.is_floating_point() else t
 
-    def kernel(_keyset, input, mask, weight, bias, stride, padding, dilation, groups):
-        dtype = torch.get_autocast_dtype(device_type)
-        with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(key)):
-            return _forward(cast(input, dtype), cast(mask, dtype), cast(weight, dtype),
-                            cast(bias, dtype), stride, padding, dilation, groups)
+    for name, op in (("partial_conv2d", _forward), ("partial_conv2d_train", _train_forward)):
+        def kernel(_keyset, input, mask, weight, bias, stride, padding, dilation, groups, op=op):
+            dtype = torch.get_autocast_dtype(device_type)
+            with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(key)):
+                return op(cast(input, dtype), cast(mask, dtype), cast(weight, dtype),
+                          cast(bias, dtype), stride, padding, dilation, groups)
 
-    _lib.impl("partial_conv2d", kernel, key_name, with_keyset=True)
+        _lib.impl(name, kernel, key_name, with_keyset=True)
 
 
 for _device_type in ("cpu", "cuda"):

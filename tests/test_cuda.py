@@ -14,6 +14,7 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.nn.modules.utils import _pair
 
 pytestmark = [
     pytest.mark.gpu,
@@ -454,6 +455,34 @@ def test_opcheck_backward(cfg):
     (x, m, w, b, *geo), go = _op_args(cfg)
     args = (go, x, m, w, b is not None, *geo, [True, True, True])
     torch.library.opcheck(torch.ops.pconv.partial_conv2d_backward.default, args)
+
+
+@pytest.mark.parametrize("cfg", [c for c in OPCHECK_CONFIGS if c.mask != "none"], ids=str)
+def test_opcheck_train_pair(cfg):
+    args, go = _op_args(cfg, requires_grad=True)
+    torch.library.opcheck(torch.ops.pconv.partial_conv2d_train.default, args)
+    x, m, w, b, *geo = (t.detach() if isinstance(t, torch.Tensor) else t for t in args)
+    _, _, xm, ratio, update = torch.ops.pconv.partial_conv2d_train(x, m, w, b, *geo)
+    torch.testing.assert_close(xm, x * m, rtol=0, atol=0)
+    torch.library.opcheck(torch.ops.pconv.partial_conv2d_train_backward.default,
+                          (go, xm, m, ratio, update, w, b is not None, *geo, [True, True, True]))
+
+
+@pytest.mark.parametrize("cfg", F64_CONFIGS, ids=str)
+def test_recomputing_op_parity_float64(cfg):
+    """The functional takes the training op when a weight gradient is wanted; the op whose
+    backward forms x * m and the ratio again must match as well."""
+    x, m, w, b, go = make_inputs(cfg, torch.float64, CUDA)
+
+    def op(x, m, w, b, stride, padding, dilation, groups):
+        return torch.ops.pconv.partial_conv2d(x, m, w, b, list(_pair(stride)),
+                                              list(_pair(padding)), list(_pair(dilation)), groups)
+
+    out, upd, grads = run_with_grads(op, cfg, x, m, w, b, go)
+    e_out, e_upd, e_grads = expected_f64(cfg, x, m, w, b, go)
+    assert_close_scaled(out, e_out, 1e-10, "output")
+    for name, g, e in zip(("grad_input", "grad_weight", "grad_bias"), grads, e_grads):
+        assert_close_scaled(g, e, 1e-10, name)
 
 
 # ---------------------------------------------------------------- modules, compile, amp

@@ -92,3 +92,20 @@ def test_module_padding_mode():
 def test_module_same_padding_needs_odd_kernel():
     with pytest.raises(ValueError, match=r"padding='same' .* needs asymmetric padding"):
         pconv_cuda.PartialConv2d(4, 6, 4, padding="same")
+
+
+def test_train_backward_op_checks_saved_ratio():
+    _, _, xm, ratio, update = torch.ops.pconv.partial_conv2d_train(X, M, W, None, [1, 1], [1, 1],
+                                                                   [1, 1], 1)
+    gy = torch.randn(2, 6, 8, 8)
+
+    def back(r, u):
+        return torch.ops.pconv.partial_conv2d_train_backward(
+            gy, xm, M, r, u, W, False, [1, 1], [1, 1], [1, 1], 1, [True, True, False])
+
+    back(ratio, update)
+    with pytest.raises(RuntimeError, match=r"ratio must be a contiguous tensor of shape "
+                                           r"\[2, 1, 8, 8\], got shape \[1, 1, 8, 8\]"):
+        back(ratio[:1], update)
+    with pytest.raises(RuntimeError, match=r"update must have dtype Float, got Double"):
+        back(ratio, update.double())

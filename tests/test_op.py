@@ -240,3 +240,123 @@ def test_bfloat16_forward_close_to_float32():
     err_low = (low.float() - ref).abs().max()
     assert out.dtype == torch.bfloat16
     assert err <= 2 * err_low + 1e-2, (err, err_low)
+
+
+# ------------------------------------------------------------------ the training pair
+TRAIN_OP = torch.ops.pconv.partial_conv2d_train.default
+
+
+@pytest.mark.parametrize("sample", list(_opcheck_samples())[:2], ids=["single", "multi"])
+def test_opcheck_train_op(sample):
+    torch.library.opcheck(TRAIN_OP, sample)
+
+
+def test_opcheck_train_backward_op():
+    case = Case(2, 4, 6, 9, 7, (3, 3), (1, 1), (1, 1), (1, 1), 1, True, "soft", True, 1)
+    x, m, w, b = make_inputs(case, torch.float32, seed=5, requires_grad=False)
+    _, _, xm, ratio, update = TRAIN_OP(x, m, w, b, [1, 1], [1, 1], [1, 1], 1)
+    gy = torch.randn(2, 6, 9, 7)
+    for output_mask in ([True, True, True], [False, True, False], [True, False, True]):
+        torch.library.opcheck(torch.ops.pconv.partial_conv2d_train_backward.default,
+                              (gy, xm, m, ratio, update, w, True, [1, 1], [1, 1], [1, 1], 1,
+                               output_mask))
+
+
+@pytest.mark.parametrize("case", GRAD_CASES, ids=[c.ids() for c in GRAD_CASES])
+def test_gradcheck_float64_recomputing_backward(case):
+    """The op the functional uses when no weight gradient is wanted (its backward forms
+    x * m and the ratio again) has a correct gradient too."""
+    x, m, w, b = make_inputs(case, torch.float64, seed=3)
+    params = tuple(t for t in (x, w, b) if t is not None)
+
+    def f(*p):
+        bias = p[2] if b is not None else None
+        return OP(p[0], m, p[1], bias, list(case.stride), list(case.padding),
+                  list(case.dilation), case.groups)[0]
+
+    assert torch.autograd.gradcheck(f, params, eps=1e-6, atol=1e-7)
+
+
+def test_train_op_returns_what_the_backward_needs():
+    case = Case(2, 4, 6, 9, 7, (3, 3), (1, 1), (1, 1), (1, 1), 1, True, "soft", True, 1)
+    x, m, w, b = make_inputs(case, torch.float64, seed=5, requires_grad=False)
+    out, update, xm, ratio, update_acc = TRAIN_OP(x, m, w, b, [1, 1], [1, 1], [1, 1], 1)
+    ref_out, ref_update = OP(x, m, w, b, [1, 1], [1, 1], [1, 1], 1)
+    torch.testing.assert_close(out, ref_out, rtol=0, atol=0)
+    torch.testing.assert_close(update, ref_update, rtol=0, atol=0)
+    torch.testing.assert_close(xm, x * m, rtol=0, atol=0)
+    # r and u as DESIGN.md defines them, for the mask's own batch (1 here, broadcast).
+    window = F.conv2d(m.sum(1, keepdim=True), torch.ones(1, 1, 3, 3, dtype=m.dtype), padding=1)
+    u = window.clamp(0, 1)
+    torch.testing.assert_close(update_acc, u, rtol=0, atol=0)
+    torch.testing.assert_close(ratio, 3 * 3 * 4 / (window + 1e-8) * u, rtol=1e-14, atol=1e-14)
+    assert ratio.shape == (1, 1, 9, 7) and update.shape == (2, 1, 9, 7)
+    assert update_acc.data_ptr() != update.data_ptr()
+
+
+def test_training_forward_keeps_masked_input_not_input():
+    """With a weight gradient wanted, the saved tensor is x * m: changing x in place after
+    the forward does not disturb the backward (the recomputing op would refuse)."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 4, 8, 8, dtype=torch.float64, generator=g)
+    m = (torch.rand(2, 1, 8, 8, generator=g) > 0.4).double()
+    w = torch.randn(5, 4, 3, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    out_r, _ = reference.partial_conv2d(x, m, w, None, 1, 1)
+    (want,) = torch.autograd.grad(out_r.sum(), (w,))
+    out, _ = pconv_cuda.partial_conv2d(x, m, w, None, 1, 1)
+    x.add_(100.0)
+    (got,) = torch.autograd.grad(out.sum(), (w,))
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+    # The recomputing op keeps the input itself, so the same change is caught there.
+    z = torch.randn(2, 4, 8, 8, dtype=torch.float64, generator=g, requires_grad=True) * 1
+    out, _ = OP(z, m, w, None, [1, 1], [1, 1], [1, 1], 1)
+    with torch.no_grad():
+        z.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
+
+
+def test_inference_and_input_only_gradients_use_the_recomputing_op():
+    x = torch.randn(1, 3, 8, 8, requires_grad=True)
+    m = torch.ones(1, 1, 8, 8)
+    w = torch.randn(4, 3, 3, 3)
+    out, _ = pconv_cuda.partial_conv2d(x, m, w, None, 1, 1)
+    assert "pconv_partial_conv2d_default" in type(out.grad_fn).__name__
+    out, _ = pconv_cuda.partial_conv2d(x, m, w.requires_grad_(), None, 1, 1)
+    assert "pconv_partial_conv2d_train" in type(out.grad_fn).__name__
+    with torch.no_grad():
+        out, _ = pconv_cuda.partial_conv2d(x, m, w, None, 1, 1)
+    assert out.grad_fn is None
+
+
+def test_cpu_block_cache_reuses_and_releases():
+    pconv_cuda.release_cpu_cache()
+    x = torch.randn(1, 8, 32, 32)
+    m = (torch.rand(1, 1, 32, 32) > 0.3).float()
+    layer = pconv_cuda.PartialConv2d(8, 8, 3, padding=1)
+
+    def step():
+        out = layer(x, m)
+        out.sum().backward()
+
+    step()
+    kept = pconv_cuda._C.cpu_cache_bytes()
+    assert kept == x.numel() * 4  # the x * m block, back in the cache after the backward
+    for _ in range(3):
+        step()
+    assert pconv_cuda._C.cpu_cache_bytes() == kept  # reused, not grown
+    assert pconv_cuda.release_cpu_cache() == kept
+    assert pconv_cuda._C.cpu_cache_bytes() == 0
+
+
+def test_autocast_cpu_training_path():
+    case = Case(2, 8, 16, 12, 12, (3, 3), (1, 1), (1, 1), (1, 1), 1, True, "binary", True, 2)
+    x, m, w, b = make_inputs(case, torch.float32, seed=11)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, update, xm, ratio, u = TRAIN_OP(x, m, w, b, [1, 1], [1, 1], [1, 1], 1)
+        fused, _ = pconv_cuda.partial_conv2d(x, m, w, b, 1, 1)
+    assert out.dtype == xm.dtype == update.dtype == torch.bfloat16
+    assert ratio.dtype == u.dtype == torch.float32
+    fused.float().sum().backward()
+    assert w.grad is not None and w.grad.dtype == torch.float32 and torch.isfinite(w.grad).all()

@@ -43,6 +43,25 @@ def test_forward_and_gradients_match_reference(case, dtype):
                                    msg=lambda s: f"grad {name}: {s}")
 
 
+def _recomputing_op(x, m, w, b, stride, padding, dilation, groups):
+    return torch.ops.pconv.partial_conv2d(x, m, w, b, list(stride), list(padding),
+                                          list(dilation), groups)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.ids() for c in CASES])
+def test_recomputing_backward_matches_reference(case):
+    """The functional takes the training op whenever a weight gradient is wanted; the other
+    op (its backward forms x * m and the ratio again) must agree as well."""
+    out, update, grads = _run(_recomputing_op, case, torch.float64, seed=7)
+    ref_out, ref_update, ref_grads = _run(reference.partial_conv2d, case, torch.float64, seed=7)
+    tol = TOL[torch.float64]
+    torch.testing.assert_close(update, ref_update, **tol)
+    torch.testing.assert_close(out, ref_out, rtol=tol["rtol"], atol=tol["atol"] * _scale(ref_out))
+    for got, want, name in zip(grads, ref_grads, ["input", "weight", "bias"]):
+        torch.testing.assert_close(got, want, rtol=tol["rtol"], atol=tol["atol"] * _scale(want),
+                                   msg=lambda s: f"grad {name}: {s}")
+
+
 def test_cases_cover_the_space():
     """The random configurations really span what the parity test claims."""
     assert {c.kernel[0] for c in CASES} == set(range(1, 8))

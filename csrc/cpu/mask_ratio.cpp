@@ -2,6 +2,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/record_function.h>
 
 #include <algorithm>
 #include <vector>
@@ -67,6 +68,7 @@ void ratio_kernel(const acc_t* msum, acc_t* ratio, acc_t* update, int64_t planes
 
 MaskRatio mask_ratio_cpu(const c10::optional<at::Tensor>& mask, const ConvGeometry& g,
                          at::ScalarType input_dtype) {
+  RECORD_FUNCTION("pconv::mask_ratio", c10::ArrayRef<c10::IValue>{});
   const at::ScalarType acc = input_dtype == at::kDouble ? at::kDouble : at::kFloat;
   const int64_t planes = g.has_mask ? g.mask_batch : 1;
   const auto options = at::TensorOptions().dtype(acc).device(at::kCPU);

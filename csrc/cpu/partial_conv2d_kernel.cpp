@@ -1,4 +1,6 @@
-// CPU kernels of pconv::partial_conv2d and pconv::partial_conv2d_backward.
+// CPU kernels of the pconv ops: partial_conv2d and its backward, and the training pair
+// partial_conv2d_train / partial_conv2d_train_backward (same math; the forward also hands
+// x * m, r and u to the backward instead of the backward forming them again).
 //
 // Forward, in three passes over memory and never a C_out-channel mask:
 //   1. mask pass   - one read of the mask: channel sum, window sum, ratio r and
@@ -17,6 +19,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/record_function.h>
 #include <torch/library.h>
 
 #include <vector>
@@ -54,6 +57,7 @@ at::Tensor cpu_masked_input(const at::Tensor& input, const c10::optional<at::Ten
 template <typename scalar_t>
 void epilogue(const at::Tensor& raw, const MaskRatio& mr, const at::Tensor& bias,
               at::Tensor& out, const ConvGeometry& g) {
+  RECORD_FUNCTION("pconv::epilogue", c10::ArrayRef<c10::IValue>{});
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t plane = g.out_h * g.out_w;
   const int64_t channels = g.out_channels;
@@ -119,6 +123,7 @@ template <typename scalar_t>
 void grad_prologue(const at::Tensor& grad_out, const MaskRatio& mr, bool has_bias,
                    bool need_graw, bool need_db, at::Tensor& grad_raw,
                    at::Tensor& grad_bias_acc, const ConvGeometry& g) {
+  RECORD_FUNCTION("pconv::grad_prologue", c10::ArrayRef<c10::IValue>{});
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t plane = g.out_h * g.out_w;
   const int64_t channels = g.out_channels;
@@ -186,7 +191,11 @@ void grad_prologue(const at::Tensor& grad_out, const MaskRatio& mr, bool has_bia
             }
           }
           if (need_db) {
-            for (int64_t p = 0; p < plane; ++p) sum += static_cast<acc_t>(s[p]) * u[p];
+            // omp simd lets the sum be vectorised (a plain loop must keep its order).
+            acc_t part = 0;
+#pragma omp simd reduction(+ : part)
+            for (int64_t p = 0; p < plane; ++p) part += static_cast<acc_t>(s[p]) * u[p];
+            sum += part;
           }
         }
         if (need_db) db[c] = sum;
@@ -203,36 +212,127 @@ at::Tensor expand_update(const MaskRatio& mr, const at::Tensor& input, const Con
   return u;
 }
 
-std::tuple<at::Tensor, at::Tensor> partial_conv2d_cpu(
-    const at::Tensor& input, const c10::optional<at::Tensor>& mask, const at::Tensor& weight,
-    const c10::optional<at::Tensor>& bias, c10::IntArrayRef stride, c10::IntArrayRef padding,
-    c10::IntArrayRef dilation, int64_t groups) {
-  const ConvGeometry g =
-      check_partial_conv2d_args(input, mask, weight, bias, stride, padding, dilation, groups);
-  const at::MemoryFormat out_format = input.suggest_memory_format();
-  const MaskRatio mr = mask_ratio_cpu(mask, g, input.scalar_type());
-  if (g.batch == 0) {
-    return {at::empty({0, g.out_channels, g.out_h, g.out_w},
-                      input.options().memory_format(out_format)),
-            expand_update(mr, input, g)};
-  }
-
-  const at::MemoryFormat format = compute_format(input, g);
-  const at::Tensor xm = cpu_masked_input(input, mask, format);
+// The convolution of x * m (already in the compute layout) and the epilogue, in place.
+at::Tensor convolve_and_renormalise(const at::Tensor& xm, const MaskRatio& mr,
+                                    const at::Tensor& weight,
+                                    const c10::optional<at::Tensor>& bias,
+                                    c10::IntArrayRef stride, c10::IntArrayRef padding,
+                                    c10::IntArrayRef dilation, const ConvGeometry& g,
+                                    at::MemoryFormat out_format) {
+  const at::MemoryFormat format = compute_format(xm, g);
   at::Tensor raw = at::convolution(xm, weight.contiguous(format), c10::nullopt, stride, padding,
-                                   dilation, false, {0, 0}, groups);
+                                   dilation, false, {0, 0}, g.groups);
   const at::MemoryFormat raw_format =
       raw.is_contiguous(at::MemoryFormat::ChannelsLast) && g.out_channels > 1
           ? at::MemoryFormat::ChannelsLast
           : at::MemoryFormat::Contiguous;
   raw = raw.contiguous(raw_format);
   const at::Tensor bias_t = bias.has_value() ? *bias : at::Tensor();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(),
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, xm.scalar_type(),
                                   "partial_conv2d_cpu", [&] {
                                     epilogue<scalar_t>(raw, mr, bias_t, raw, g);
                                   });
   // Differs from the input layout only where compute_format avoided channels_last.
-  return {raw.contiguous(out_format), expand_update(mr, input, g)};
+  return raw.contiguous(out_format);
+}
+
+at::Tensor empty_output(const at::Tensor& input, const ConvGeometry& g) {
+  return at::empty({0, g.out_channels, g.out_h, g.out_w},
+                   input.options().memory_format(input.suggest_memory_format()));
+}
+
+std::tuple<at::Tensor, at::Tensor> partial_conv2d_cpu(
+    const at::Tensor& input, const c10::optional<at::Tensor>& mask, const at::Tensor& weight,
+    const c10::optional<at::Tensor>& bias, c10::IntArrayRef stride, c10::IntArrayRef padding,
+    c10::IntArrayRef dilation, int64_t groups) {
+  const ConvGeometry g =
+      check_partial_conv2d_args(input, mask, weight, bias, stride, padding, dilation, groups);
+  const MaskRatio mr = mask_ratio_cpu(mask, g, input.scalar_type());
+  if (g.batch == 0) return {empty_output(input, g), expand_update(mr, input, g)};
+  const at::Tensor xm = cpu_masked_input(input, mask, compute_format(input, g));
+  return {convolve_and_renormalise(xm, mr, weight, bias, stride, padding, dilation, g,
+                                   input.suggest_memory_format()),
+          expand_update(mr, input, g)};
+}
+
+// As partial_conv2d_cpu, and hands x * m, r and u to the backward. x * m outlives the
+// call, so it takes a cached block rather than scratch memory.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> partial_conv2d_train_cpu(
+    const at::Tensor& input, const at::Tensor& mask, const at::Tensor& weight,
+    const c10::optional<at::Tensor>& bias, c10::IntArrayRef stride, c10::IntArrayRef padding,
+    c10::IntArrayRef dilation, int64_t groups) {
+  const ConvGeometry g =
+      check_partial_conv2d_args(input, mask, weight, bias, stride, padding, dilation, groups);
+  const MaskRatio mr = mask_ratio_cpu(mask, g, input.scalar_type());
+  at::Tensor update = expand_update(mr, input, g);
+  if (update.is_same(mr.update)) update = update.clone();  // outputs never alias
+  const at::MemoryFormat format = compute_format(input, g);
+  at::Tensor xm = cpu_cached_empty(input.sizes(), input.options(), format);
+  at::mul_out(xm, input, mask);
+  at::Tensor out = g.batch == 0 ? empty_output(input, g)
+                                : convolve_and_renormalise(xm, mr, weight, bias, stride, padding,
+                                                           dilation, g,
+                                                           input.suggest_memory_format());
+  return {out, update, xm, mr.ratio, mr.update};
+}
+
+// Both backward ops end here. `source` is x * m when `source_is_masked`, else the input
+// (x * m is then formed only if the weight gradient needs it). The input gradient comes
+// back in the layout of `source`.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_from(
+    const at::Tensor& grad_output, const at::Tensor& source, bool source_is_masked,
+    const c10::optional<at::Tensor>& mask, const MaskRatio& mr, const at::Tensor& weight,
+    bool has_bias, c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation,
+    const ConvGeometry& g, std::array<bool, 3> output_mask) {
+  const bool need_dx = output_mask[0], need_dw = output_mask[1];
+  const bool need_db = output_mask[2] && has_bias;
+  const at::ScalarType acc_type =
+      source.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+
+  at::Tensor grad_input = at::empty({0}, source.options());
+  at::Tensor grad_weight = at::empty({0}, weight.options());
+  at::Tensor grad_bias = at::empty({0}, source.options());
+  at::Tensor grad_bias_acc =
+      at::zeros({need_db ? g.out_channels : 0}, source.options().dtype(acc_type));
+  const bool need_graw = need_dx || need_dw;
+  if (!need_graw && !need_db) {
+    return {grad_input, grad_weight, grad_bias};
+  }
+
+  const at::MemoryFormat format = compute_format(source, g);
+  const at::Tensor gy = grad_output.contiguous(format);
+  at::Tensor grad_raw =
+      need_graw ? cpu_scratch(Scratch::kGradRaw, gy.sizes(), gy.options(), format) : at::Tensor();
+  if (gy.numel() > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, source.scalar_type(),
+                                    "partial_conv2d_backward_cpu", [&] {
+                                      grad_prologue<scalar_t>(gy, mr, has_bias, need_graw,
+                                                              need_db, grad_raw, grad_bias_acc, g);
+                                    });
+  }
+  if (need_db) grad_bias = grad_bias_acc.to(source.scalar_type());
+
+  if (need_graw) {
+    if (g.batch == 0) {
+      if (need_dx) grad_input = at::zeros_like(source);
+      if (need_dw) grad_weight = at::zeros_like(weight);
+    } else {
+      // The weight gradient reads x * m; the input gradient only needs the input's shape.
+      const at::Tensor xm = source_is_masked || !need_dw
+                                ? source.contiguous(format)
+                                : cpu_masked_input(source, mask, format);
+      auto grads = at::convolution_backward(grad_raw, xm, weight.contiguous(format), c10::nullopt,
+                                            stride, padding, dilation, false, {0, 0}, g.groups,
+                                            {need_dx, need_dw, false});
+      if (need_dx) {
+        grad_input = std::get<0>(grads);
+        if (g.has_mask) grad_input.mul_(*mask);
+        grad_input = grad_input.contiguous(source.suggest_memory_format());
+      }
+      if (need_dw) grad_weight = std::get<1>(grads).contiguous(weight.suggest_memory_format());
+    }
+  }
+  return {grad_input, grad_weight, grad_bias};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> partial_conv2d_backward_cpu(
@@ -241,54 +341,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> partial_conv2d_backward_cpu(
     c10::IntArrayRef dilation, int64_t groups, std::array<bool, 3> output_mask) {
   const ConvGeometry g = check_partial_conv2d_backward_args(grad_output, input, mask, weight,
                                                             stride, padding, dilation, groups);
-  const bool need_dx = output_mask[0], need_dw = output_mask[1];
-  const bool need_db = output_mask[2] && has_bias;
-  const at::ScalarType acc_type =
-      input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const bool any_grad = output_mask[0] || output_mask[1] || (output_mask[2] && has_bias);
+  const MaskRatio mr = any_grad ? mask_ratio_cpu(mask, g, input.scalar_type()) : MaskRatio{};
+  return backward_from(grad_output, input, false, mask, mr, weight, has_bias, stride, padding,
+                       dilation, g, output_mask);
+}
 
-  at::Tensor grad_input = at::empty({0}, input.options());
-  at::Tensor grad_weight = at::empty({0}, weight.options());
-  at::Tensor grad_bias = at::empty({0}, input.options());
-  at::Tensor grad_bias_acc = at::zeros({need_db ? g.out_channels : 0}, input.options().dtype(acc_type));
-  const bool need_graw = need_dx || need_dw;
-  if (!need_graw && !need_db) {
-    return {grad_input, grad_weight, grad_bias};
-  }
-
-  const MaskRatio mr = mask_ratio_cpu(mask, g, input.scalar_type());
-  const at::MemoryFormat format = compute_format(input, g);
-  const at::Tensor gy = grad_output.contiguous(format);
-  at::Tensor grad_raw =
-      need_graw ? cpu_scratch(Scratch::kGradRaw, gy.sizes(), gy.options(), format) : at::Tensor();
-  if (gy.numel() > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(),
-                                    "partial_conv2d_backward_cpu", [&] {
-                                      grad_prologue<scalar_t>(gy, mr, has_bias, need_graw,
-                                                              need_db, grad_raw, grad_bias_acc, g);
-                                    });
-  }
-  if (need_db) grad_bias = grad_bias_acc.to(input.scalar_type());
-
-  if (need_graw) {
-    if (g.batch == 0) {
-      if (need_dx) grad_input = at::zeros_like(input);
-      if (need_dw) grad_weight = at::zeros_like(weight);
-    } else {
-      // The weight gradient reads x * m; the input gradient only needs the input's shape.
-      const at::Tensor xm =
-          need_dw ? cpu_masked_input(input, mask, format) : input.contiguous(format);
-      auto grads = at::convolution_backward(grad_raw, xm, weight.contiguous(format), c10::nullopt,
-                                            stride, padding, dilation, false, {0, 0}, groups,
-                                            {need_dx, need_dw, false});
-      if (need_dx) {
-        grad_input = std::get<0>(grads);
-        if (g.has_mask) grad_input.mul_(*mask);
-        grad_input = grad_input.contiguous(input.suggest_memory_format());
-      }
-      if (need_dw) grad_weight = std::get<1>(grads).contiguous(weight.suggest_memory_format());
-    }
-  }
-  return {grad_input, grad_weight, grad_bias};
+std::tuple<at::Tensor, at::Tensor, at::Tensor> partial_conv2d_train_backward_cpu(
+    const at::Tensor& grad_output, const at::Tensor& masked_input, const at::Tensor& mask,
+    const at::Tensor& ratio, const at::Tensor& update, const at::Tensor& weight, bool has_bias,
+    c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups,
+    std::array<bool, 3> output_mask) {
+  const ConvGeometry g = check_partial_conv2d_backward_args(
+      grad_output, masked_input, mask, weight, stride, padding, dilation, groups);
+  const MaskRatio mr = check_saved_mask_ratio(ratio, update, masked_input, g);
+  return backward_from(grad_output, masked_input, true, mask, mr, weight, has_bias, stride,
+                       padding, dilation, g, output_mask);
 }
 
 }  // namespace
@@ -296,6 +364,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> partial_conv2d_backward_cpu(
 TORCH_LIBRARY_IMPL(pconv, CPU, m) {
   m.impl("partial_conv2d", &partial_conv2d_cpu);
   m.impl("partial_conv2d_backward", &partial_conv2d_backward_cpu);
+  m.impl("partial_conv2d_train", &partial_conv2d_train_cpu);
+  m.impl("partial_conv2d_train_backward", &partial_conv2d_train_backward_cpu);
 }
 
 }  // namespace pconv

@@ -1,8 +1,13 @@
 #include "workspace.h"
 
 #include <ATen/ATen.h>
+#include <c10/core/CPUAllocator.h>
+#include <c10/core/impl/alloc_cpu.h>
 
 #include <array>
+#include <mutex>
+#include <unordered_map>
+#include <vector>
 
 namespace pconv {
 namespace {
@@ -28,7 +33,101 @@ std::vector<int64_t> strides_for(c10::IntArrayRef sizes, at::MemoryFormat format
   return strides;
 }
 
+// Idle blocks by exact byte size: a training loop asks for the same sizes every step.
+class BlockCache {
+ public:
+  static constexpr int64_t kMaxCachedBytes = int64_t(2) << 30;
+
+  void* take(int64_t nbytes) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      auto it = idle_.find(nbytes);
+      if (it != idle_.end() && !it->second.empty()) {
+        void* ptr = it->second.back();
+        it->second.pop_back();
+        idle_bytes_ -= nbytes;
+        return ptr;
+      }
+    }
+    return c10::alloc_cpu(static_cast<size_t>(nbytes));
+  }
+
+  void give_back(void* ptr, int64_t nbytes) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (idle_bytes_ + nbytes <= kMaxCachedBytes) {
+        idle_[nbytes].push_back(ptr);
+        idle_bytes_ += nbytes;
+        return;
+      }
+    }
+    c10::free_cpu(ptr);
+  }
+
+  int64_t release() {
+    std::unordered_map<int64_t, std::vector<void*>> idle;
+    int64_t freed = 0;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      idle.swap(idle_);
+      freed = idle_bytes_;
+      idle_bytes_ = 0;
+    }
+    for (auto& [nbytes, blocks] : idle) {
+      for (void* ptr : blocks) c10::free_cpu(ptr);
+    }
+    return freed;
+  }
+
+  int64_t idle_bytes() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return idle_bytes_;
+  }
+
+ private:
+  std::mutex mutex_;
+  std::unordered_map<int64_t, std::vector<void*>> idle_;
+  int64_t idle_bytes_ = 0;
+};
+
+// Never destroyed: tensors freed during interpreter shutdown still find it.
+BlockCache& block_cache() {
+  static BlockCache* cache = new BlockCache();
+  return *cache;
+}
+
+struct CachedBlock {
+  void* ptr;
+  int64_t nbytes;
+};
+
+void return_block(void* ctx) {
+  auto* block = static_cast<CachedBlock*>(ctx);
+  block_cache().give_back(block->ptr, block->nbytes);
+  delete block;
+}
+
 }  // namespace
+
+at::Tensor cpu_cached_empty(c10::IntArrayRef sizes, const at::TensorOptions& options,
+                            at::MemoryFormat format) {
+  int64_t numel = 1;
+  for (int64_t s : sizes) numel *= s;
+  const int64_t nbytes = numel * static_cast<int64_t>(options.dtype().itemsize());
+  if (numel == 0) return at::empty(sizes, options.memory_format(format));
+  void* ptr = block_cache().take(nbytes);
+  auto* block = new CachedBlock{ptr, nbytes};
+  c10::Storage storage(c10::Storage::use_byte_size_t(), static_cast<size_t>(nbytes),
+                       c10::DataPtr(ptr, block, &return_block, c10::Device(c10::kCPU)),
+                       /*allocator=*/nullptr, /*resizable=*/false);
+  at::Tensor out = at::empty({0}, options);
+  out.set_(storage, /*storage_offset=*/0, sizes, strides_for(sizes, format));
+  return out;
+}
+
+int64_t release_cached_blocks() { return block_cache().release(); }
+
+int64_t cached_block_bytes() { return block_cache().idle_bytes(); }
 
 at::Tensor cpu_scratch(Scratch slot, c10::IntArrayRef sizes, const at::TensorOptions& options,
                        at::MemoryFormat format) {

@@ -16,4 +16,18 @@ enum class Scratch : int { kMaskedInput = 0, kGradRaw = 1 };
 at::Tensor cpu_scratch(Scratch slot, c10::IntArrayRef sizes, const at::TensorOptions& options,
                        at::MemoryFormat format);
 
+// An uninitialised tensor for a result that outlives the op (x * m kept for the backward):
+// its memory comes from a process-wide cache of freed blocks of the same byte size and goes
+// back there when the tensor dies, so a training loop touches fresh pages only in its first
+// step. The cache holds at most kMaxCachedBytes of idle blocks; release_cached_blocks()
+// hands them all back to the system.
+at::Tensor cpu_cached_empty(c10::IntArrayRef sizes, const at::TensorOptions& options,
+                            at::MemoryFormat format);
+
+// Frees every idle cached block; returns the bytes freed.
+int64_t release_cached_blocks();
+
+// Bytes held by idle cached blocks.
+int64_t cached_block_bytes();
+
 }  // namespace pconv

@@ -1,5 +1,6 @@
-// CUDA kernels of pconv::partial_conv2d and pconv::partial_conv2d_backward (registers the
-// CUDA dispatch key only; the schema and the argument checks live in csrc/pconv.cpp).
+// CUDA kernels of pconv::partial_conv2d, its backward and the training pair
+// partial_conv2d_train / partial_conv2d_train_backward (registers the CUDA dispatch key
+// only; the schema and the argument checks live in csrc/pconv.cpp).
 //
 // Forward (first design: cuDNN for the GEMM, everything else in our kernels):
 //   1. mask pass   - one kernel, one read of the mask: channel sum, window sum, ratio r
@@ -9,9 +10,10 @@
 //                    reads (the input's suggested memory format);
 //   3. convolution - at::convolution (cuDNN) on x * m, without bias;
 //   4. epilogue    - one in-place kernel over the output: y = (raw * r + b) * u.
-// Backward: the mask pass again, one kernel forming g_raw = g_y * r (* u) and the bias
-// gradient (two-stage, deterministic), at::convolution_backward for dx and dW (dW on
-// x * m), and dx * m in one pass that also fixes the layout.
+// Backward: the mask pass again (the training pair reuses r, u and x * m from its forward
+// instead), one kernel forming g_raw = g_y * r (* u) and the bias gradient (two-stage,
+// deterministic), at::convolution_backward for dx and dW (dW on x * m), and dx * m in one
+// pass that also fixes the layout.
 //
 // Headers: only c10/cuda (guard, stream, launch check) and per-operator ATen headers; no
 // ATen/cuda/CUDAContext.h, which pulls cuBLAS/cuSPARSE/cuSOLVER headers this code does
@@ -190,22 +192,50 @@ at::Tensor dense_layout(const at::Tensor& t, at::MemoryFormat preferred) {
   return is_dense(t) ? t : t.contiguous(preferred);
 }
 
-// Forward through cuDNN: masked input, convolution without bias, fused epilogue in place.
-// This is the one place where another forward path (an implicit-GEMM kernel that masks on
-// load and renormalises in its epilogue, reading the same MaskRatio) would be chosen per
-// shape.
-at::Tensor forward_cudnn_epilogue(const at::Tensor& input, const c10::optional<at::Tensor>& mask,
-                                  const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+// Forward through cuDNN on x * m (already in `format`): convolution without bias, fused
+// epilogue in place. This is the one place where another forward path (an implicit-GEMM
+// kernel that masks on load and renormalises in its epilogue, reading the same MaskRatio)
+// would be chosen per shape.
+at::Tensor forward_cudnn_epilogue(const at::Tensor& xm, const at::Tensor& weight,
+                                  const c10::optional<at::Tensor>& bias,
                                   c10::IntArrayRef stride, c10::IntArrayRef padding,
                                   c10::IntArrayRef dilation, const ConvGeometry& g,
                                   const MaskRatio& mr, at::MemoryFormat format) {
-  const at::Tensor xm = masked_input(input, mask, format);
   at::Tensor raw = at::convolution(xm, weight.contiguous(format), c10::nullopt, stride, padding,
                                    dilation, /*transposed=*/false, /*output_padding=*/{0, 0},
                                    g.groups);
   raw = dense_layout(raw, format);
   epilogue_cuda(raw, mr, bias, g);
   return raw;
+}
+
+// Output and u in the input dtype ([N, 1, H', W']) of one forward call, plus x * m and the
+// float r and u the training op hands to its backward.
+struct ForwardResult {
+  at::Tensor output, update, masked_input;
+  MaskRatio mr;
+};
+
+ForwardResult forward_cuda(const at::Tensor& input, const c10::optional<at::Tensor>& mask,
+                           const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                           c10::IntArrayRef stride, c10::IntArrayRef padding,
+                           c10::IntArrayRef dilation, const ConvGeometry& g) {
+  const at::MemoryFormat format = input.suggest_memory_format();
+  ForwardResult res;
+  res.mr = mask_ratio_cuda(mask, g, input, &res.update);
+  if (res.mr.batch != g.batch) {
+    res.update = res.update.expand({g.batch, 1, g.out_h, g.out_w}).contiguous();
+  }
+  res.masked_input = masked_input(input, mask, format);
+  if (g.batch == 0) {
+    res.output = at::empty({0, g.out_channels, g.out_h, g.out_w},
+                           input.options().memory_format(format));
+  } else {
+    res.output = forward_cudnn_epilogue(res.masked_input, weight, bias, stride, padding, dilation,
+                                        g, res.mr, format)
+                     .contiguous(format);
+  }
+  return res;
 }
 
 std::tuple<at::Tensor, at::Tensor> partial_conv2d_cuda(
@@ -216,45 +246,45 @@ std::tuple<at::Tensor, at::Tensor> partial_conv2d_cuda(
       check_partial_conv2d_args(input, mask, weight, bias, stride, padding, dilation, groups);
   TORCH_CHECK(input.is_cuda(), "partial_conv2d: the CUDA kernel got input on ", input.device());
   const c10::cuda::CUDAGuard device_guard(input.device());
-  const at::MemoryFormat out_format = input.suggest_memory_format();
-
-  at::Tensor update;  // u in the input dtype, [N_m, 1, H', W']
-  const MaskRatio mr = mask_ratio_cuda(mask, g, input, &update);
-  if (mr.batch != g.batch) {
-    update = update.expand({g.batch, 1, g.out_h, g.out_w}).contiguous();
-  }
-  if (g.batch == 0) {
-    return {at::empty({0, g.out_channels, g.out_h, g.out_w},
-                      input.options().memory_format(out_format)),
-            update};
-  }
-  at::Tensor out = forward_cudnn_epilogue(input, mask, weight, bias, stride, padding, dilation,
-                                          g, mr, out_format);
-  return {out.contiguous(out_format), update};
+  ForwardResult res = forward_cuda(input, mask, weight, bias, stride, padding, dilation, g);
+  return {res.output, res.update};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> partial_conv2d_backward_cuda(
-    const at::Tensor& grad_output, const at::Tensor& input, const c10::optional<at::Tensor>& mask,
-    const at::Tensor& weight, bool has_bias, c10::IntArrayRef stride, c10::IntArrayRef padding,
-    c10::IntArrayRef dilation, int64_t groups, std::array<bool, 3> output_mask) {
-  const ConvGeometry g = check_partial_conv2d_backward_args(grad_output, input, mask, weight,
-                                                            stride, padding, dilation, groups);
-  TORCH_CHECK(input.is_cuda(), "partial_conv2d_backward: the CUDA kernel got input on ",
-              input.device());
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> partial_conv2d_train_cuda(
+    const at::Tensor& input, const at::Tensor& mask, const at::Tensor& weight,
+    const c10::optional<at::Tensor>& bias, c10::IntArrayRef stride, c10::IntArrayRef padding,
+    c10::IntArrayRef dilation, int64_t groups) {
+  const ConvGeometry g =
+      check_partial_conv2d_args(input, mask, weight, bias, stride, padding, dilation, groups);
+  TORCH_CHECK(input.is_cuda(), "partial_conv2d: the CUDA kernel got input on ", input.device());
   const c10::cuda::CUDAGuard device_guard(input.device());
+  ForwardResult res = forward_cuda(input, mask, weight, bias, stride, padding, dilation, g);
+  return {res.output, res.update, res.masked_input, res.mr.ratio, res.mr.update};
+}
+
+// Both backward ops end here. `source` is x * m when `source_is_masked`, else the input
+// (x * m is then formed only if the weight gradient needs it).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
+    const at::Tensor& grad_output, const at::Tensor& source, bool source_is_masked,
+    const c10::optional<at::Tensor>& mask, const MaskRatio* saved, const at::Tensor& weight,
+    bool has_bias, c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation,
+    const ConvGeometry& g, std::array<bool, 3> output_mask) {
+  TORCH_CHECK(source.is_cuda(), "partial_conv2d_backward: the CUDA kernel got input on ",
+              source.device());
+  const c10::cuda::CUDAGuard device_guard(source.device());
   const bool need_dx = output_mask[0], need_dw = output_mask[1];
   const bool need_db = output_mask[2] && has_bias;
   const bool need_graw = need_dx || need_dw;
 
-  at::Tensor grad_input = at::empty({0}, input.options());
+  at::Tensor grad_input = at::empty({0}, source.options());
   at::Tensor grad_weight = at::empty({0}, weight.options());
-  at::Tensor grad_bias = at::empty({0}, input.options());
+  at::Tensor grad_bias = at::empty({0}, source.options());
   if (!need_graw && !need_db) {
     return {grad_input, grad_weight, grad_bias};
   }
 
-  const at::MemoryFormat format = input.suggest_memory_format();
-  const MaskRatio mr = mask_ratio_cuda(mask, g, input, nullptr);
+  const at::MemoryFormat format = source.suggest_memory_format();
+  const MaskRatio mr = saved != nullptr ? *saved : mask_ratio_cuda(mask, g, source, nullptr);
   const at::Tensor gy = grad_output.contiguous(format);
   at::Tensor grad_raw =
       need_graw ? at::empty(gy.sizes(), gy.options().memory_format(format)) : at::Tensor();
@@ -262,15 +292,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> partial_conv2d_backward_cuda(
 
   if (need_graw) {
     if (g.batch == 0) {
-      if (need_dx) grad_input = at::zeros_like(input, at::MemoryFormat::Preserve);
+      if (need_dx) grad_input = at::zeros_like(source, at::MemoryFormat::Preserve);
       if (need_dw) grad_weight = at::zeros_like(weight, at::MemoryFormat::Preserve);
     } else {
       // The weight gradient reads x * m; the input gradient only needs the input's shape.
-      const at::Tensor xm = need_dw ? masked_input(input, mask, format) : input.contiguous(format);
+      const at::Tensor xm = source_is_masked || !need_dw ? source.contiguous(format)
+                                                         : masked_input(source, mask, format);
       auto grads = at::convolution_backward(grad_raw, xm, weight.contiguous(format),
                                             c10::nullopt, stride, padding, dilation,
                                             /*transposed=*/false, /*output_padding=*/{0, 0},
-                                            groups, {need_dx, need_dw, false});
+                                            g.groups, {need_dx, need_dw, false});
       if (need_dx) {
         at::Tensor dx = std::get<0>(grads);
         if (g.has_mask) {
@@ -279,7 +310,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> partial_conv2d_backward_cuda(
           if (dx.is_contiguous(format)) {
             dx.mul_(*mask);
           } else {
-            at::Tensor out = at::empty(input.sizes(), input.options().memory_format(format));
+            at::Tensor out = at::empty(source.sizes(), source.options().memory_format(format));
             at::mul_out(out, dx, *mask);
             dx = out;
           }
@@ -292,12 +323,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> partial_conv2d_backward_cuda(
   return {grad_input, grad_weight, grad_bias};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> partial_conv2d_backward_cuda(
+    const at::Tensor& grad_output, const at::Tensor& input, const c10::optional<at::Tensor>& mask,
+    const at::Tensor& weight, bool has_bias, c10::IntArrayRef stride, c10::IntArrayRef padding,
+    c10::IntArrayRef dilation, int64_t groups, std::array<bool, 3> output_mask) {
+  const ConvGeometry g = check_partial_conv2d_backward_args(grad_output, input, mask, weight,
+                                                            stride, padding, dilation, groups);
+  return backward_cuda(grad_output, input, false, mask, nullptr, weight, has_bias, stride,
+                       padding, dilation, g, output_mask);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> partial_conv2d_train_backward_cuda(
+    const at::Tensor& grad_output, const at::Tensor& masked_input, const at::Tensor& mask,
+    const at::Tensor& ratio, const at::Tensor& update, const at::Tensor& weight, bool has_bias,
+    c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups,
+    std::array<bool, 3> output_mask) {
+  const ConvGeometry g = check_partial_conv2d_backward_args(
+      grad_output, masked_input, mask, weight, stride, padding, dilation, groups);
+  const MaskRatio mr = check_saved_mask_ratio(ratio, update, masked_input, g);
+  return backward_cuda(grad_output, masked_input, true, mask, &mr, weight, has_bias, stride,
+                       padding, dilation, g, output_mask);
+}
+
 }  // namespace
 }  // namespace cuda
 
 TORCH_LIBRARY_IMPL(pconv, CUDA, m) {
   m.impl("partial_conv2d", &cuda::partial_conv2d_cuda);
   m.impl("partial_conv2d_backward", &cuda::partial_conv2d_backward_cuda);
+  m.impl("partial_conv2d_train", &cuda::partial_conv2d_train_cuda);
+  m.impl("partial_conv2d_train_backward", &cuda::partial_conv2d_train_backward_cuda);
 }
 
 }  // namespace pconv
