@@ -195,7 +195,8 @@ TORCH_LIBRARY(pconv, m) {
   // The forward autograd runs when the weight needs a gradient: besides (output,
   // updated_mask) it returns what the backward would otherwise recompute, x * m (in the
   // layout the convolution read) and the float r and u ([N_m, 1, H', W']), so the
-  // backward reads neither the input nor a multi-channel mask again.
+  // backward reads neither the input nor a multi-channel mask again. Its backward returns
+  // the input gradient in input_format (default: the layout of masked_input).
   m.def(
       "partial_conv2d_train(Tensor input, Tensor mask, Tensor weight, Tensor? bias, "
       "int[2] stride, int[2] padding, int[2] dilation, int groups) "
@@ -203,8 +204,8 @@ TORCH_LIBRARY(pconv, m) {
   m.def(
       "partial_conv2d_train_backward(Tensor grad_output, Tensor masked_input, Tensor mask, "
       "Tensor ratio, Tensor update, Tensor weight, bool has_bias, int[2] stride, "
-      "int[2] padding, int[2] dilation, int groups, bool[3] output_mask) "
-      "-> (Tensor, Tensor, Tensor)");
+      "int[2] padding, int[2] dilation, int groups, bool[3] output_mask, "
+      "MemoryFormat? input_format=None) -> (Tensor, Tensor, Tensor)");
 }
 
 }  // namespace pconv

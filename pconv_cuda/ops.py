@@ -42,21 +42,30 @@ def _ratio_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _compute_format(input, weight):
-    # Mirrors the kernels: the convolution runs in the input's layout, except in NCHW for a
-    # single input channel or a 1x1 kernel (oneDNN defects in channels_last, see the CPU
-    # kernel), on the CPU only.
+_MAX_CHANNELS_FOR_CHANNELS_LAST = 8  # as in the CPU kernel
+
+
+def _compute_format(input, weight, groups):
+    # Mirrors compute_format of the CPU kernel (the layout x * m is kept in); on the GPU
+    # x * m has the input's layout.
     fmt = suggest_memory_format(input)
-    if input.device.type == "cpu" and (input.shape[1] == 1 or tuple(weight.shape[2:]) == (1, 1)):
-        fmt = torch.contiguous_format
-    return fmt
+    if input.device.type != "cpu":
+        return fmt
+    if input.shape[1] == 1 or tuple(weight.shape[2:]) == (1, 1):
+        return torch.contiguous_format
+    if fmt == torch.channels_last:
+        return fmt
+    if groups == 1 and weight.shape[0] <= _MAX_CHANNELS_FOR_CHANNELS_LAST:
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 @torch.library.register_fake("pconv::partial_conv2d_train")
 def _partial_conv2d_train_fake(input, mask, weight, bias, stride, padding, dilation, groups):
     out, update = _partial_conv2d_fake(input, mask, weight, bias, stride, padding, dilation,
                                        groups)
-    masked = input.new_empty(input.shape).contiguous(memory_format=_compute_format(input, weight))
+    masked = input.new_empty(input.shape).contiguous(
+        memory_format=_compute_format(input, weight, groups))
     stats_shape = (mask.shape[0], 1, out.shape[2], out.shape[3])
     ratio = input.new_empty(stats_shape, dtype=_ratio_dtype(input.dtype))
     return out, update, masked, ratio, torch.empty_like(ratio)
@@ -101,9 +110,13 @@ torch.library.register_autograd("pconv::partial_conv2d", _backward_fn, setup_con
 
 @torch.library.register_fake("pconv::partial_conv2d_train_backward")
 def _partial_conv2d_train_backward_fake(grad_output, masked_input, mask, ratio, update, weight,
-                                        has_bias, stride, padding, dilation, groups, output_mask):
-    return _partial_conv2d_backward_fake(grad_output, masked_input, mask, weight, has_bias,
-                                         stride, padding, dilation, groups, output_mask)
+                                        has_bias, stride, padding, dilation, groups, output_mask,
+                                        input_format=None):
+    grads = _partial_conv2d_backward_fake(grad_output, masked_input, mask, weight, has_bias,
+                                          stride, padding, dilation, groups, output_mask)
+    if output_mask[0] and input_format is not None:
+        grads = (grads[0].contiguous(memory_format=input_format),) + grads[1:]
+    return grads
 
 
 def _train_setup_context(ctx, inputs, output):
@@ -112,8 +125,7 @@ def _train_setup_context(ctx, inputs, output):
     ctx.save_for_backward(masked, mask, ratio, update_acc, weight)
     ctx.has_bias = bias is not None
     ctx.conv_args = (stride, padding, dilation, groups)
-    # The input gradient comes back in the layout of x * m, which differs from the input's
-    # only where the CPU kernel runs a channels_last input in NCHW.
+    # x * m has the layout the convolution ran in, which may differ from the input's.
     ctx.input_format = suggest_memory_format(input)
     ctx.mark_non_differentiable(update, masked, ratio, update_acc)
     # Otherwise autograd fills an input-sized zero tensor for the gradient of x * m.
@@ -127,9 +139,8 @@ def _train_backward_fn(ctx, grad_output, _g_update, _g_masked, _g_ratio, _g_upda
     if grad_output is None or not any(want):
         return None, None, None, None, None, None, None, None
     grad_input, grad_weight, grad_bias = _train_backward(
-        grad_output, masked, mask, ratio, update_acc, weight, ctx.has_bias, *ctx.conv_args, want)
-    if want[0]:
-        grad_input = grad_input.contiguous(memory_format=ctx.input_format)
+        grad_output, masked, mask, ratio, update_acc, weight, ctx.has_bias, *ctx.conv_args, want,
+        ctx.input_format)
     return (grad_input if want[0] else None, None, grad_weight if want[1] else None,
             grad_bias if want[2] else None, None, None, None, None)
 

@@ -360,3 +360,39 @@ def test_autocast_cpu_training_path():
     assert ratio.dtype == u.dtype == torch.float32
     fused.float().sum().backward()
     assert w.grad is not None and w.grad.dtype == torch.float32 and torch.isfinite(w.grad).all()
+
+
+@pytest.mark.parametrize("mask_kind", ["single", "multi", "none"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_few_output_channels_run_channels_last_inside(mask_kind, layout):
+    """A layer with few output channels (the UNets' last layer) convolves in channels_last
+    even for an NCHW input, changing layout inside the masking and epilogue passes; results
+    and the layouts handed back are those of the reference."""
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    g = torch.Generator().manual_seed(21)
+    x0 = torch.randn(2, 19, 13, 11, dtype=torch.float64, generator=g)
+    m = {"single": (torch.rand(2, 1, 13, 11, generator=g) > 0.4).double(),
+         "multi": (torch.rand(2, 19, 13, 11, generator=g) > 0.4).double(), "none": None}[mask_kind]
+    w = torch.randn(3, 19, 3, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    b = torch.randn(3, dtype=torch.float64, generator=g, requires_grad=True)
+    x = x0.contiguous(memory_format=fmt).requires_grad_(True)
+    out, update = pconv_cuda.partial_conv2d(x, m, w, b, 1, 1)
+    gy = torch.randn(out.shape, dtype=torch.float64, generator=g)
+    got = torch.autograd.grad(out, (x, w, b), gy)
+    xr = x0.clone().requires_grad_(True)
+    ref_out, ref_update = reference.partial_conv2d(xr, m, w, b, 1, 1)
+    want = torch.autograd.grad(ref_out, (xr, w, b), gy)
+    torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(update, ref_update)
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10)
+    assert out.is_contiguous(memory_format=fmt)
+    assert got[0].is_contiguous(memory_format=fmt)
+
+    # The masking pass that changes layout rounds as at::mul does, also in bfloat16.
+    if m is not None:
+        xb, mb, wb = x.detach().bfloat16(), m.bfloat16(), w.detach().bfloat16()
+        _, _, xm, _, _ = torch.ops.pconv.partial_conv2d_train(xb, mb, wb, None, [1, 1], [1, 1],
+                                                              [1, 1], 1)
+        assert xm.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(xm, xb * mb, rtol=0, atol=0)

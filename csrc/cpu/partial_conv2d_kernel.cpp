@@ -12,6 +12,7 @@
 // Backward mirrors it: one pass forms g_raw = g_y * r (* u) and reduces the bias gradient,
 // oneDNN computes both convolution gradients, and the input gradient is masked in place.
 #include "../pconv.h"
+#include "layout.h"
 #include "mask_ratio.h"
 #include "workspace.h"
 
@@ -27,33 +28,73 @@
 namespace pconv {
 namespace {
 
-// The layout the convolution runs in: the input's, except where oneDNN (torch 2.13, CPU)
-// is unsafe in channels_last. With one input channel both layouts hold the same bytes, but
-// strided convolutions given the channels_last strides of a C=1 tensor return wrong
-// values; and the channels_last 1x1 weight-gradient kernel corrupts the heap for strided
-// shapes with few channels. (Switching small-channel layers to channels_last internally
-// speeds up the bare convolution, but the layout changes around it cost more than it
-// saves, measured at the UNet's first and last layers.)
+// The layout the convolution runs in. Mostly the input's, with three exceptions:
+//  - NCHW where oneDNN (torch 2.13, CPU) is unsafe in channels_last. With one input
+//    channel both layouts hold the same bytes, but strided convolutions given the
+//    channels_last strides of a C=1 tensor return wrong values; and the channels_last 1x1
+//    weight-gradient kernel corrupts the heap for strided shapes with few channels.
+//  - channels_last for an NCHW input when the layer has few output channels (the UNets'
+//    last layers, C_out = 3): oneDNN's NCHW kernels for them run at half the speed of its
+//    channels_last ones, forward and backward (measured at 64->3 and 67->3 at 256x256, fp32
+//    and bf16), and the layout change folds into passes the op makes anyway (x * m on the
+//    way in, the epilogue on the way out, and the same pair in the backward).
+// An input already in the compute layout stays there, so x * m keeps its layout and a
+// backward that gets x * m back finds the same layout again.
+constexpr int64_t kMaxChannelsForChannelsLast = 8;
+
 at::MemoryFormat compute_format(const at::Tensor& input, const ConvGeometry& g) {
   if (g.in_channels == 1 || (g.kernel_h == 1 && g.kernel_w == 1)) {
     return at::MemoryFormat::Contiguous;
   }
-  return input.suggest_memory_format();
+  if (input.suggest_memory_format() == at::MemoryFormat::ChannelsLast) {
+    return at::MemoryFormat::ChannelsLast;
+  }
+  if (g.groups == 1 && g.out_channels <= kMaxChannelsForChannelsLast) {
+    return at::MemoryFormat::ChannelsLast;
+  }
+  return at::MemoryFormat::Contiguous;
+}
+
+// True when `from` is NCHW-contiguous and `format` channels_last, or the other way round,
+// and the tensor has more than one memory order (C > 1 and H * W > 1).
+bool is_relayout(const at::Tensor& from, at::MemoryFormat format) {
+  const bool nchw = from.is_contiguous(), cl = from.is_contiguous(at::MemoryFormat::ChannelsLast);
+  if (nchw && cl) return false;
+  return (format == at::MemoryFormat::ChannelsLast && nchw) ||
+         (format == at::MemoryFormat::Contiguous && cl);
+}
+
+// Writes x * m (x alone without a mask) into `out`, which has the compute layout.
+void write_masked_input(const at::Tensor& input, const c10::optional<at::Tensor>& mask,
+                        at::Tensor& out, at::MemoryFormat format) {
+  if (is_relayout(input, format)) {
+    masked_relayout(input, mask, out);
+  } else if (mask.has_value() && mask->defined()) {
+    at::mul_out(out, input, *mask);
+  } else {
+    out.copy_(input);
+  }
 }
 
 // x * m in the layout the convolution reads, written into this thread's scratch buffer
 // (it lives only until the convolution has read it).
 at::Tensor cpu_masked_input(const at::Tensor& input, const c10::optional<at::Tensor>& mask,
                             at::MemoryFormat format) {
-  if (!(mask.has_value() && mask->defined())) {
+  const bool has_mask = mask.has_value() && mask->defined();
+  if (!has_mask && !is_relayout(input, format)) {
     return input.contiguous(format);
   }
   at::Tensor out = cpu_scratch(Scratch::kMaskedInput, input.sizes(), input.options(), format);
-  return at::mul_out(out, input, *mask);
+  write_masked_input(input, mask, out, format);
+  return out;
 }
 
+// Pixels per tile of the passes that change layout (see layout.cpp).
+constexpr int64_t kTile = 64;
+
 // y = (raw * r + b) * u with a bias, y = raw * r without; raw is read once and y written
-// once. raw and out are both NCHW-contiguous or both channels_last (out may alias raw).
+// once. raw and out are both NCHW-contiguous or both channels_last (out may alias raw), or
+// raw is channels_last and out NCHW.
 template <typename scalar_t>
 void epilogue(const at::Tensor& raw, const MaskRatio& mr, const at::Tensor& bias,
               at::Tensor& out, const ConvGeometry& g) {
@@ -74,7 +115,26 @@ void epilogue(const at::Tensor& raw, const MaskRatio& mr, const at::Tensor& bias
   }
   const int64_t mask_stride = mr.batch == 1 ? 0 : plane;
 
-  if (raw.is_contiguous(at::MemoryFormat::ChannelsLast) && channels > 1) {
+  if (is_relayout(raw, at::MemoryFormat::Contiguous) && out.is_contiguous()) {
+    // channels_last raw (few channels) into an NCHW output, a tile of pixels at a time.
+    const int64_t tiles = (plane + kTile - 1) / kTile;
+    at::parallel_for(0, g.batch * tiles, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t n = t / tiles;
+        const int64_t p0 = (t % tiles) * kTile, p1 = std::min(plane, p0 + kTile);
+        const acc_t* r = ratio + n * mask_stride;
+        const acc_t* u = update + n * mask_stride;
+        for (int64_t c = 0; c < channels; ++c) {
+          const scalar_t* s = src + n * plane * channels + c;
+          scalar_t* d = dst + (n * channels + c) * plane;
+          for (int64_t p = p0; p < p1; ++p) {
+            const acc_t v = static_cast<acc_t>(s[p * channels]) * r[p];
+            d[p] = static_cast<scalar_t>(has_bias ? (v + b[c]) * u[p] : v);
+          }
+        }
+      }
+    });
+  } else if (raw.is_contiguous(at::MemoryFormat::ChannelsLast) && channels > 1) {
     at::parallel_for(0, g.batch * plane, 256, [&](int64_t begin, int64_t end) {
       for (int64_t idx = begin; idx < end; ++idx) {
         const int64_t n = idx / plane, p = idx % plane;
@@ -118,7 +178,8 @@ void epilogue(const at::Tensor& raw, const MaskRatio& mr, const at::Tensor& bias
 }
 
 // g_raw = g_y * r * u (with bias) or g_y * r (without), and db = sum over N, H', W' of
-// g_y * u, in one read of g_y. g_y and g_raw share a layout (NCHW or channels_last).
+// g_y * u, in one read of g_y. g_y and g_raw share a layout (NCHW or channels_last), or
+// g_y is NCHW and g_raw channels_last.
 template <typename scalar_t>
 void grad_prologue(const at::Tensor& grad_out, const MaskRatio& mr, bool has_bias,
                    bool need_graw, bool need_db, at::Tensor& grad_raw,
@@ -134,7 +195,38 @@ void grad_prologue(const at::Tensor& grad_out, const MaskRatio& mr, bool has_bia
   acc_t* db = need_db ? grad_bias_acc.mutable_data_ptr<acc_t>() : nullptr;
   const int64_t mask_stride = mr.batch == 1 ? 0 : plane;
 
-  if (grad_out.is_contiguous(at::MemoryFormat::ChannelsLast) && channels > 1) {
+  if (need_graw && is_relayout(grad_out, at::MemoryFormat::ChannelsLast) &&
+      grad_raw.is_contiguous(at::MemoryFormat::ChannelsLast)) {
+    // NCHW g_y into a channels_last g_raw (few channels), a tile of pixels at a time; each
+    // tile reduces its own bias-gradient row, so the sum does not depend on the threads.
+    const int64_t tiles = (plane + kTile - 1) / kTile;
+    const int64_t blocks = g.batch * tiles;
+    std::vector<acc_t> partial(need_db ? blocks * channels : 0, acc_t(0));
+    at::parallel_for(0, blocks, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t n = t / tiles;
+        const int64_t p0 = (t % tiles) * kTile, p1 = std::min(plane, p0 + kTile);
+        const acc_t* r = ratio + n * mask_stride;
+        const acc_t* u = update + n * mask_stride;
+        for (int64_t c = 0; c < channels; ++c) {
+          const scalar_t* s = gy + (n * channels + c) * plane;
+          scalar_t* d = gr + n * plane * channels + c;
+          acc_t sum = 0;
+          for (int64_t p = p0; p < p1; ++p) {
+            const acc_t v = static_cast<acc_t>(s[p]);
+            d[p * channels] = static_cast<scalar_t>(v * (has_bias ? r[p] * u[p] : r[p]));
+            sum += v * u[p];
+          }
+          if (need_db) partial[t * channels + c] = sum;
+        }
+      }
+    });
+    if (need_db) {
+      for (int64_t t = 0; t < blocks; ++t) {
+        for (int64_t c = 0; c < channels; ++c) db[c] += partial[t * channels + c];
+      }
+    }
+  } else if (grad_out.is_contiguous(at::MemoryFormat::ChannelsLast) && channels > 1) {
     // Pixels are split into fixed blocks, each reducing its own bias-gradient row, so the
     // sum does not depend on the thread count.
     const int64_t pixels = g.batch * plane;
@@ -228,12 +320,16 @@ at::Tensor convolve_and_renormalise(const at::Tensor& xm, const MaskRatio& mr,
           : at::MemoryFormat::Contiguous;
   raw = raw.contiguous(raw_format);
   const at::Tensor bias_t = bias.has_value() ? *bias : at::Tensor();
+  // In place, unless the convolution ran channels_last for an NCHW output: then the
+  // epilogue writes the output in its layout, in the same pass.
+  at::Tensor out = is_relayout(raw, out_format) && out_format == at::MemoryFormat::Contiguous
+                       ? at::empty(raw.sizes(), raw.options())
+                       : raw;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, xm.scalar_type(),
                                   "partial_conv2d_cpu", [&] {
-                                    epilogue<scalar_t>(raw, mr, bias_t, raw, g);
+                                    epilogue<scalar_t>(raw, mr, bias_t, out, g);
                                   });
-  // Differs from the input layout only where compute_format avoided channels_last.
-  return raw.contiguous(out_format);
+  return out.contiguous(out_format);
 }
 
 at::Tensor empty_output(const at::Tensor& input, const ConvGeometry& g) {
@@ -268,7 +364,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> partial_c
   if (update.is_same(mr.update)) update = update.clone();  // outputs never alias
   const at::MemoryFormat format = compute_format(input, g);
   at::Tensor xm = cpu_cached_empty(input.sizes(), input.options(), format);
-  at::mul_out(xm, input, mask);
+  write_masked_input(input, mask, xm, format);
   at::Tensor out = g.batch == 0 ? empty_output(input, g)
                                 : convolve_and_renormalise(xm, mr, weight, bias, stride, padding,
                                                            dilation, g,
@@ -278,12 +374,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> partial_c
 
 // Both backward ops end here. `source` is x * m when `source_is_masked`, else the input
 // (x * m is then formed only if the weight gradient needs it). The input gradient comes
-// back in the layout of `source`.
+// back in `grad_input_format`.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_from(
     const at::Tensor& grad_output, const at::Tensor& source, bool source_is_masked,
     const c10::optional<at::Tensor>& mask, const MaskRatio& mr, const at::Tensor& weight,
     bool has_bias, c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation,
-    const ConvGeometry& g, std::array<bool, 3> output_mask) {
+    const ConvGeometry& g, std::array<bool, 3> output_mask, at::MemoryFormat grad_input_format) {
   const bool need_dx = output_mask[0], need_dw = output_mask[1];
   const bool need_db = output_mask[2] && has_bias;
   const at::ScalarType acc_type =
@@ -300,7 +396,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_from(
   }
 
   const at::MemoryFormat format = compute_format(source, g);
-  const at::Tensor gy = grad_output.contiguous(format);
+  // An NCHW g_y for a channels_last convolution changes layout inside the prologue.
+  const at::Tensor gy = is_relayout(grad_output, format) && format == at::MemoryFormat::ChannelsLast
+                            ? grad_output
+                            : grad_output.contiguous(format);
   at::Tensor grad_raw =
       need_graw ? cpu_scratch(Scratch::kGradRaw, gy.sizes(), gy.options(), format) : at::Tensor();
   if (gy.numel() > 0) {
@@ -317,17 +416,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_from(
       if (need_dx) grad_input = at::zeros_like(source);
       if (need_dw) grad_weight = at::zeros_like(weight);
     } else {
-      // The weight gradient reads x * m; the input gradient only needs the input's shape.
-      const at::Tensor xm = source_is_masked || !need_dw
-                                ? source.contiguous(format)
-                                : cpu_masked_input(source, mask, format);
+      // The weight gradient reads x * m; the input gradient only needs the input's shape
+      // (and layout), so without dW an unwritten tensor stands in for it.
+      at::Tensor xm;
+      if (source_is_masked) {
+        xm = source.contiguous(format);
+      } else if (need_dw) {
+        xm = cpu_masked_input(source, mask, format);
+      } else {
+        xm = source.is_contiguous(format) ? source
+                                          : at::empty(source.sizes(),
+                                                      source.options().memory_format(format));
+      }
       auto grads = at::convolution_backward(grad_raw, xm, weight.contiguous(format), c10::nullopt,
                                             stride, padding, dilation, false, {0, 0}, g.groups,
                                             {need_dx, need_dw, false});
       if (need_dx) {
-        grad_input = std::get<0>(grads);
-        if (g.has_mask) grad_input.mul_(*mask);
-        grad_input = grad_input.contiguous(source.suggest_memory_format());
+        at::Tensor dx = std::get<0>(grads);
+        if (is_relayout(dx, grad_input_format)) {
+          // dx * m and the layout change in one pass.
+          grad_input = at::empty(dx.sizes(), dx.options().memory_format(grad_input_format));
+          masked_relayout(dx, g.has_mask ? mask : c10::nullopt, grad_input);
+        } else {
+          if (g.has_mask) dx.mul_(*mask);
+          grad_input = dx.contiguous(grad_input_format);
+        }
       }
       if (need_dw) grad_weight = std::get<1>(grads).contiguous(weight.suggest_memory_format());
     }
@@ -344,19 +457,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> partial_conv2d_backward_cpu(
   const bool any_grad = output_mask[0] || output_mask[1] || (output_mask[2] && has_bias);
   const MaskRatio mr = any_grad ? mask_ratio_cpu(mask, g, input.scalar_type()) : MaskRatio{};
   return backward_from(grad_output, input, false, mask, mr, weight, has_bias, stride, padding,
-                       dilation, g, output_mask);
+                       dilation, g, output_mask, input.suggest_memory_format());
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> partial_conv2d_train_backward_cpu(
     const at::Tensor& grad_output, const at::Tensor& masked_input, const at::Tensor& mask,
     const at::Tensor& ratio, const at::Tensor& update, const at::Tensor& weight, bool has_bias,
     c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups,
-    std::array<bool, 3> output_mask) {
+    std::array<bool, 3> output_mask, c10::optional<at::MemoryFormat> input_format) {
   const ConvGeometry g = check_partial_conv2d_backward_args(
       grad_output, masked_input, mask, weight, stride, padding, dilation, groups);
   const MaskRatio mr = check_saved_mask_ratio(ratio, update, masked_input, g);
   return backward_from(grad_output, masked_input, true, mask, mr, weight, has_bias, stride,
-                       padding, dilation, g, output_mask);
+                       padding, dilation, g, output_mask,
+                       input_format.value_or(masked_input.suggest_memory_format()));
 }
 
 }  // namespace

@@ -337,12 +337,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> partial_conv2d_train_backward_cud
     const at::Tensor& grad_output, const at::Tensor& masked_input, const at::Tensor& mask,
     const at::Tensor& ratio, const at::Tensor& update, const at::Tensor& weight, bool has_bias,
     c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups,
-    std::array<bool, 3> output_mask) {
+    std::array<bool, 3> output_mask, c10::optional<at::MemoryFormat> input_format) {
   const ConvGeometry g = check_partial_conv2d_backward_args(
       grad_output, masked_input, mask, weight, stride, padding, dilation, groups);
   const MaskRatio mr = check_saved_mask_ratio(ratio, update, masked_input, g);
-  return backward_cuda(grad_output, masked_input, true, mask, &mr, weight, has_bias, stride,
-                       padding, dilation, g, output_mask);
+  auto grads = backward_cuda(grad_output, masked_input, true, mask, &mr, weight, has_bias, stride,
+                             padding, dilation, g, output_mask);
+  // x * m has the input's layout on the GPU; honour an explicit request all the same.
+  if (input_format.has_value() && std::get<0>(grads).numel() > 0) {
+    std::get<0>(grads) = std::get<0>(grads).contiguous(*input_format);
+  }
+  return grads;
 }
 
 }  // namespace
