@@ -92,6 +92,23 @@ at::Tensor cpu_masked_input(const at::Tensor& input, const c10::optional<at::Ten
 // Pixels per tile of the passes that change layout (see layout.cpp).
 constexpr int64_t kTile = 64;
 
+int64_t pixel_tile_count(int64_t batch, int64_t plane) {
+  return batch * ((plane + kTile - 1) / kTile);
+}
+
+// fn(tile, n, p0, p1) for every tile of kTile pixels [p0, p1) of every sample n, in
+// parallel; tile is the tile's index in [0, pixel_tile_count).
+template <typename Fn>
+void for_each_pixel_tile(int64_t batch, int64_t plane, const Fn& fn) {
+  const int64_t tiles = (plane + kTile - 1) / kTile;
+  at::parallel_for(0, batch * tiles, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t n = t / tiles, p0 = (t % tiles) * kTile;
+      fn(t, n, p0, std::min(plane, p0 + kTile));
+    }
+  });
+}
+
 // y = (raw * r + b) * u with a bias, y = raw * r without; raw is read once and y written
 // once. raw and out are both NCHW-contiguous or both channels_last (out may alias raw), or
 // raw is channels_last and out NCHW.
@@ -117,20 +134,15 @@ void epilogue(const at::Tensor& raw, const MaskRatio& mr, const at::Tensor& bias
 
   if (is_relayout(raw, at::MemoryFormat::Contiguous) && out.is_contiguous()) {
     // channels_last raw (few channels) into an NCHW output, a tile of pixels at a time.
-    const int64_t tiles = (plane + kTile - 1) / kTile;
-    at::parallel_for(0, g.batch * tiles, 16, [&](int64_t begin, int64_t end) {
-      for (int64_t t = begin; t < end; ++t) {
-        const int64_t n = t / tiles;
-        const int64_t p0 = (t % tiles) * kTile, p1 = std::min(plane, p0 + kTile);
-        const acc_t* r = ratio + n * mask_stride;
-        const acc_t* u = update + n * mask_stride;
-        for (int64_t c = 0; c < channels; ++c) {
-          const scalar_t* s = src + n * plane * channels + c;
-          scalar_t* d = dst + (n * channels + c) * plane;
-          for (int64_t p = p0; p < p1; ++p) {
-            const acc_t v = static_cast<acc_t>(s[p * channels]) * r[p];
-            d[p] = static_cast<scalar_t>(has_bias ? (v + b[c]) * u[p] : v);
-          }
+    for_each_pixel_tile(g.batch, plane, [&](int64_t, int64_t n, int64_t p0, int64_t p1) {
+      const acc_t* r = ratio + n * mask_stride;
+      const acc_t* u = update + n * mask_stride;
+      for (int64_t c = 0; c < channels; ++c) {
+        const scalar_t* s = src + n * plane * channels + c;
+        scalar_t* d = dst + (n * channels + c) * plane;
+        for (int64_t p = p0; p < p1; ++p) {
+          const acc_t v = static_cast<acc_t>(s[p * channels]) * r[p];
+          d[p] = static_cast<scalar_t>(has_bias ? (v + b[c]) * u[p] : v);
         }
       }
     });
@@ -199,26 +211,21 @@ void grad_prologue(const at::Tensor& grad_out, const MaskRatio& mr, bool has_bia
       grad_raw.is_contiguous(at::MemoryFormat::ChannelsLast)) {
     // NCHW g_y into a channels_last g_raw (few channels), a tile of pixels at a time; each
     // tile reduces its own bias-gradient row, so the sum does not depend on the threads.
-    const int64_t tiles = (plane + kTile - 1) / kTile;
-    const int64_t blocks = g.batch * tiles;
+    const int64_t blocks = pixel_tile_count(g.batch, plane);
     std::vector<acc_t> partial(need_db ? blocks * channels : 0, acc_t(0));
-    at::parallel_for(0, blocks, 16, [&](int64_t begin, int64_t end) {
-      for (int64_t t = begin; t < end; ++t) {
-        const int64_t n = t / tiles;
-        const int64_t p0 = (t % tiles) * kTile, p1 = std::min(plane, p0 + kTile);
-        const acc_t* r = ratio + n * mask_stride;
-        const acc_t* u = update + n * mask_stride;
-        for (int64_t c = 0; c < channels; ++c) {
-          const scalar_t* s = gy + (n * channels + c) * plane;
-          scalar_t* d = gr + n * plane * channels + c;
-          acc_t sum = 0;
-          for (int64_t p = p0; p < p1; ++p) {
-            const acc_t v = static_cast<acc_t>(s[p]);
-            d[p * channels] = static_cast<scalar_t>(v * (has_bias ? r[p] * u[p] : r[p]));
-            sum += v * u[p];
-          }
-          if (need_db) partial[t * channels + c] = sum;
+    for_each_pixel_tile(g.batch, plane, [&](int64_t t, int64_t n, int64_t p0, int64_t p1) {
+      const acc_t* r = ratio + n * mask_stride;
+      const acc_t* u = update + n * mask_stride;
+      for (int64_t c = 0; c < channels; ++c) {
+        const scalar_t* s = gy + (n * channels + c) * plane;
+        scalar_t* d = gr + n * plane * channels + c;
+        acc_t sum = 0;
+        for (int64_t p = p0; p < p1; ++p) {
+          const acc_t v = static_cast<acc_t>(s[p]);
+          d[p * channels] = static_cast<scalar_t>(v * (has_bias ? r[p] * u[p] : r[p]));
+          sum += v * u[p];
         }
+        if (need_db) partial[t * channels + c] = sum;
       }
     });
     if (need_db) {
