@@ -93,16 +93,26 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
-def _backward_fn(ctx, grad_output: Tensor, _grad_update: Tensor):
-    input, mask, weight = ctx.saved_tensors
+def _wanted_grads(ctx) -> list[bool]:
+    """output_mask of the backward ops: gradients of (input, weight, bias)."""
     needs = ctx.needs_input_grad
-    want = [needs[0], needs[2], bool(needs[3]) and ctx.has_bias]
-    if grad_output is None or not any(want):
-        return None, None, None, None, None, None, None, None
-    grad_input, grad_weight, grad_bias = _backward(
-        grad_output, input, mask, weight, ctx.has_bias, *ctx.conv_args, want)
+    return [needs[0], needs[2], bool(needs[3]) and ctx.has_bias]
+
+
+def _forward_input_grads(want, grads=(None, None, None)):
+    """The gradients of the forward's 8 inputs (input, mask, weight, bias, geometry)."""
+    grad_input, grad_weight, grad_bias = grads
     return (grad_input if want[0] else None, None, grad_weight if want[1] else None,
             grad_bias if want[2] else None, None, None, None, None)
+
+
+def _backward_fn(ctx, grad_output: Tensor, _grad_update: Tensor):
+    input, mask, weight = ctx.saved_tensors
+    want = _wanted_grads(ctx)
+    if grad_output is None or not any(want):
+        return _forward_input_grads([False] * 3)
+    return _forward_input_grads(want, _backward(
+        grad_output, input, mask, weight, ctx.has_bias, *ctx.conv_args, want))
 
 
 torch.library.register_autograd("pconv::partial_conv2d", _backward_fn, setup_context=_setup_context)
@@ -134,15 +144,12 @@ def _train_setup_context(ctx, inputs, output):
 
 def _train_backward_fn(ctx, grad_output, _g_update, _g_masked, _g_ratio, _g_update_acc):
     masked, mask, ratio, update_acc, weight = ctx.saved_tensors
-    needs = ctx.needs_input_grad
-    want = [needs[0], needs[2], bool(needs[3]) and ctx.has_bias]
+    want = _wanted_grads(ctx)
     if grad_output is None or not any(want):
-        return None, None, None, None, None, None, None, None
-    grad_input, grad_weight, grad_bias = _train_backward(
+        return _forward_input_grads([False] * 3)
+    return _forward_input_grads(want, _train_backward(
         grad_output, masked, mask, ratio, update_acc, weight, ctx.has_bias, *ctx.conv_args, want,
-        ctx.input_format)
-    return (grad_input if want[0] else None, None, grad_weight if want[1] else None,
-            grad_bias if want[2] else None, None, None, None, None)
+        ctx.input_format))
 
 
 torch.library.register_autograd("pconv::partial_conv2d_train", _train_backward_fn,

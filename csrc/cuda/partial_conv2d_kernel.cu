@@ -263,12 +263,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> partial_c
 }
 
 // Both backward ops end here. `source` is x * m when `source_is_masked`, else the input
-// (x * m is then formed only if the weight gradient needs it).
+// (x * m is then formed only if the weight gradient needs it). The input gradient comes
+// back in `grad_input_format`.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
     const at::Tensor& grad_output, const at::Tensor& source, bool source_is_masked,
     const c10::optional<at::Tensor>& mask, const MaskRatio* saved, const at::Tensor& weight,
     bool has_bias, c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation,
-    const ConvGeometry& g, std::array<bool, 3> output_mask) {
+    const ConvGeometry& g, std::array<bool, 3> output_mask, at::MemoryFormat grad_input_format) {
   TORCH_CHECK(source.is_cuda(), "partial_conv2d_backward: the CUDA kernel got input on ",
               source.device());
   const c10::cuda::CUDAGuard device_guard(source.device());
@@ -305,17 +306,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
       if (need_dx) {
         at::Tensor dx = std::get<0>(grads);
         if (g.has_mask) {
-          // dx * m: in place when dx already has the input's layout, else one pass that
+          // dx * m: in place when dx already has the wanted layout, else one pass that
           // masks and changes the layout together.
-          if (dx.is_contiguous(format)) {
+          if (dx.is_contiguous(grad_input_format)) {
             dx.mul_(*mask);
           } else {
-            at::Tensor out = at::empty(source.sizes(), source.options().memory_format(format));
+            at::Tensor out =
+                at::empty(source.sizes(), source.options().memory_format(grad_input_format));
             at::mul_out(out, dx, *mask);
             dx = out;
           }
         }
-        grad_input = dx.contiguous(format);
+        grad_input = dx.contiguous(grad_input_format);
       }
       if (need_dw) grad_weight = std::get<1>(grads).contiguous(weight.suggest_memory_format());
     }
@@ -330,7 +332,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> partial_conv2d_backward_cuda(
   const ConvGeometry g = check_partial_conv2d_backward_args(grad_output, input, mask, weight,
                                                             stride, padding, dilation, groups);
   return backward_cuda(grad_output, input, false, mask, nullptr, weight, has_bias, stride,
-                       padding, dilation, g, output_mask);
+                       padding, dilation, g, output_mask, input.suggest_memory_format());
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> partial_conv2d_train_backward_cuda(
@@ -341,13 +343,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> partial_conv2d_train_backward_cud
   const ConvGeometry g = check_partial_conv2d_backward_args(
       grad_output, masked_input, mask, weight, stride, padding, dilation, groups);
   const MaskRatio mr = check_saved_mask_ratio(ratio, update, masked_input, g);
-  auto grads = backward_cuda(grad_output, masked_input, true, mask, &mr, weight, has_bias, stride,
-                             padding, dilation, g, output_mask);
-  // x * m has the input's layout on the GPU; honour an explicit request all the same.
-  if (input_format.has_value() && std::get<0>(grads).numel() > 0) {
-    std::get<0>(grads) = std::get<0>(grads).contiguous(*input_format);
-  }
-  return grads;
+  return backward_cuda(grad_output, masked_input, true, mask, &mr, weight, has_bias, stride,
+                       padding, dilation, g, output_mask,
+                       input_format.value_or(masked_input.suggest_memory_format()));
 }
 
 }  // namespace
