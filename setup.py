@@ -34,7 +34,7 @@ def make_extension():
     import torch
     from torch.utils import cpp_extension
 
-    cpu_sources = ["csrc/pconv.cpp"] + _sources("csrc/cpu/*.cpp")
+    cpu_sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
     cxx_flags = ["-O3", "-fopenmp", "-std=c++17"]
     link_flags = ["-fopenmp"]
     if want_cuda(torch.version.cuda is not None, cpp_extension.CUDA_HOME):

@@ -17,7 +17,7 @@ except ImportError as exc:  # pragma: no cover - exercised only on a broken inst
         "the torch you run with."
     ) from exc
 
-from . import ops as _ops  # noqa: E402,F401  (fake kernels, autograd, autocast)
+from . import ops as _ops  # noqa: E402,F401  (fake kernels)
 from . import reference  # noqa: E402
 from .functional import partial_conv2d  # noqa: E402
 from .modules import LeanPartialConv2d, PartialConv2d, ReferencePartialConv2d  # noqa: E402

@@ -7,6 +7,8 @@ from torch.nn.modules.utils import _pair
 
 __all__ = ["partial_conv2d"]
 
+_op = torch.ops.pconv.partial_conv2d.default
+
 
 def partial_conv2d(
     input: Tensor,
@@ -39,11 +41,7 @@ def partial_conv2d(
     """
     if mask is not None and mask.dtype == torch.bool:
         mask = mask.to(input.dtype)
-    args = (input, mask, weight, bias, _pair(stride), _pair(padding), _pair(dilation), groups)
-    if mask is not None and weight.requires_grad and torch.is_grad_enabled():
-        # Training: the forward keeps x * m and the ratio for the backward (the memory of
-        # one input, as the input itself would otherwise be kept) so the backward reads
-        # neither the input nor the mask's channels again.
-        output, updated_mask, *_ = torch.ops.pconv.partial_conv2d_train(*args)
-        return output, updated_mask
-    return torch.ops.pconv.partial_conv2d(*args)
+    # Which tensors the backward keeps (x * m and the ratio when a weight gradient is
+    # wanted, else the input) is decided by the op's autograd (csrc/autograd.cpp).
+    return _op(input, mask, weight, bias, _pair(stride), _pair(padding), _pair(dilation),
+               groups)

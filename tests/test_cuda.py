@@ -470,15 +470,15 @@ def test_opcheck_train_pair(cfg):
 
 @pytest.mark.parametrize("cfg", F64_CONFIGS, ids=str)
 def test_recomputing_op_parity_float64(cfg):
-    """The functional takes the training op when a weight gradient is wanted; the op whose
-    backward forms x * m and the ratio again must match as well."""
+    """Autograd takes the training op when a weight gradient is wanted and a mask is
+    given; partial_conv2d_backward (it forms x * m and the ratio again) must match as well,
+    for all three gradients."""
     x, m, w, b, go = make_inputs(cfg, torch.float64, CUDA)
-
-    def op(x, m, w, b, stride, padding, dilation, groups):
-        return torch.ops.pconv.partial_conv2d(x, m, w, b, list(_pair(stride)),
-                                              list(_pair(padding)), list(_pair(dilation)), groups)
-
-    out, upd, grads = run_with_grads(op, cfg, x, m, w, b, go)
+    geo = (list(_pair(cfg.stride)), list(_pair(cfg.padding)), list(_pair(cfg.dilation)),
+           cfg.groups)
+    out, _ = torch.ops.pconv.partial_conv2d(x, m, w, b, *geo)
+    grads = torch.ops.pconv.partial_conv2d_backward(go, x, m, w, b is not None, *geo,
+                                                    [True, True, True])
     e_out, e_upd, e_grads = expected_f64(cfg, x, m, w, b, go)
     assert_close_scaled(out, e_out, 1e-10, "output")
     for name, g, e in zip(("grad_input", "grad_weight", "grad_bias"), grads, e_grads):

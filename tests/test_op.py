@@ -110,6 +110,25 @@ def test_autocast_cpu_runs_in_bfloat16_with_float32_ratio():
     assert w.grad is not None and w.grad.dtype == torch.float32 and torch.isfinite(w.grad).all()
 
 
+def test_autocast_cpu_follows_conv2d_policy():
+    """As nn.Conv2d under autocast, float64 stays float64; a float16 region works as well
+    as a bfloat16 one (the dtype is read when the op runs)."""
+    x64 = torch.randn(1, 3, 8, 8, dtype=torch.float64)
+    w64 = torch.randn(4, 3, 3, 3, dtype=torch.float64)
+    m64 = torch.ones(1, 1, 8, 8, dtype=torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = pconv_cuda.partial_conv2d(x64, m64, w64, None, 1, 1)
+        conv = torch.nn.functional.conv2d(x64, w64, None, 1, 1)
+    assert out.dtype == conv.dtype == torch.float64
+    x = torch.randn(1, 3, 8, 8)
+    w = torch.randn(4, 3, 3, 3, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.float16):
+        out, update = pconv_cuda.partial_conv2d(x, m64.float(), w, None, 1, 1)
+    assert out.dtype == update.dtype == torch.float16
+    ref, _ = reference.partial_conv2d(x, m64.float(), w, None, 1, 1)
+    torch.testing.assert_close(out.float(), ref, rtol=1e-2, atol=2e-2)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
 def test_empty_windows_give_zero_not_nan(dtype):
     x = torch.randn(2, 4, 12, 12, dtype=dtype, requires_grad=True)
@@ -264,15 +283,19 @@ def test_opcheck_train_backward_op():
 
 @pytest.mark.parametrize("case", GRAD_CASES, ids=[c.ids() for c in GRAD_CASES])
 def test_gradcheck_float64_recomputing_backward(case):
-    """The op the functional uses when no weight gradient is wanted (its backward forms
-    x * m and the ratio again) has a correct gradient too."""
+    """The path autograd takes when no weight gradient is wanted, or there is no mask (its
+    backward forms x * m and the ratio again), has a correct gradient too."""
     x, m, w, b = make_inputs(case, torch.float64, seed=3)
+    geo = (list(case.stride), list(case.padding), list(case.dilation), case.groups)
+    # Input gradient alone, weight and bias frozen.
+    assert torch.autograd.gradcheck(
+        lambda x: OP(x, m, w.detach(), None if b is None else b.detach(), *geo)[0], (x,),
+        eps=1e-6, atol=1e-7)
+    # Every gradient of a mask-less call (partial-convolution padding).
     params = tuple(t for t in (x, w, b) if t is not None)
 
     def f(*p):
-        bias = p[2] if b is not None else None
-        return OP(p[0], m, p[1], bias, list(case.stride), list(case.padding),
-                  list(case.dilation), case.groups)[0]
+        return OP(p[0], None, p[1], p[2] if b is not None else None, *geo)[0]
 
     assert torch.autograd.gradcheck(f, params, eps=1e-6, atol=1e-7)
 
@@ -310,7 +333,7 @@ def test_training_forward_keeps_masked_input_not_input():
 
     # The recomputing op keeps the input itself, so the same change is caught there.
     z = torch.randn(2, 4, 8, 8, dtype=torch.float64, generator=g, requires_grad=True) * 1
-    out, _ = OP(z, m, w, None, [1, 1], [1, 1], [1, 1], 1)
+    out, _ = OP(z, m, w.detach(), None, [1, 1], [1, 1], [1, 1], 1)
     with torch.no_grad():
         z.add_(1.0)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
@@ -322,9 +345,11 @@ def test_inference_and_input_only_gradients_use_the_recomputing_op():
     m = torch.ones(1, 1, 8, 8)
     w = torch.randn(4, 3, 3, 3)
     out, _ = pconv_cuda.partial_conv2d(x, m, w, None, 1, 1)
-    assert "pconv_partial_conv2d_default" in type(out.grad_fn).__name__
-    out, _ = pconv_cuda.partial_conv2d(x, m, w.requires_grad_(), None, 1, 1)
-    assert "pconv_partial_conv2d_train" in type(out.grad_fn).__name__
+    assert "RecomputingPartialConv2d" in out.grad_fn.name()
+    out, _ = pconv_cuda.partial_conv2d(x, None, w.requires_grad_(), None, 1, 1)
+    assert "RecomputingPartialConv2d" in out.grad_fn.name()
+    out, _ = pconv_cuda.partial_conv2d(x, m, w, None, 1, 1)
+    assert "TrainingPartialConv2d" in out.grad_fn.name()
     with torch.no_grad():
         out, _ = pconv_cuda.partial_conv2d(x, m, w, None, 1, 1)
     assert out.grad_fn is None

@@ -43,20 +43,31 @@ def test_forward_and_gradients_match_reference(case, dtype):
                                    msg=lambda s: f"grad {name}: {s}")
 
 
-def _recomputing_op(x, m, w, b, stride, padding, dilation, groups):
-    return torch.ops.pconv.partial_conv2d(x, m, w, b, list(stride), list(padding),
-                                          list(dilation), groups)
+def _recomputing_backward(x, m, w, b, stride, padding, dilation, groups):
+    """Forward and the gradients of partial_conv2d_backward, the op that forms x * m and
+    the ratio again (autograd reaches it for input-only gradients and mask-less layers)."""
+    geo = (list(stride), list(padding), list(dilation), groups)
+    out, update = torch.ops.pconv.partial_conv2d(x, m, w, b, *geo)
+    return out, update, lambda gy: torch.ops.pconv.partial_conv2d_backward(
+        gy, x, m, w, b is not None, *geo, [True, True, True])
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.ids() for c in CASES])
 def test_recomputing_backward_matches_reference(case):
-    """The functional takes the training op whenever a weight gradient is wanted; the other
-    op (its backward forms x * m and the ratio again) must agree as well."""
-    out, update, grads = _run(_recomputing_op, case, torch.float64, seed=7)
+    """Autograd takes the training op whenever a weight gradient is wanted and a mask is
+    given; the other backward op must agree as well, for all three gradients."""
+    x, m, w, b = make_inputs(case, torch.float64, seed=7, requires_grad=False)
+    with torch.no_grad():
+        out, update, backward = _recomputing_backward(x, m, w, b, case.stride, case.padding,
+                                                      case.dilation, case.groups)
+    g = torch.Generator().manual_seed(8)
+    grad_out = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    grads = [t for t in backward(grad_out) if t.numel() > 0]
     ref_out, ref_update, ref_grads = _run(reference.partial_conv2d, case, torch.float64, seed=7)
     tol = TOL[torch.float64]
     torch.testing.assert_close(update, ref_update, **tol)
     torch.testing.assert_close(out, ref_out, rtol=tol["rtol"], atol=tol["atol"] * _scale(ref_out))
+    assert len(grads) == len(ref_grads)
     for got, want, name in zip(grads, ref_grads, ["input", "weight", "bias"]):
         torch.testing.assert_close(got, want, rtol=tol["rtol"], atol=tol["atol"] * _scale(want),
                                    msg=lambda s: f"grad {name}: {s}")
