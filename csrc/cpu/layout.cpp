@@ -12,47 +12,69 @@
 namespace pconv {
 namespace {
 
-// Tiles of kTileP pixels x kTileC channels: read in one layout and written in the other
-// while they sit in L1, the inner loop always walking the destination in memory order.
-constexpr int64_t kTileP = 64;
-constexpr int64_t kTileC = 8;
+// Tiles of pixels x channels. Each tile is masked in its source layout, where both x and
+// a multi-channel mask are contiguous along pixels, into a buffer of at most 16 KiB (L1),
+// and the buffer is then written out in the other layout: the multiply runs over
+// contiguous arrays (vectorised, also in 16-bit types) and only plain copies change layout.
+// A tile reads 512 bytes of each channel: with shorter runs, the many channel planes, a
+// power of two apart in memory, thrash the caches (measured on 67 x 256 x 256, bf16: 64
+// pixels x 16 channels took 7.3 ms, 256 x 16 took 2.2 ms; float32: 6.1 vs 4.2-4.7 ms for
+// 128 x 32).
+template <typename scalar_t>
+struct Tile {
+  static constexpr int64_t kPixels = 512 / sizeof(scalar_t);
+  static constexpr int64_t kChannels = sizeof(scalar_t) == 2 ? 16 : 32;
+};
+
+// x * m rounded to scalar_t as at::mul rounds it (one product in opmath, one rounding).
+template <typename scalar_t, bool kMasked>
+void scale_run(const scalar_t* x, const scalar_t* m, scalar_t* out, int64_t len) {
+  using acc_t = at::opmath_type<scalar_t>;
+  if constexpr (kMasked) {
+    for (int64_t i = 0; i < len; ++i) {
+      out[i] = static_cast<scalar_t>(static_cast<acc_t>(x[i]) * static_cast<acc_t>(m[i]));
+    }
+  } else {
+    for (int64_t i = 0; i < len; ++i) out[i] = x[i];
+  }
+}
 
 template <typename scalar_t, bool kToChannelsLast, bool kMasked>
 void relayout_kernel(const scalar_t* src, const scalar_t* mask, scalar_t* dst, int64_t batch,
                      int64_t channels, int64_t plane, int64_t mask_batch_stride,
                      int64_t mask_channel_stride) {
-  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int64_t kTileP = Tile<scalar_t>::kPixels, kTileC = Tile<scalar_t>::kChannels;
   const int64_t tiles = (plane + kTileP - 1) / kTileP;
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(kTileP * channels, 1));
-  auto scaled = [](scalar_t v, const scalar_t* m, int64_t i) {
-    if constexpr (kMasked) {
-      return static_cast<scalar_t>(static_cast<acc_t>(v) * static_cast<acc_t>(m[i]));
-    } else {
-      return v;
-    }
-  };
   at::parallel_for(0, batch * tiles, grain, [&](int64_t begin, int64_t end) {
+    scalar_t buf[kTileC * kTileP];  // buf[c * kTileP + p]: one tile, channel-major
     for (int64_t t = begin; t < end; ++t) {
       const int64_t n = t / tiles;
-      const int64_t p0 = (t % tiles) * kTileP, p1 = std::min(plane, p0 + kTileP);
+      const int64_t p0 = (t % tiles) * kTileP, len = std::min(plane, p0 + kTileP) - p0;
       const scalar_t* s = src + n * channels * plane;
       scalar_t* d = dst + n * channels * plane;
-      const scalar_t* m_n = mask != nullptr ? mask + n * mask_batch_stride : nullptr;
+      const scalar_t* m_n = kMasked ? mask + n * mask_batch_stride + p0 : nullptr;
       for (int64_t c0 = 0; c0 < channels; c0 += kTileC) {
-        const int64_t c1 = std::min(channels, c0 + kTileC);
+        const int64_t nc = std::min(channels, c0 + kTileC) - c0;
         if (kToChannelsLast) {
-          for (int64_t p = p0; p < p1; ++p) {
-            scalar_t* row = d + p * channels;
-            for (int64_t c = c0; c < c1; ++c) {
-              row[c] = scaled(s[c * plane + p], m_n, c * mask_channel_stride + p);
-            }
+          for (int64_t c = 0; c < nc; ++c) {
+            scale_run<scalar_t, kMasked>(s + (c0 + c) * plane + p0,
+                                         kMasked ? m_n + (c0 + c) * mask_channel_stride : nullptr,
+                                         buf + c * kTileP, len);
+          }
+          for (int64_t p = 0; p < len; ++p) {
+            scalar_t* out = d + (p0 + p) * channels + c0;
+            for (int64_t c = 0; c < nc; ++c) out[c] = buf[c * kTileP + p];
           }
         } else {
-          for (int64_t c = c0; c < c1; ++c) {
-            scalar_t* row = d + c * plane;
-            for (int64_t p = p0; p < p1; ++p) {
-              row[p] = scaled(s[p * channels + c], m_n, c * mask_channel_stride + p);
-            }
+          for (int64_t p = 0; p < len; ++p) {
+            const scalar_t* in = s + (p0 + p) * channels + c0;
+            for (int64_t c = 0; c < nc; ++c) buf[c * kTileP + p] = in[c];
+          }
+          for (int64_t c = 0; c < nc; ++c) {
+            scale_run<scalar_t, kMasked>(buf + c * kTileP,
+                                         kMasked ? m_n + (c0 + c) * mask_channel_stride : nullptr,
+                                         d + (c0 + c) * plane + p0, len);
           }
         }
       }

@@ -1,6 +1,7 @@
 #include "mask_ratio.h"
 
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/record_function.h>
 
@@ -64,6 +65,66 @@ void ratio_kernel(const acc_t* msum, acc_t* ratio, acc_t* update, int64_t planes
   });
 }
 
+// out[n, p] = sum over c of mask[n, c, p], for a mask that is NCHW- or
+// channels_last-contiguous. Each output pixel sums its channels in a fixed order, so the
+// result does not depend on the thread count.
+template <typename scalar_t, typename acc_t>
+void channel_sum_kernel(const at::Tensor& mask, acc_t* out) {
+  const int64_t batch = mask.size(0), channels = mask.size(1);
+  const int64_t plane = mask.size(2) * mask.size(3);
+  const scalar_t* src = mask.const_data_ptr<scalar_t>();
+  const bool channels_last = !mask.is_contiguous();
+  constexpr int64_t kBlock = 1024;  // pixels per task: a few KiB of sums, kept in L1
+  const int64_t blocks = (plane + kBlock - 1) / kBlock;
+  const int64_t grain = std::max<int64_t>(1, 65536 / (kBlock * channels));
+  at::parallel_for(0, batch * blocks, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t n = t / blocks, p0 = (t % blocks) * kBlock;
+      const int64_t len = std::min(plane, p0 + kBlock) - p0;
+      const scalar_t* s = src + n * channels * plane;
+      acc_t* o = out + n * plane + p0;
+      if (channels_last) {
+        for (int64_t i = 0; i < len; ++i) {
+          const scalar_t* px = s + (p0 + i) * channels;
+          acc_t sum = 0;
+          for (int64_t c = 0; c < channels; ++c) sum += static_cast<acc_t>(px[c]);
+          o[i] = sum;
+        }
+      } else {
+        // Channel by channel over the block: every inner loop is a contiguous,
+        // vectorisable walk of one channel's pixels.
+        for (int64_t i = 0; i < len; ++i) o[i] = static_cast<acc_t>(s[p0 + i]);
+        for (int64_t c = 1; c < channels; ++c) {
+          const scalar_t* sc = s + c * plane + p0;
+          for (int64_t i = 0; i < len; ++i) o[i] += static_cast<acc_t>(sc[i]);
+        }
+      }
+    }
+  });
+}
+
+// The mask summed over its channels, [N_m, H, W] in `acc`, from one read of the mask (a
+// view of it when it already is a single contiguous plane of `acc`).
+at::Tensor mask_channel_sum(const at::Tensor& mask, at::ScalarType acc) {
+  if (mask.size(1) == 1 && mask.scalar_type() == acc) {
+    return mask.select(1, 0).contiguous();
+  }
+  at::Tensor m = mask.is_contiguous() || mask.is_contiguous(at::MemoryFormat::ChannelsLast)
+                     ? mask
+                     : mask.contiguous();
+  at::Tensor out = at::empty({m.size(0), m.size(2), m.size(3)}, m.options().dtype(acc));
+  if (m.numel() == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, m.scalar_type(), "pconv_mask_sum",
+                                  [&] {
+    if (acc == at::kDouble) {
+      channel_sum_kernel<scalar_t, double>(m, out.mutable_data_ptr<double>());
+    } else {
+      channel_sum_kernel<scalar_t, float>(m, out.mutable_data_ptr<float>());
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 MaskRatio mask_ratio_cpu(const c10::optional<at::Tensor>& mask, const ConvGeometry& g,
@@ -77,8 +138,7 @@ MaskRatio mask_ratio_cpu(const c10::optional<at::Tensor>& mask, const ConvGeomet
   at::Tensor msum;
   if (g.has_mask) {
     // The window sum over every mask channel equals the window sum of the channel sum.
-    msum = g.mask_channels == 1 ? mask->select(1, 0).to(acc).contiguous()
-                                : mask->sum(1, /*keepdim=*/false, acc).contiguous();
+    msum = mask_channel_sum(*mask, acc);
   }
   if (acc == at::kDouble) {
     ratio_kernel<double>(msum.defined() ? msum.const_data_ptr<double>() : nullptr,
