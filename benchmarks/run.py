@@ -32,7 +32,7 @@ PRESETS = {
     # Batch 1 on CPU: the inference case, and what 2 cores can time in minutes.
     # torch.compile is left out on CPU (a compile per shape and dtype costs more than the
     # whole table); name it with --skip to keep it (--skip with no value).
-    "cpu": dict(sizes=[256], batch=1, dtypes=["float32", "bfloat16"], warmup=3, repeats=21,
+    "cpu": dict(sizes=[256], batch=1, dtypes=["float32", "bfloat16"], warmup=3, repeats=41,
                 model_size=256, model_batch=1, skip=["compiled"], malloc="retain"),
     "gpu": dict(sizes=[256, 512], batch=8, dtypes=["float32", "bfloat16", "float16"],
                 warmup=5, repeats=30, model_size=256, model_batch=8),

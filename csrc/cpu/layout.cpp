@@ -1,4 +1,5 @@
 #include "layout.h"
+#include "vector_loops.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -26,16 +27,13 @@ struct Tile {
   static constexpr int64_t kChannels = sizeof(scalar_t) == 2 ? 16 : 32;
 };
 
-// x * m rounded to scalar_t as at::mul rounds it (one product in opmath, one rounding).
+// out = x * m (rounded once, as at::mul), or a copy of x without a mask.
 template <typename scalar_t, bool kMasked>
 void scale_run(const scalar_t* x, const scalar_t* m, scalar_t* out, int64_t len) {
-  using acc_t = at::opmath_type<scalar_t>;
   if constexpr (kMasked) {
-    for (int64_t i = 0; i < len; ++i) {
-      out[i] = static_cast<scalar_t>(static_cast<acc_t>(x[i]) * static_cast<acc_t>(m[i]));
-    }
+    loops::multiply(x, m, out, len);
   } else {
-    for (int64_t i = 0; i < len; ++i) out[i] = x[i];
+    std::copy(x, x + len, out);
   }
 }
 

@@ -1,4 +1,5 @@
 #include "mask_ratio.h"
+#include "vector_loops.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -30,6 +31,31 @@ std::vector<TapRange> tap_ranges(int64_t out, int64_t size, int64_t kernel, int6
   return ranges;
 }
 
+// s[ow] += the window sums of output row oh over the mask plane, for every in-bounds tap.
+// Loops run tap by tap over the whole row (vectorised along ow), yet every s[ow] still
+// adds its taps in row-major order, as a loop over each window would.
+template <typename acc_t>
+void row_window_sums(const acc_t* plane, TapRange rr, int64_t ih0, const ConvGeometry& g,
+                     acc_t* s) {
+  std::fill(s, s + g.out_w, acc_t(0));
+  for (int64_t i = rr.lo; i < rr.hi; ++i) {
+    const acc_t* line = plane + (ih0 + i * g.dil_h) * g.in_w;
+    for (int64_t j = 0; j < g.kernel_w; ++j) {
+      // Input column ow * stride + off must lie in [0, in_w).
+      const int64_t off = j * g.dil_w - g.pad_w;
+      if (g.in_w - 1 - off < 0) continue;
+      const int64_t lo = off >= 0 ? 0 : (-off + g.stride_w - 1) / g.stride_w;
+      const int64_t hi = std::min(g.out_w, (g.in_w - 1 - off) / g.stride_w + 1);
+      const acc_t* base = line + off;
+      if (g.stride_w == 1) {
+        for (int64_t ow = lo; ow < hi; ++ow) s[ow] += base[ow];
+      } else {
+        for (int64_t ow = lo; ow < hi; ++ow) s[ow] += base[ow * g.stride_w];
+      }
+    }
+  }
+}
+
 template <typename acc_t>
 void ratio_kernel(const acc_t* msum, acc_t* ratio, acc_t* update, int64_t planes,
                   const ConvGeometry& g) {
@@ -39,27 +65,25 @@ void ratio_kernel(const acc_t* msum, acc_t* ratio, acc_t* update, int64_t planes
   const acc_t eps = static_cast<acc_t>(1e-8);
   const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(g.out_w, 1));
   at::parallel_for(0, planes * g.out_h, grain, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> sums(g.out_w);
+    acc_t* s = sums.data();
     for (int64_t row = begin; row < end; ++row) {
       const int64_t n = row / g.out_h, oh = row % g.out_h;
       const TapRange rr = rows[oh];
-      const int64_t ih0 = oh * g.stride_h - g.pad_h;
-      const acc_t* plane = msum ? msum + n * g.in_h * g.in_w : nullptr;
-      for (int64_t ow = 0; ow < g.out_w; ++ow) {
-        const TapRange cr = cols[ow];
-        const int64_t iw0 = ow * g.stride_w - g.pad_w;
-        acc_t s = 0;
-        if (plane) {
-          for (int64_t i = rr.lo; i < rr.hi; ++i) {
-            const acc_t* line = plane + (ih0 + i * g.dil_h) * g.in_w + iw0;
-            for (int64_t j = cr.lo; j < cr.hi; ++j) s += line[j * g.dil_w];
-          }
-        } else {
-          s = static_cast<acc_t>((rr.hi - rr.lo) * (cr.hi - cr.lo));
+      if (msum) {
+        row_window_sums(msum + n * g.in_h * g.in_w, rr, oh * g.stride_h - g.pad_h, g, s);
+      } else {
+        // No mask: S counts the window's in-bounds taps.
+        for (int64_t ow = 0; ow < g.out_w; ++ow) {
+          s[ow] = static_cast<acc_t>((rr.hi - rr.lo) * (cols[ow].hi - cols[ow].lo));
         }
-        const acc_t u = std::min(std::max(s, acc_t(0)), acc_t(1));
-        const int64_t idx = row * g.out_w + ow;
-        update[idx] = u;
-        ratio[idx] = win / (s + eps) * u;
+      }
+      acc_t* u_row = update + row * g.out_w;
+      acc_t* r_row = ratio + row * g.out_w;
+      for (int64_t ow = 0; ow < g.out_w; ++ow) {
+        const acc_t u = std::min(std::max(s[ow], acc_t(0)), acc_t(1));
+        u_row[ow] = u;
+        r_row[ow] = win / (s[ow] + eps) * u;
       }
     }
   });
@@ -93,10 +117,8 @@ void channel_sum_kernel(const at::Tensor& mask, acc_t* out) {
       } else {
         // Channel by channel over the block: every inner loop is a contiguous,
         // vectorisable walk of one channel's pixels.
-        for (int64_t i = 0; i < len; ++i) o[i] = static_cast<acc_t>(s[p0 + i]);
-        for (int64_t c = 1; c < channels; ++c) {
-          const scalar_t* sc = s + c * plane + p0;
-          for (int64_t i = 0; i < len; ++i) o[i] += static_cast<acc_t>(sc[i]);
+        for (int64_t c = 0; c < channels; ++c) {
+          loops::accumulate(s + c * plane + p0, o, len, /*first=*/c == 0);
         }
       }
     }

@@ -14,6 +14,7 @@
 #include "../pconv.h"
 #include "layout.h"
 #include "mask_ratio.h"
+#include "vector_loops.h"
 #include "workspace.h"
 
 #include <ATen/ATen.h>
@@ -147,22 +148,16 @@ void epilogue(const at::Tensor& raw, const MaskRatio& mr, const at::Tensor& bias
       }
     });
   } else if (raw.is_contiguous(at::MemoryFormat::ChannelsLast) && channels > 1) {
-    at::parallel_for(0, g.batch * plane, 256, [&](int64_t begin, int64_t end) {
-      for (int64_t idx = begin; idx < end; ++idx) {
+    // Runs of pixels that stay within one sample, whose r and u are contiguous.
+    const int64_t grain = std::max<int64_t>(1, 32768 / channels);
+    at::parallel_for(0, g.batch * plane, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t idx = begin; idx < end;) {
         const int64_t n = idx / plane, p = idx % plane;
-        const acc_t r = ratio[n * mask_stride + p];
-        const acc_t u = update[n * mask_stride + p];
-        const scalar_t* s = src + idx * channels;
-        scalar_t* d = dst + idx * channels;
-        if (has_bias) {
-          for (int64_t c = 0; c < channels; ++c) {
-            d[c] = static_cast<scalar_t>((static_cast<acc_t>(s[c]) * r + b[c]) * u);
-          }
-        } else {
-          for (int64_t c = 0; c < channels; ++c) {
-            d[c] = static_cast<scalar_t>(static_cast<acc_t>(s[c]) * r);
-          }
-        }
+        const int64_t run = std::min(end - idx, plane - p);
+        loops::renormalise_pixels<scalar_t>(src + idx * channels, ratio + n * mask_stride + p,
+                                            update + n * mask_stride + p, b.data(), has_bias,
+                                            dst + idx * channels, run, channels);
+        idx += run;
       }
     });
   } else {
@@ -170,20 +165,9 @@ void epilogue(const at::Tensor& raw, const MaskRatio& mr, const at::Tensor& bias
     at::parallel_for(0, g.batch * channels, grain, [&](int64_t begin, int64_t end) {
       for (int64_t nc = begin; nc < end; ++nc) {
         const int64_t n = nc / channels, c = nc % channels;
-        const acc_t* r = ratio + n * mask_stride;
-        const acc_t* u = update + n * mask_stride;
-        const scalar_t* s = src + nc * plane;
-        scalar_t* d = dst + nc * plane;
-        if (has_bias) {
-          const acc_t bc = b[c];
-          for (int64_t p = 0; p < plane; ++p) {
-            d[p] = static_cast<scalar_t>((static_cast<acc_t>(s[p]) * r[p] + bc) * u[p]);
-          }
-        } else {
-          for (int64_t p = 0; p < plane; ++p) {
-            d[p] = static_cast<scalar_t>(static_cast<acc_t>(s[p]) * r[p]);
-          }
-        }
+        loops::renormalise_plane<scalar_t>(src + nc * plane, ratio + n * mask_stride,
+                                           update + n * mask_stride, b[c], has_bias,
+                                           dst + nc * plane, plane);
       }
     });
   }
@@ -244,21 +228,14 @@ void grad_prologue(const at::Tensor& grad_out, const MaskRatio& mr, bool has_bia
       for (int64_t blk = begin; blk < end; ++blk) {
         acc_t* row = need_db ? partial.data() + blk * channels : nullptr;
         const int64_t stop = std::min(pixels, (blk + 1) * block);
-        for (int64_t idx = blk * block; idx < stop; ++idx) {
+        for (int64_t idx = blk * block; idx < stop;) {
           const int64_t n = idx / plane, p = idx % plane;
-          const acc_t r = ratio[n * mask_stride + p];
-          const acc_t u = update[n * mask_stride + p];
-          const acc_t scale = has_bias ? r * u : r;
-          const scalar_t* s = gy + idx * channels;
-          if (need_graw) {
-            scalar_t* d = gr + idx * channels;
-            for (int64_t c = 0; c < channels; ++c) {
-              d[c] = static_cast<scalar_t>(static_cast<acc_t>(s[c]) * scale);
-            }
-          }
-          if (row) {
-            for (int64_t c = 0; c < channels; ++c) row[c] += static_cast<acc_t>(s[c]) * u;
-          }
+          const int64_t run = std::min(stop - idx, plane - p);
+          loops::grad_pixels<scalar_t>(gy + idx * channels, ratio + n * mask_stride + p,
+                                       update + n * mask_stride + p, has_bias,
+                                       need_graw ? gr + idx * channels : nullptr, row, run,
+                                       channels);
+          idx += run;
         }
       }
     });
@@ -273,29 +250,10 @@ void grad_prologue(const at::Tensor& grad_out, const MaskRatio& mr, bool has_bia
       for (int64_t c = begin; c < end; ++c) {
         acc_t sum = 0;
         for (int64_t n = 0; n < g.batch; ++n) {
-          const acc_t* r = ratio + n * mask_stride;
-          const acc_t* u = update + n * mask_stride;
           const int64_t offset = (n * channels + c) * plane;
-          const scalar_t* s = gy + offset;
-          if (need_graw) {
-            scalar_t* d = gr + offset;
-            if (has_bias) {
-              for (int64_t p = 0; p < plane; ++p) {
-                d[p] = static_cast<scalar_t>(static_cast<acc_t>(s[p]) * r[p] * u[p]);
-              }
-            } else {
-              for (int64_t p = 0; p < plane; ++p) {
-                d[p] = static_cast<scalar_t>(static_cast<acc_t>(s[p]) * r[p]);
-              }
-            }
-          }
-          if (need_db) {
-            // omp simd lets the sum be vectorised (a plain loop must keep its order).
-            acc_t part = 0;
-#pragma omp simd reduction(+ : part)
-            for (int64_t p = 0; p < plane; ++p) part += static_cast<acc_t>(s[p]) * u[p];
-            sum += part;
-          }
+          sum += loops::grad_plane<scalar_t>(gy + offset, ratio + n * mask_stride,
+                                             update + n * mask_stride, has_bias,
+                                             need_graw ? gr + offset : nullptr, need_db, plane);
         }
         if (need_db) db[c] = sum;
       }
