@@ -1,7 +1,7 @@
 """Benchmark runner: one table of every UNet layer shape, written as JSON too.
 
     python -m benchmarks                       # preset for the machine (GPU if present)
-    python -m benchmarks --preset cpu --json out.json
+    python -m benchmarks --preset cpu --json out.json --markdown out.md
     python -m benchmarks --smoke               # tiny shapes, a few repeats (CI)
 
 Each layer row times, in the same run, the plain ``nn.Conv2d`` of the same shape (the
@@ -16,13 +16,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
+import statistics
 import sys
 import time
 
 import torch
 
 from . import cases, timing
+from .markdown import format_markdown, geomean, ratio
 from .shapes import LayerShape, distinct, unet_layer_shapes
 
 IMPLS = ("conv", "fused", "reference", "lean", "compiled")
@@ -44,9 +45,16 @@ SMOKE_SHAPES = [LayerShape(3, 8, 7, 2, 3, 16, 16), LayerShape(8, 16, 3, 1, 1, 8,
                 LayerShape(19, 3, 3, 1, 1, 16, 16)]
 
 
-def geomean(values):
-    values = [v for v in values if v is not None]
-    return math.exp(sum(math.log(v) for v in values) / len(values)) if values else float("nan")
+def record_times(row, times, base):
+    """Fill ``row`` from interleaved samples: ``ms`` (medians), ``ratio`` (paired ratio of
+    each implementation to ``base``, named in ``ratio_base``) and ``fused_vs`` (paired ratio of the fused op to each
+    other one; above 1 means the fused op is slower)."""
+    row["ms"] = {name: statistics.median(v) for name, v in times.items()}
+    row["ratio"] = {name: timing.paired_ratio(v, times[base]) for name, v in times.items()}
+    row["ratio_base"] = base
+    if "fused" in times:
+        row["fused_vs"] = {name: timing.paired_ratio(times["fused"], v)
+                           for name, v in times.items() if name != "fused"}
 
 
 def layer_rows(args, device, log):
@@ -74,8 +82,8 @@ def layer_rows(args, device, log):
                     row = dict(size=size, model=model, layer=shape.label, mode=mode,
                                dtype=dtype_name, pass_=pass_name, ms={})
                     calls = {name: make_call(impl, shape, w, b) for name, impl in impls.items()}
-                    row["ms"] = timing.median_times_ms(calls, inputs, device, args.warmup,
-                                                       args.repeats)
+                    record_times(row, timing.interleaved_times_ms(
+                        calls, inputs, device, args.warmup, args.repeats), base="conv")
                     if pass_name == "fwd+bwd":
                         probes.append((row, shape, mode, dtype))
                     rows.append(row)
@@ -107,17 +115,17 @@ def model_rows(args, device, log):
                                              dtype, **kwargs)
                  for name, layer in (("fused", pconv_cuda.PartialConv2d),
                                      ("reference", pconv_cuda.ReferencePartialConv2d))}
-        row["ms"] = timing.median_times_ms({n: (lambda _, s=s: s()) for n, s in steps.items()},
-                                           [None], device, max(1, args.warmup),
-                                           args.model_repeats)
+        record_times(row, timing.interleaved_times_ms(
+            {n: (lambda _, s=s: s()) for n, s in steps.items()}, [None], device,
+            max(1, args.warmup), args.model_repeats), base="fused")
         rows.append(row)
     return rows
 
 
-def _cell(ms, floor):
-    if ms is None:
+def _cell(row, impl, base):
+    if impl not in row["ms"]:
         return "-"
-    return f"{ms:8.3f} ({ms / floor:4.2f}x)" if floor else f"{ms:8.3f}"
+    return f"{row['ms'][impl]:8.3f} ({ratio(row, impl, base):4.2f}x)"
 
 
 def format_table(rows, env) -> str:
@@ -128,9 +136,9 @@ def format_table(rows, env) -> str:
     lines = [head, "times in ms, (ratio to the plain conv); step rows: ratio to the fused step",
              " | ".join(cols)]
     for r in rows:
-        floor = r["ms"].get("conv") or r["ms"].get("fused")
+        base = "conv" if "conv" in r["ms"] else "fused"
         cells = [str(r["size"]), r["model"], r["layer"], r["mode"], r["dtype"], r["pass_"]]
-        cells += [_cell(r["ms"].get(i), floor) for i in IMPLS]
+        cells += [_cell(r, i, base) for i in IMPLS]
         peak = r.get("peak_mb")
         cells.append(f"{peak['fused']:.1f}/{peak['reference']:.1f}" if peak else "-")
         lines.append(" | ".join(cells))
@@ -140,7 +148,7 @@ def format_table(rows, env) -> str:
     for dtype, mode, pass_ in groups:
         sel = [r for r in rows if (r["dtype"], r["mode"], r["pass_"]) == (dtype, mode, pass_)
                and "conv" in r["ms"]]
-        parts = [f"{i} {geomean([r['ms'][i] / r['ms']['conv'] for r in sel if i in r['ms']]):.3f}"
+        parts = [f"{i} {geomean([ratio(r, i) for r in sel if i in r['ms']]):.3f}"
                  for i in IMPLS[1:] if any(i in r["ms"] for r in sel)]
         lines.append(f"  {dtype:8s} {mode:6s} {pass_:7s} " + "  ".join(parts))
     return "\n".join(lines)
@@ -170,6 +178,7 @@ def parse_args(argv=None):
                    help="retain: glibc keeps freed memory, so no implementation pays page "
                         "faults on reused sizes (CPU preset); default: glibc as it comes")
     p.add_argument("--json", help="write the rows and the environment here")
+    p.add_argument("--markdown", help="write the tables as Markdown here (the README's form)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     args = p.parse_args(argv)
     if args.smoke:
@@ -210,4 +219,7 @@ def main(argv=None) -> int:
         with open(args.json, "w") as f:
             json.dump({"environment": env, "args": {k: v for k, v in vars(args).items()},
                        "rows": rows}, f, indent=1)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(format_markdown(rows, env))
     return 0

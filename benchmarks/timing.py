@@ -28,14 +28,16 @@ def _time_once_ms(fn: Callable[[object], object], arg: object, device: str) -> f
     return (time.perf_counter() - t0) * 1e3
 
 
-def median_times_ms(calls: Mapping[str, Callable[[object], object]], inputs: Sequence[object],
-                    device: str, warmup: int, repeats: int) -> dict[str, float]:
-    """Median wall time in ms of each ``calls[name](inputs[i % len(inputs)])``.
+def interleaved_times_ms(calls: Mapping[str, Callable[[object], object]],
+                        inputs: Sequence[object], device: str, warmup: int,
+                        repeats: int) -> dict[str, list[float]]:
+    """Wall times in ms of ``repeats`` calls of each ``calls[name](inputs[i % len(inputs)])``.
 
     The calls are interleaved: every repeat runs each of them once, in an order rotated
     from one repeat to the next, so a slow stretch of the machine (another process, clock
     changes, allocator state) lands on all of them alike rather than on whichever was being
-    timed at that moment. ``warmup`` untimed rounds come first."""
+    timed at that moment. ``warmup`` untimed rounds come first. Entry i of every list comes
+    from repeat i, so the lists can be compared pairwise (:func:`paired_ratio`)."""
     names = list(calls)
     for i in range(warmup):
         for name in names:
@@ -47,7 +49,23 @@ def median_times_ms(calls: Mapping[str, Callable[[object], object]], inputs: Seq
         shift = i % len(names)
         for name in names[shift:] + names[:shift]:
             times[name].append(_time_once_ms(calls[name], inputs[i % len(inputs)], device))
+    return times
+
+
+def median_times_ms(calls: Mapping[str, Callable[[object], object]], inputs: Sequence[object],
+                    device: str, warmup: int, repeats: int) -> dict[str, float]:
+    """Median of :func:`interleaved_times_ms` for each call."""
+    times = interleaved_times_ms(calls, inputs, device, warmup, repeats)
     return {name: statistics.median(v) for name, v in times.items()}
+
+
+def paired_ratio(times: Sequence[float], base: Sequence[float]) -> float:
+    """Median over repeats of times[i] / base[i]: the ratio of two interleaved series.
+
+    Each pair ran back to back, so a slow stretch of the machine cancels out of the ratio;
+    the ratio of the two medians can instead pair a quiet stretch of one with a busy
+    stretch of the other."""
+    return statistics.median(t / b for t, b in zip(times, base))
 
 
 def median_time_ms(fn: Callable[[object], object], inputs: Sequence[object], device: str,

@@ -8,8 +8,8 @@ from benchmarks.shapes import unet_layer_shapes
 
 
 def test_smoke_table_is_complete_and_finite(tmp_path, capsys):
-    out = tmp_path / "bench.json"
-    assert run.main(["--smoke", "--quiet", "--json", str(out)]) == 0
+    out, md = tmp_path / "bench.json", tmp_path / "bench.md"
+    assert run.main(["--smoke", "--quiet", "--json", str(out), "--markdown", str(md)]) == 0
     table = capsys.readouterr().out
     data = json.loads(out.read_text())
     rows = data["rows"]
@@ -29,6 +29,21 @@ def test_smoke_table_is_complete_and_finite(tmp_path, capsys):
         assert label in table
     assert "nan" not in table and "inf" not in table
 
+    # The Markdown form: one table row per (shape, mode), every ratio finite.
+    text = md.read_text()
+    table_rows = [line for line in text.splitlines()
+                  if line.startswith("| ") and ("(single)" in line or "(multi)" in line)]
+    assert len(table_rows) == len(run.SMOKE_SHAPES) * 2
+    for line in table_rows:
+        cells = [c.strip() for c in line.strip("|").split("|")][1:]
+        ratios = [float(c.rstrip("×")) for c in cells if c.endswith("×")]
+        assert len(ratios) == 2 * (len(run.IMPLS) - 1)
+        assert all(math.isfinite(v) and v > 0 for v in ratios)
+    for label in ("Geometric means", "Training step", "fused slower than reference",
+                  "fused slower than lean"):
+        assert label in text
+    assert "nan" not in text and "inf" not in text
+
 
 def test_layer_shapes_follow_the_models():
     at256 = unet_layer_shapes(256)
@@ -39,3 +54,19 @@ def test_layer_shapes_follow_the_models():
     assert modified[0] == "3->64 k3 s1 @256" and "64->64 k3 s1 @256" in modified
     at512 = [s.label for s in unet_layer_shapes(512)["pconv"]]
     assert at512[0] == "3->64 k7 s2 @512" and "512->512 k3 s2 @4" in at512  # 8 levels
+
+
+def test_paired_ratio_cancels_a_slow_stretch():
+    """Two interleaved series, the second always 10% slower than the first; the machine is
+    three times slower in some repeats. The paired ratio finds 1.1 exactly; the ratio of
+    the medians does not."""
+    import statistics
+
+    from benchmarks.timing import paired_ratio
+
+    load = [1, 1, 1, 1, 3, 3, 3]
+    base = [1.0 * s for s in load]
+    slow = [1.1 * s for s in load]
+    slow[3] = 3.3  # this repeat of the second series alone ran in a busy stretch
+    assert abs(paired_ratio(slow, base) - 1.1) < 1e-12
+    assert abs(statistics.median(slow) / statistics.median(base) - 3.3) < 1e-12

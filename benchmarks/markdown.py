@@ -1,0 +1,109 @@
+"""The runner's rows as Markdown, in the form the README shows them.
+
+    python -m benchmarks --preset cpu --models pconv --markdown cpu.md
+
+One table per dtype (a row per layer shape and mask mode: the plain conv's time and every
+other implementation as a ratio to it, forward and forward + backward, peak memory), the
+geometric means, the training step, and the rows where the fused op is slower than the
+reference or the lean style. Ratios are paired: the median over repeats of the ratio of
+two calls timed back to back (see ``timing.paired_ratio``).
+"""
+from __future__ import annotations
+
+import math
+
+COMPARED = ("fused", "reference", "lean", "compiled")
+PASSES = ("fwd", "fwd+bwd")
+
+
+def geomean(values) -> float:
+    values = list(values)
+    return math.exp(sum(math.log(v) for v in values) / len(values)) if values else float("nan")
+
+
+def ratio(row, impl, base="conv") -> float:
+    """Ratio of ``impl`` to ``base`` in ``row``: the paired ratio the runner recorded (the
+    median over repeats of the per-repeat ratio), or the ratio of the medians for rows
+    without one."""
+    if base == row.get("ratio_base", "conv") and impl in row.get("ratio", {}):
+        return row["ratio"][impl]
+    if impl == "fused" and base in row.get("fused_vs", {}):
+        return row["fused_vs"][base]
+    return row["ms"][impl] / row["ms"][base]
+
+
+def _layer_rows(rows):
+    return [r for r in rows if r["pass_"] in PASSES and "conv" in r["ms"]]
+
+
+def _present(rows):
+    return [i for i in COMPARED if any(i in r["ms"] for r in rows)]
+
+
+def _dtype_table(rows, dtype, impls) -> list[str]:
+    head = ["layer (C_in→C_out, kernel, stride, input)"]
+    for pass_ in PASSES:
+        head += [f"conv {pass_} ms"] + [f"{i} {pass_}" for i in impls]
+    head.append("peak MB fused / ref")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    by_key = {(r["layer"], r["mode"], r["pass_"]): r for r in rows if r["dtype"] == dtype}
+    keys = []
+    for r in rows:
+        key = (r["layer"], r["mode"])
+        if r["dtype"] == dtype and key not in keys:
+            keys.append(key)
+    for layer, mode in keys:
+        cells = [f"{layer.replace('->', '→')} ({mode})"]
+        peak = None
+        for pass_ in PASSES:
+            r = by_key.get((layer, mode, pass_))
+            if r is None:
+                cells += ["-"] * (1 + len(impls))
+                continue
+            cells.append(f"{r['ms']['conv']:.2f}")
+            cells += [f"{ratio(r, i):.2f}×" if i in r["ms"] else "-" for i in impls]
+            peak = r.get("peak_mb") or peak
+        cells.append(f"{peak['fused']:.1f} / {peak['reference']:.1f}" if peak else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _slower_rows(rows) -> list[str]:
+    lines = []
+    for other in ("reference", "lean"):
+        both = [r for r in rows if other in r["ms"] and "fused" in r["ms"]]
+        slower = [r for r in both if ratio(r, "fused", other) > 1]
+        worst = max((ratio(r, "fused", other) - 1 for r in slower), default=0.0)
+        lines.append(f"- fused slower than {other}: {len(slower)} of {len(both)} rows"
+                     + (f" (by at most {100 * worst:.1f}%)" if slower else ""))
+        for r in slower:
+            lines.append(f"  - {r['dtype']} {r['mode']} {r['layer']} {r['pass_']}: "
+                         f"{r['ms']['fused']:.3f} vs {r['ms'][other]:.3f} ms (median), "
+                         f"+{100 * (ratio(r, 'fused', other) - 1):.1f}% (paired)")
+    return lines
+
+
+def format_markdown(rows, env) -> str:
+    """Markdown tables of the runner's rows (see the module docstring)."""
+    layers = _layer_rows(rows)
+    impls = _present(layers)
+    out = [f"Device: {env['device']}; torch {env['torch']}; CUDA {env['cuda']}; "
+           f"cuDNN {env['cudnn']}; TF32 matmul={env['tf32_matmul']} cudnn={env['tf32_cudnn']}; "
+           f"malloc: {env.get('malloc', 'default')}.", ""]
+    for dtype in dict.fromkeys(r["dtype"] for r in layers):
+        out += [f"{dtype}:", ""] + _dtype_table(layers, dtype, impls) + [""]
+    out += ["Geometric means of the ratio to the plain conv:", "",
+            "| dtype, mask, pass | " + " | ".join(impls) + " |",
+            "|---|" + "---|" * len(impls)]
+    for dtype, mode, pass_ in dict.fromkeys((r["dtype"], r["mode"], r["pass_"]) for r in layers):
+        sel = [r for r in layers if (r["dtype"], r["mode"], r["pass_"]) == (dtype, mode, pass_)]
+        means = [geomean(ratio(r, i) for r in sel if i in r["ms"]) for i in impls]
+        name = {"fwd": "forward", "fwd+bwd": "forward + backward"}[pass_]
+        out.append(f"| {dtype}, {mode}, {name} | " + " | ".join(f"{m:.3f}" for m in means) + " |")
+    steps = [r for r in rows if r["pass_"] == "step"]
+    if steps:
+        out += ["", "Training step of the PConv UNet:", ""]
+        out += [f"- {r['dtype']}: fused {r['ms']['fused']:.1f} ms, reference "
+                f"{r['ms']['reference']:.1f} ms" for r in steps]
+    out += ["", "Rows where the fused op is slower:", ""] + _slower_rows(layers)
+    return "\n".join(out) + "\n"
