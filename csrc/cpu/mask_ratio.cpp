@@ -31,27 +31,30 @@ std::vector<TapRange> tap_ranges(int64_t out, int64_t size, int64_t kernel, int6
   return ranges;
 }
 
-// s[ow] += the window sums of output row oh over the mask plane, for every in-bounds tap.
-// Loops run tap by tap over the whole row (vectorised along ow), yet every s[ow] still
-// adds its taps in row-major order, as a loop over each window would.
+// s[ow] = the window sums of one output row over the mask plane, separably: first the
+// sum over the window's in-bounds rows for every input column (contiguous, vectorised),
+// then, tap by tap along the row, the sum of those column sums (vectorised along ow). A
+// 7x7 window costs 7 + 7 adds per output instead of 49.
 template <typename acc_t>
 void row_window_sums(const acc_t* plane, TapRange rr, int64_t ih0, const ConvGeometry& g,
-                     acc_t* s) {
-  std::fill(s, s + g.out_w, acc_t(0));
+                     acc_t* col, acc_t* s) {
+  std::fill(col, col + g.in_w, acc_t(0));
   for (int64_t i = rr.lo; i < rr.hi; ++i) {
     const acc_t* line = plane + (ih0 + i * g.dil_h) * g.in_w;
-    for (int64_t j = 0; j < g.kernel_w; ++j) {
-      // Input column ow * stride + off must lie in [0, in_w).
-      const int64_t off = j * g.dil_w - g.pad_w;
-      if (g.in_w - 1 - off < 0) continue;
-      const int64_t lo = off >= 0 ? 0 : (-off + g.stride_w - 1) / g.stride_w;
-      const int64_t hi = std::min(g.out_w, (g.in_w - 1 - off) / g.stride_w + 1);
-      const acc_t* base = line + off;
-      if (g.stride_w == 1) {
-        for (int64_t ow = lo; ow < hi; ++ow) s[ow] += base[ow];
-      } else {
-        for (int64_t ow = lo; ow < hi; ++ow) s[ow] += base[ow * g.stride_w];
-      }
+    for (int64_t iw = 0; iw < g.in_w; ++iw) col[iw] += line[iw];
+  }
+  std::fill(s, s + g.out_w, acc_t(0));
+  for (int64_t j = 0; j < g.kernel_w; ++j) {
+    // Input column ow * stride + off must lie in [0, in_w).
+    const int64_t off = j * g.dil_w - g.pad_w;
+    if (g.in_w - 1 - off < 0) continue;
+    const int64_t lo = off >= 0 ? 0 : (-off + g.stride_w - 1) / g.stride_w;
+    const int64_t hi = std::min(g.out_w, (g.in_w - 1 - off) / g.stride_w + 1);
+    const acc_t* base = col + off;
+    if (g.stride_w == 1) {
+      for (int64_t ow = lo; ow < hi; ++ow) s[ow] += base[ow];
+    } else {
+      for (int64_t ow = lo; ow < hi; ++ow) s[ow] += base[ow * g.stride_w];
     }
   }
 }
@@ -65,13 +68,14 @@ void ratio_kernel(const acc_t* msum, acc_t* ratio, acc_t* update, int64_t planes
   const acc_t eps = static_cast<acc_t>(1e-8);
   const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(g.out_w, 1));
   at::parallel_for(0, planes * g.out_h, grain, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> sums(g.out_w);
+    std::vector<acc_t> sums(g.out_w), columns(g.in_w);
     acc_t* s = sums.data();
     for (int64_t row = begin; row < end; ++row) {
       const int64_t n = row / g.out_h, oh = row % g.out_h;
       const TapRange rr = rows[oh];
       if (msum) {
-        row_window_sums(msum + n * g.in_h * g.in_w, rr, oh * g.stride_h - g.pad_h, g, s);
+        row_window_sums(msum + n * g.in_h * g.in_w, rr, oh * g.stride_h - g.pad_h, g,
+                        columns.data(), s);
       } else {
         // No mask: S counts the window's in-bounds taps.
         for (int64_t ow = 0; ow < g.out_w; ++ow) {
