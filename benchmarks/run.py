@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import statistics
 import sys
 import time
@@ -47,8 +48,8 @@ SMOKE_SHAPES = [LayerShape(3, 8, 7, 2, 3, 16, 16), LayerShape(8, 16, 3, 1, 1, 8,
 
 def record_times(row, times, base):
     """Fill ``row`` from interleaved samples: ``ms`` (medians), ``ratio`` (paired ratio of
-    each implementation to ``base``, named in ``ratio_base``) and ``fused_vs`` (paired ratio of the fused op to each
-    other one; above 1 means the fused op is slower)."""
+    each implementation to ``base``, named in ``ratio_base``) and ``fused_vs`` (paired
+    ratio of the fused op to each other one; above 1 means the fused op is slower)."""
     row["ms"] = {name: statistics.median(v) for name, v in times.items()}
     row["ratio"] = {name: timing.paired_ratio(v, times[base]) for name, v in times.items()}
     row["ratio_base"] = base
@@ -57,8 +58,50 @@ def record_times(row, times, base):
                            for name, v in times.items() if name != "fused"}
 
 
-def layer_rows(args, device, log):
-    """Measure every (shape, dtype, mask mode, pass) and return one dict per row."""
+def row_key(row) -> tuple:
+    return (row["size"], row["model"], row["layer"], row["mode"], row["dtype"], row["pass_"])
+
+
+class RowStore:
+    """The rows measured so far, written to ``path`` (JSON) after every row, so a run that
+    is stopped keeps what it measured. With ``resume``, rows already in ``path`` are kept
+    and not measured again; they must come from the same device and torch."""
+
+    def __init__(self, path, env, args, resume=False):
+        self.path, self.env, self.args = path, env, args
+        self.rows: dict[tuple, dict] = {}
+        if resume and path and os.path.exists(path):
+            with open(path) as f:
+                data = json.load(f)
+            old = data.get("environment", {})
+            for key in ("device", "torch"):
+                if old.get(key) != env.get(key):
+                    raise SystemExit(f"benchmarks: {path} holds rows from {key} "
+                                     f"{old.get(key)!r}, this run has {env.get(key)!r}; "
+                                     "use another --json file")
+            for row in data.get("rows", []):
+                self.rows[row_key(row)] = row
+
+    def get(self, key):
+        return self.rows.get(key)
+
+    def add(self, row):
+        self.rows[row_key(row)] = row
+        self.save()
+
+    def save(self):
+        if not self.path:
+            return
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({"environment": self.env, "args": dict(vars(self.args)),
+                       "rows": list(self.rows.values())}, f, indent=1)
+        os.replace(tmp, self.path)
+
+
+def layer_rows(args, device, log, store, out_of_time):
+    """Measure every (shape, dtype, mask mode, pass) not yet in ``store``; returns the rows
+    of this plan in order, and whether every one of them is there."""
     if args.smoke:
         shapes = [(f"smoke", s) for s in SMOKE_SHAPES]
         shapes = [(args.sizes[0], m, s) for m, s in shapes]
@@ -66,49 +109,67 @@ def layer_rows(args, device, log):
         shapes = [(size, m, s) for size in args.sizes
                   for m, s in distinct(unet_layer_shapes(size, which=args.models))]
     impls = cases.implementations([i for i in IMPLS if i not in args.skip])
-    rows, probes = [], []
-    total = len(shapes) * len(args.dtypes) * len(args.modes)
-    done = 0
-    for dtype_name in args.dtypes:
+    plan = [(dtype_name, mode, size, model, shape) for dtype_name in args.dtypes
+            for mode in args.modes for size, model, shape in shapes]
+    passes = (("fwd", cases.forward_call), ("fwd+bwd", cases.train_call))
+    rows, complete = [], True
+    for done, (dtype_name, mode, size, model, shape) in enumerate(plan, 1):
+        keys = [(size, model, shape.label, mode, dtype_name, p) for p, _ in passes]
+        if all(store.get(k) for k in keys):
+            rows += [store.get(k) for k in keys]
+            continue
+        if out_of_time():
+            complete = False
+            continue
+        log(f"[{done}/{len(plan)}] {dtype_name} {mode} {model} {shape.label}")
         dtype = DTYPES[dtype_name]
-        for mode in args.modes:
-            for size, model, shape in shapes:
-                done += 1
-                log(f"[{done}/{total}] {dtype_name} {mode} {model} {shape.label}")
-                inputs = cases.make_inputs(shape, args.batch, mode, dtype, device, args.rotate)
-                w, b = cases.make_params(shape, dtype, device)
-                for pass_name, make_call in (("fwd", cases.forward_call),
-                                             ("fwd+bwd", cases.train_call)):
-                    row = dict(size=size, model=model, layer=shape.label, mode=mode,
-                               dtype=dtype_name, pass_=pass_name, ms={})
-                    calls = {name: make_call(impl, shape, w, b) for name, impl in impls.items()}
-                    record_times(row, timing.interleaved_times_ms(
-                        calls, inputs, device, args.warmup, args.repeats), base="conv")
-                    if pass_name == "fwd+bwd":
-                        probes.append((row, shape, mode, dtype))
-                    rows.append(row)
-                del inputs
-    # Memory after the timings, so the profiler's bookkeeping never touches them.
-    for row, shape, mode, dtype in probes:
-        inputs = cases.make_inputs(shape, args.batch, mode, dtype, device, 1)
+        inputs = cases.make_inputs(shape, args.batch, mode, dtype, device, args.rotate)
         w, b = cases.make_params(shape, dtype, device)
+        for (pass_name, make_call), key in zip(passes, keys):
+            row = dict(size=size, model=model, layer=shape.label, mode=mode,
+                       dtype=dtype_name, pass_=pass_name, ms={})
+            calls = {name: make_call(impl, shape, w, b) for name, impl in impls.items()}
+            record_times(row, timing.interleaved_times_ms(
+                calls, inputs, device, args.warmup, args.repeats), base="conv")
+            store.add(row)
+            rows.append(row)
+        del inputs
+    # Memory after the timings, so the profiler's bookkeeping never touches them.
+    for row in rows:
+        if row["pass_"] != "fwd+bwd" or "peak_mb" in row:
+            continue
+        if out_of_time():
+            complete = False
+            break
+        shape = next(s for size, _, s in shapes
+                     if size == row["size"] and s.label == row["layer"])
+        inputs = cases.make_inputs(shape, args.batch, row["mode"], DTYPES[row["dtype"]],
+                                   device, 1)
+        w, b = cases.make_params(shape, DTYPES[row["dtype"]], device)
         row["peak_mb"] = {
             name: timing.peak_memory_mb(
                 lambda: cases.train_call(impls[name], shape, w, b)(inputs[0]), device)
             for name in ("fused", "reference") if name in impls}
-    return rows
+        store.add(row)
+    return rows, complete
 
 
-def model_rows(args, device, log):
+def model_rows(args, device, log, store, out_of_time):
     """One PConv UNet training step with the fused layer and with the reference layer."""
     import pconv_cuda
 
     logging.getLogger("train.vgg").setLevel(logging.ERROR)  # random VGG: fine for timing
-    rows = []
+    rows, complete = [], True
     for dtype_name in args.dtypes:
-        dtype = DTYPES[dtype_name]
         row = dict(size=args.model_size, model="pconv", layer="training step", mode="single",
                    dtype=dtype_name, pass_="step", ms={})
+        if store.get(row_key(row)):
+            rows.append(store.get(row_key(row)))
+            continue
+        if out_of_time():
+            complete = False
+            continue
+        dtype = DTYPES[dtype_name]
         log(f"training step {dtype_name}")
         kwargs = dict(layers=4, base_channels=8) if args.smoke else {}
         steps = {name: cases.unet_train_step(layer, args.model_size, args.model_batch, device,
@@ -118,8 +179,9 @@ def model_rows(args, device, log):
         record_times(row, timing.interleaved_times_ms(
             {n: (lambda _, s=s: s()) for n, s in steps.items()}, [None], device,
             max(1, args.warmup), args.model_repeats), base="fused")
+        store.add(row)
         rows.append(row)
-    return rows
+    return rows, complete
 
 
 def _cell(row, impl, base):
@@ -179,6 +241,11 @@ def parse_args(argv=None):
                         "faults on reused sizes (CPU preset); default: glibc as it comes")
     p.add_argument("--json", help="write the rows and the environment here")
     p.add_argument("--markdown", help="write the tables as Markdown here (the README's form)")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the rows already in the --json file and measure only the rest")
+    p.add_argument("--max-minutes", type=float,
+                   help="measure no new row after this long; the rows so far are kept "
+                        "(with --json, --resume goes on from there)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     args = p.parse_args(argv)
     if args.smoke:
@@ -189,6 +256,8 @@ def parse_args(argv=None):
         if getattr(args, key, None) is None:
             setattr(args, key, value)
     args.skip = args.skip or []
+    if args.resume and not args.json:
+        p.error("--resume needs --json FILE (the rows to go on from)")
     if args.smoke:
         args.model_repeats = min(args.model_repeats, 2)
     return args, device
@@ -210,16 +279,22 @@ def main(argv=None) -> int:
 
     env = timing.environment(device)
     env["malloc"] = "glibc, freed memory retained" if retained else "default"
-    rows = layer_rows(args, device, log)
+    store = RowStore(args.json, env, args, resume=args.resume)
+
+    def out_of_time():
+        return args.max_minutes is not None and time.time() - start > 60 * args.max_minutes
+
+    rows, complete = layer_rows(args, device, log, store, out_of_time)
     if not args.no_model:
-        rows += model_rows(args, device, log)
-    table = format_table(rows, env)
-    print(table)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"environment": env, "args": {k: v for k, v in vars(args).items()},
-                       "rows": rows}, f, indent=1)
+        step_rows, steps_complete = model_rows(args, device, log, store, out_of_time)
+        rows += step_rows
+        complete = complete and steps_complete
+    print(format_table(rows, env))
     if args.markdown:
         with open(args.markdown, "w") as f:
             f.write(format_markdown(rows, env))
+    if not complete:
+        print(f"benchmarks: stopped after --max-minutes {args.max_minutes} with some rows "
+              f"unmeasured; run again with --resume --json {args.json} to measure the rest",
+              file=sys.stderr)
     return 0

@@ -3,6 +3,8 @@ is not asserted here), and the layer shapes are read off the real models."""
 import json
 import math
 
+import pytest
+
 from benchmarks import run
 from benchmarks.shapes import unet_layer_shapes
 
@@ -70,3 +72,37 @@ def test_paired_ratio_cancels_a_slow_stretch():
     slow[3] = 3.3  # this repeat of the second series alone ran in a busy stretch
     assert abs(paired_ratio(slow, base) - 1.1) < 1e-12
     assert abs(statistics.median(slow) / statistics.median(base) - 3.3) < 1e-12
+
+
+def test_resume_keeps_measured_rows_and_measures_the_rest(tmp_path, capsys):
+    """Rows are written as they are measured; --resume measures only the missing ones, and
+    --max-minutes stops before new rows without losing the old."""
+    path = tmp_path / "bench.json"
+    common = ["--smoke", "--quiet", "--no-model", "--json", str(path)]
+    assert run.main(common) == 0
+    data = json.loads(path.read_text())
+    rows = data["rows"]
+    assert len(rows) == len(run.SMOKE_SHAPES) * 2 * 2
+    kept, dropped = rows[0], rows[-2:]
+    kept["ms"]["fused"] = 123456.0  # a value no measurement gives: it must survive
+    data["rows"] = rows[:-2]
+    path.write_text(json.dumps(data))
+
+    # No time left: nothing new is measured, the file keeps its rows, the run says so.
+    assert run.main(common + ["--resume", "--max-minutes", "0"]) == 0
+    assert "--resume" in capsys.readouterr().err
+    assert len(json.loads(path.read_text())["rows"]) == len(rows) - 2
+
+    assert run.main(common + ["--resume"]) == 0
+    after = {run.row_key(r): r for r in json.loads(path.read_text())["rows"]}
+    assert len(after) == len(rows)
+    assert after[run.row_key(kept)]["ms"]["fused"] == 123456.0
+    for r in dropped:
+        assert math.isfinite(after[run.row_key(r)]["ms"]["fused"])
+
+    # Rows from another device are never mixed in.
+    data = json.loads(path.read_text())
+    data["environment"]["device"] = "another machine"
+    path.write_text(json.dumps(data))
+    with pytest.raises(SystemExit, match="another machine"):
+        run.main(common + ["--resume"])
