@@ -163,11 +163,15 @@ void epilogue(const at::Tensor& raw, const MaskRatio& mr, const at::Tensor& bias
   } else {
     const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(plane, 1));
     at::parallel_for(0, g.batch * channels, grain, [&](int64_t begin, int64_t end) {
-      for (int64_t nc = begin; nc < end; ++nc) {
+      // Runs of planes within one sample, which share r and u.
+      for (int64_t nc = begin; nc < end;) {
         const int64_t n = nc / channels, c = nc % channels;
-        loops::renormalise_plane<scalar_t>(src + nc * plane, ratio + n * mask_stride,
-                                           update + n * mask_stride, b[c], has_bias,
-                                           dst + nc * plane, plane);
+        const int64_t run = std::min(end - nc, channels - c);
+        loops::renormalise_planes<scalar_t>(src + nc * plane, ratio + n * mask_stride,
+                                            update + n * mask_stride,
+                                            has_bias ? b.data() + c : nullptr,
+                                            dst + nc * plane, run, plane);
+        nc += run;
       }
     });
   }
@@ -245,18 +249,19 @@ void grad_prologue(const at::Tensor& grad_out, const MaskRatio& mr, bool has_bia
       }
     }
   } else {
-    // One task per output channel: it owns db[c], so no reduction across threads.
-    at::parallel_for(0, channels, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t c = begin; c < end; ++c) {
-        acc_t sum = 0;
-        for (int64_t n = 0; n < g.batch; ++n) {
-          const int64_t offset = (n * channels + c) * plane;
-          sum += loops::grad_plane<scalar_t>(gy + offset, ratio + n * mask_stride,
-                                             update + n * mask_stride, has_bias,
-                                             need_graw ? gr + offset : nullptr, need_db, plane);
-        }
-        if (need_db) db[c] = sum;
+    // Tasks own blocks of output channels, and each channel sums over the batch in order,
+    // so the bias gradient does not depend on the thread count.
+    const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(plane * g.batch, 1));
+    at::parallel_for(0, channels, grain, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> sums(need_db ? end - begin : 0, acc_t(0));
+      for (int64_t n = 0; n < g.batch; ++n) {
+        const int64_t offset = (n * channels + begin) * plane;
+        loops::grad_planes<scalar_t>(gy + offset, ratio + n * mask_stride,
+                                     update + n * mask_stride, has_bias,
+                                     need_graw ? gr + offset : nullptr,
+                                     need_db ? sums.data() : nullptr, end - begin, plane);
       }
+      if (need_db) std::copy(sums.begin(), sums.end(), db + begin);
     });
   }
 }

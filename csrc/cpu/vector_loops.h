@@ -47,19 +47,25 @@ PCONV_CPU_CLONES void accumulate(const scalar_t* x, acc_t* sum, int64_t len, boo
   }
 }
 
-// Epilogue of one NCHW plane: d[p] = (s[p] * r[p] + b) * u[p] with a bias, s[p] * r[p]
-// without. d may alias s.
+// Epilogue of `planes` consecutive NCHW planes of one sample (they share r and u; plane
+// k has bias b[k]): d[p] = (s[p] * r[p] + b) * u[p] with a bias (b not null), s[p] * r[p]
+// without. d may alias s. One call covers many planes, so 4x4 layers do not pay a call
+// per channel.
 template <typename scalar_t>
-PCONV_CPU_CLONES void renormalise_plane(const scalar_t* s, const acc_type<scalar_t>* r,
-                                        const acc_type<scalar_t>* u, acc_type<scalar_t> b,
-                                        bool has_bias, scalar_t* d, int64_t len) {
+PCONV_CPU_CLONES void renormalise_planes(const scalar_t* s, const acc_type<scalar_t>* r,
+                                         const acc_type<scalar_t>* u,
+                                         const acc_type<scalar_t>* b, scalar_t* d,
+                                         int64_t planes, int64_t len) {
   using acc_t = acc_type<scalar_t>;
-  if (has_bias) {
-    for (int64_t p = 0; p < len; ++p) {
-      d[p] = static_cast<scalar_t>((static_cast<acc_t>(s[p]) * r[p] + b) * u[p]);
+  for (int64_t k = 0; k < planes; ++k, s += len, d += len) {
+    if (b != nullptr) {
+      const acc_t bk = b[k];
+      for (int64_t p = 0; p < len; ++p) {
+        d[p] = static_cast<scalar_t>((static_cast<acc_t>(s[p]) * r[p] + bk) * u[p]);
+      }
+    } else {
+      for (int64_t p = 0; p < len; ++p) d[p] = static_cast<scalar_t>(static_cast<acc_t>(s[p]) * r[p]);
     }
-  } else {
-    for (int64_t p = 0; p < len; ++p) d[p] = static_cast<scalar_t>(static_cast<acc_t>(s[p]) * r[p]);
   }
 }
 
@@ -83,29 +89,33 @@ PCONV_CPU_CLONES void renormalise_pixels(const scalar_t* s, const acc_type<scala
   }
 }
 
-// Gradient prologue of one NCHW plane: d[p] = g[p] * r[p] * u[p] with a bias, g[p] * r[p]
-// without (skipped when d is null); returns sum over p of g[p] * u[p] when want_sum.
+// Gradient prologue of `planes` consecutive NCHW planes of one sample (sharing r and u):
+// d[p] = g[p] * r[p] * u[p] with a bias, g[p] * r[p] without (skipped when d is null);
+// db[k] += sum over p of g[p] * u[p] for plane k (skipped when db is null).
 template <typename scalar_t>
-PCONV_CPU_CLONES acc_type<scalar_t> grad_plane(const scalar_t* g, const acc_type<scalar_t>* r,
-                                               const acc_type<scalar_t>* u, bool has_bias,
-                                               scalar_t* d, bool want_sum, int64_t len) {
+PCONV_CPU_CLONES void grad_planes(const scalar_t* g, const acc_type<scalar_t>* r,
+                                  const acc_type<scalar_t>* u, bool has_bias, scalar_t* d,
+                                  acc_type<scalar_t>* db, int64_t planes, int64_t len) {
   using acc_t = acc_type<scalar_t>;
-  if (d != nullptr) {
-    if (has_bias) {
-      for (int64_t p = 0; p < len; ++p) {
-        d[p] = static_cast<scalar_t>(static_cast<acc_t>(g[p]) * r[p] * u[p]);
+  for (int64_t k = 0; k < planes; ++k, g += len) {
+    if (d != nullptr) {
+      if (has_bias) {
+        for (int64_t p = 0; p < len; ++p) {
+          d[p] = static_cast<scalar_t>(static_cast<acc_t>(g[p]) * r[p] * u[p]);
+        }
+      } else {
+        for (int64_t p = 0; p < len; ++p) d[p] = static_cast<scalar_t>(static_cast<acc_t>(g[p]) * r[p]);
       }
-    } else {
-      for (int64_t p = 0; p < len; ++p) d[p] = static_cast<scalar_t>(static_cast<acc_t>(g[p]) * r[p]);
+      d += len;
+    }
+    if (db != nullptr) {
+      acc_t sum = 0;
+      // omp simd lets the sum be vectorised (a plain loop must keep its order).
+#pragma omp simd reduction(+ : sum)
+      for (int64_t p = 0; p < len; ++p) sum += static_cast<acc_t>(g[p]) * u[p];
+      db[k] += sum;
     }
   }
-  acc_t sum = 0;
-  if (want_sum) {
-    // omp simd lets the sum be vectorised (a plain loop must keep its order).
-#pragma omp simd reduction(+ : sum)
-    for (int64_t p = 0; p < len; ++p) sum += static_cast<acc_t>(g[p]) * u[p];
-  }
-  return sum;
 }
 
 // Gradient prologue of `pixels` channels_last pixels: d[c] = g[c] * scale with scale =
