@@ -103,8 +103,7 @@ def layer_rows(args, device, log, store, out_of_time):
     """Measure every (shape, dtype, mask mode, pass) not yet in ``store``; returns the rows
     of this plan in order, and whether every one of them is there."""
     if args.smoke:
-        shapes = [(f"smoke", s) for s in SMOKE_SHAPES]
-        shapes = [(args.sizes[0], m, s) for m, s in shapes]
+        shapes = [(args.sizes[0], "smoke", s) for s in SMOKE_SHAPES]
     else:
         shapes = [(size, m, s) for size in args.sizes
                   for m, s in distinct(unet_layer_shapes(size, which=args.models))]

@@ -1,7 +1,6 @@
 """``PartialConv2d``: a drop-in for ``nn.Conv2d`` and for NVIDIA's published layer."""
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from . import functional, reference
