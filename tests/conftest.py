@@ -113,7 +113,9 @@ def checkpoint(tmp_path_factory):
 
 @pytest.fixture
 def one_thread():
-    """One intra-op thread for the test: the CI machine's two cores are shared."""
+    """One intra-op thread for the test: the CI machine's two cores are shared, and the
+    trainer tests compare in-process results bit for bit with subprocesses that run with
+    OMP_NUM_THREADS=1."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -88,16 +88,6 @@ def final_state(run: Path) -> dict:
     return torch.load(latest_checkpoint(run), weights_only=True)["model"]
 
 
-@pytest.fixture
-def one_thread():
-    # The same thread count as the subprocesses (OMP_NUM_THREADS=1), so results can be
-    # compared bit for bit.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _env() -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     env.pop("WORLD_SIZE", None)
