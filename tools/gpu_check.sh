@@ -37,8 +37,16 @@ if step tests; then
 fi
 if step memcheck; then
   echo "== compute-sanitizer memcheck"
-  compute-sanitizer --tool memcheck --error-exitcode 9 $PY tools/memcheck_case.py \
-      >"$OUT/memcheck.log" 2>&1
+  # Not always on PATH: the toolkit's bin holds it.
+  SANITIZER=$(command -v compute-sanitizer ||
+              ls "${CUDA_HOME:-/usr/local/cuda}"/bin/compute-sanitizer \
+                 /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -n 1)
+  # Without the caching allocator every tensor is its own allocation, so memcheck sees an
+  # access past a tensor's end (inside a cached block it would not). PYTHONPATH: the
+  # script's folder, not the repository root, is on sys.path.
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" \
+      "${SANITIZER:-compute-sanitizer}" --tool memcheck --error-exitcode 9 \
+      $PY tools/memcheck_case.py >"$OUT/memcheck.log" 2>&1
   rc=$?; tail -5 "$OUT/memcheck.log"; status=$((status | rc))
 fi
 if step bench; then

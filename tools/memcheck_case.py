@@ -1,37 +1,67 @@
 """A small forward + backward of every kernel path on CUDA, for compute-sanitizer.
 
 Covers NCHW and channels_last, single- and multi-channel masks, a batch-broadcast mask, no
-mask, bias and no bias, float32 and float16, and an empty window, at sizes small enough to
-run under memcheck in seconds.
+mask, bias and no bias (with its gradient: the two-stage bias reduction), the training and
+the recomputing backward, float32 and float16 (float64 and bfloat16 on one geometry), and
+an empty window, at sizes small enough to run under memcheck in seconds. The geometries
+reach the scalar and the vectorised passes (H' * W' odd, then a multiple of 8) and both
+mask passes (footprint staged in shared memory, and one too big for it).
+
+Run it with PYTORCH_NO_CUDA_MEMORY_CACHING=1: inside the caching allocator's blocks an
+out-of-bounds access is invisible to memcheck.
 """
 import torch
 
 import pconv_cuda
 
+# (H, W, stride, padding, dilation) of a 3x3 layer 6 -> 8.
+GEOMETRIES = (
+    (13, 11, (2, 1), 1, 1),  # H' * W' = 77: scalar passes in NCHW
+    (16, 16, 1, 1, 1),  # H' * W' = 256: vectorised passes in NCHW
+    (8, 8, 1, 57, 60),  # 121 x 122 footprint: the mask pass reads global memory
+)
 
-def run(dtype, layout, mask_channels, mask_batch, bias):
+
+def run(dtype, layout, mask_channels, mask_batch, bias, geometry, train=True):
+    h, w_, stride, padding, dilation = geometry
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 6, 13, 11, generator=g).to("cuda", dtype).contiguous(memory_format=layout)
+    x = torch.randn(2, 6, h, w_, generator=g).to("cuda", dtype).contiguous(memory_format=layout)
     w = torch.randn(8, 6, 3, 3, generator=g).to("cuda", dtype)
     b = torch.randn(8, generator=g).to("cuda", dtype) if bias else None
     m = None
     if mask_channels:
-        m = (torch.rand(mask_batch, mask_channels, 13, 11, generator=g) > 0.4).to("cuda", dtype)
-        m[..., 2:9, 2:9] = 0  # windows with no known pixel
+        m = (torch.rand(mask_batch, mask_channels, h, w_, generator=g) > 0.4).to("cuda", dtype)
+        m[..., 2:6, 2:6] = 0  # windows with no known pixel
     x.requires_grad_(True)
-    w.requires_grad_(True)
-    out, update = pconv_cuda.partial_conv2d(x, m, w, b, stride=(2, 1), padding=1)
+    # A weight gradient with a mask takes the training pair; without, the recomputing
+    # backward (mask pass again, x * m formed only for dW).
+    w.requires_grad_(train)
+    if b is not None:
+        b.requires_grad_(True)
+    out, update = pconv_cuda.partial_conv2d(x, m, w, b, stride=stride, padding=padding,
+                                            dilation=dilation)
     out.float().sum().backward()
     torch.cuda.synchronize()
     assert torch.isfinite(out).all() and torch.isfinite(x.grad).all()
+    if b is not None:
+        assert torch.isfinite(b.grad).all()
+
+
+MASKS = ((1, 2), (6, 2), (1, 1), (0, 1))  # (channels, batch); 0 channels: no mask
 
 
 def main():
-    for dtype in (torch.float32, torch.float16):
+    for geometry in GEOMETRIES:
+        for dtype in (torch.float32, torch.float16):
+            for layout in (torch.contiguous_format, torch.channels_last):
+                for mask_channels, mask_batch in MASKS:
+                    for bias in (True, False):
+                        run(dtype, layout, mask_channels, mask_batch, bias, geometry)
+                run(dtype, layout, 6, 1, True, geometry, train=False)
+    for dtype in (torch.float64, torch.bfloat16):
         for layout in (torch.contiguous_format, torch.channels_last):
-            for mask_channels, mask_batch in ((1, 2), (6, 2), (1, 1), (0, 1)):
-                for bias in (True, False):
-                    run(dtype, layout, mask_channels, mask_batch, bias)
+            for mask_channels, mask_batch in MASKS:
+                run(dtype, layout, mask_channels, mask_batch, True, GEOMETRIES[1])
     print("memcheck case: all paths ran")
 
 
