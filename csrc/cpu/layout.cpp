@@ -37,10 +37,24 @@ void scale_run(const scalar_t* x, const scalar_t* m, scalar_t* out, int64_t len)
   }
 }
 
-template <typename scalar_t, bool kToChannelsLast, bool kMasked>
+// x * m on one run of a channel, and the run's mask values added to `sum` when there is
+// one (first: channel 0, which starts the sums).
+template <typename scalar_t, bool kMasked, typename acc_t>
+void scale_run(const scalar_t* x, const scalar_t* m, scalar_t* out, acc_t* sum, int64_t len,
+               bool first) {
+  if (sum != nullptr) {
+    loops::multiply_accumulate(x, m, out, sum, len, first);
+  } else {
+    scale_run<scalar_t, kMasked>(x, m, out, len);
+  }
+}
+
+// msum (when not null) receives the channel sum of a per-sample multi-channel mask.
+template <typename scalar_t, bool kToChannelsLast, bool kMasked,
+          typename acc_t = at::opmath_type<scalar_t>>
 void relayout_kernel(const scalar_t* src, const scalar_t* mask, scalar_t* dst, int64_t batch,
                      int64_t channels, int64_t plane, int64_t mask_batch_stride,
-                     int64_t mask_channel_stride) {
+                     int64_t mask_channel_stride, acc_t* msum) {
   constexpr int64_t kTileP = Tile<scalar_t>::kPixels, kTileC = Tile<scalar_t>::kChannels;
   const int64_t tiles = (plane + kTileP - 1) / kTileP;
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(kTileP * channels, 1));
@@ -52,13 +66,14 @@ void relayout_kernel(const scalar_t* src, const scalar_t* mask, scalar_t* dst, i
       const scalar_t* s = src + n * channels * plane;
       scalar_t* d = dst + n * channels * plane;
       const scalar_t* m_n = kMasked ? mask + n * mask_batch_stride + p0 : nullptr;
+      acc_t* sum = msum != nullptr ? msum + n * plane + p0 : nullptr;
       for (int64_t c0 = 0; c0 < channels; c0 += kTileC) {
         const int64_t nc = std::min(channels, c0 + kTileC) - c0;
         if (kToChannelsLast) {
           for (int64_t c = 0; c < nc; ++c) {
             scale_run<scalar_t, kMasked>(s + (c0 + c) * plane + p0,
                                          kMasked ? m_n + (c0 + c) * mask_channel_stride : nullptr,
-                                         buf + c * kTileP, len);
+                                         buf + c * kTileP, sum, len, c0 + c == 0);
           }
           for (int64_t p = 0; p < len; ++p) {
             scalar_t* out = d + (p0 + p) * channels + c0;
@@ -72,7 +87,7 @@ void relayout_kernel(const scalar_t* src, const scalar_t* mask, scalar_t* dst, i
           for (int64_t c = 0; c < nc; ++c) {
             scale_run<scalar_t, kMasked>(buf + c * kTileP,
                                          kMasked ? m_n + (c0 + c) * mask_channel_stride : nullptr,
-                                         d + (c0 + c) * plane + p0, len);
+                                         d + (c0 + c) * plane + p0, sum, len, c0 + c == 0);
           }
         }
       }
@@ -80,7 +95,64 @@ void relayout_kernel(const scalar_t* src, const scalar_t* mask, scalar_t* dst, i
   });
 }
 
+// x * m and the mask's channel sum for NCHW x, m and out, from one read of the mask. A task
+// takes a block of pixels through every channel in turn, so each pixel's sum adds the
+// channels in order 0, 1, ... as the mask pass's channel sum does (the same float result).
+template <typename scalar_t, typename acc_t>
+void masked_planes_with_sum(const scalar_t* x, const scalar_t* m, scalar_t* out, acc_t* msum,
+                            int64_t batch, int64_t channels, int64_t plane) {
+  // Runs of up to 4096 pixels: the sums (16 KiB) stay in L1 and the three streams are long
+  // enough for the prefetcher; small planes are cut finer so every thread has blocks.
+  const int64_t per_task = (batch * plane + 4 * at::get_num_threads() - 1) /
+                           (4 * at::get_num_threads());
+  const int64_t block = std::min<int64_t>(
+      {plane, 4096, std::max<int64_t>(256, (per_task + 63) / 64 * 64)});
+  const int64_t blocks = (plane + block - 1) / block;
+  at::parallel_for(0, batch * blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t n = t / blocks, p0 = (t % blocks) * block;
+      const int64_t len = std::min(plane, p0 + block) - p0;
+      for (int64_t c = 0; c < channels; ++c) {
+        const int64_t offset = (n * channels + c) * plane + p0;
+        loops::multiply_accumulate(x + offset, m + offset, out + offset, msum + n * plane + p0,
+                                   len, c == 0);
+      }
+    }
+  });
+}
+
 }  // namespace
+
+void masked_input_with_channel_sum(const at::Tensor& src, const at::Tensor& mask,
+                                   at::Tensor& dst, at::Tensor& msum) {
+  RECORD_FUNCTION("pconv::masked_input_with_channel_sum", c10::ArrayRef<c10::IValue>{});
+  const bool src_nchw = src.is_contiguous(), dst_nchw = dst.is_contiguous();
+  TORCH_INTERNAL_ASSERT(mask.is_contiguous() && mask.sizes() == src.sizes() &&
+                        (src_nchw || dst_nchw) &&
+                        (src_nchw || src.is_contiguous(at::MemoryFormat::ChannelsLast)) &&
+                        (dst_nchw || dst.is_contiguous(at::MemoryFormat::ChannelsLast)));
+  const int64_t batch = src.size(0), channels = src.size(1);
+  const int64_t plane = src.size(2) * src.size(3);
+  TORCH_INTERNAL_ASSERT(msum.is_contiguous() && msum.numel() == batch * plane);
+  if (src.numel() == 0) return;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, src.scalar_type(),
+                                  "pconv_masked_input_with_channel_sum", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* mp = mask.const_data_ptr<scalar_t>();
+    const scalar_t* sp = src.const_data_ptr<scalar_t>();
+    scalar_t* dp = dst.mutable_data_ptr<scalar_t>();
+    acc_t* sum = msum.mutable_data_ptr<acc_t>();
+    if (src_nchw && dst_nchw) {
+      masked_planes_with_sum(sp, mp, dp, sum, batch, channels, plane);
+    } else if (src_nchw) {
+      relayout_kernel<scalar_t, true, true>(sp, mp, dp, batch, channels, plane,
+                                            channels * plane, plane, sum);
+    } else {
+      relayout_kernel<scalar_t, false, true>(sp, mp, dp, batch, channels, plane,
+                                             channels * plane, plane, sum);
+    }
+  });
+}
 
 void masked_relayout(const at::Tensor& src, const c10::optional<at::Tensor>& mask,
                      at::Tensor& dst) {
@@ -105,7 +177,8 @@ void masked_relayout(const at::Tensor& src, const c10::optional<at::Tensor>& mas
     scalar_t* dp = dst.mutable_data_ptr<scalar_t>();
     auto run = [&](auto to_cl_tag, auto masked_tag) {
       relayout_kernel<scalar_t, decltype(to_cl_tag)::value, decltype(masked_tag)::value>(
-          sp, mp, dp, batch, channels, plane, mask_batch_stride, mask_channel_stride);
+          sp, mp, dp, batch, channels, plane, mask_batch_stride, mask_channel_stride,
+          static_cast<at::opmath_type<scalar_t>*>(nullptr));
     };
     if (to_cl) {
       mp ? run(std::true_type{}, std::true_type{}) : run(std::true_type{}, std::false_type{});

@@ -12,4 +12,13 @@ namespace pconv {
 void masked_relayout(const at::Tensor& src, const c10::optional<at::Tensor>& mask,
                      at::Tensor& dst);
 
+// dst = src * mask and msum[n, h, w] = the sum over c of mask[n, c, h, w], from one read
+// of the mask. src is [N, C, H, W], NCHW- or channels_last-contiguous; dst has src's
+// shape and is NCHW-contiguous, or channels_last for an NCHW src; mask has src's shape
+// (one plane per sample and channel) and is NCHW-contiguous, in src's dtype. msum is a
+// contiguous [N, H, W] tensor of the opmath type (float; double for double). Each sum
+// adds the channels in order, as the mask pass's channel sum does.
+void masked_input_with_channel_sum(const at::Tensor& src, const at::Tensor& mask,
+                                   at::Tensor& dst, at::Tensor& msum);
+
 }  // namespace pconv

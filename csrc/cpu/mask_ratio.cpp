@@ -151,21 +151,14 @@ at::Tensor mask_channel_sum(const at::Tensor& mask, at::ScalarType acc) {
   return out;
 }
 
-}  // namespace
-
-MaskRatio mask_ratio_cpu(const c10::optional<at::Tensor>& mask, const ConvGeometry& g,
-                         at::ScalarType input_dtype) {
+// r and u from the channel sum msum [N_m, H, W] of the mask, or from the window's in-bounds
+// tap count when msum is undefined (no mask); acc is the dtype of r and u.
+MaskRatio ratio_from_sum(const at::Tensor& msum, at::ScalarType acc, const ConvGeometry& g) {
   RECORD_FUNCTION("pconv::mask_ratio", c10::ArrayRef<c10::IValue>{});
-  const at::ScalarType acc = input_dtype == at::kDouble ? at::kDouble : at::kFloat;
-  const int64_t planes = g.has_mask ? g.mask_batch : 1;
+  const int64_t planes = msum.defined() ? msum.size(0) : 1;
   const auto options = at::TensorOptions().dtype(acc).device(at::kCPU);
   MaskRatio mr{at::empty({planes, 1, g.out_h, g.out_w}, options),
                at::empty({planes, 1, g.out_h, g.out_w}, options), planes};
-  at::Tensor msum;
-  if (g.has_mask) {
-    // The window sum over every mask channel equals the window sum of the channel sum.
-    msum = mask_channel_sum(*mask, acc);
-  }
   if (acc == at::kDouble) {
     ratio_kernel<double>(msum.defined() ? msum.const_data_ptr<double>() : nullptr,
                          mr.ratio.mutable_data_ptr<double>(), mr.update.mutable_data_ptr<double>(),
@@ -176,6 +169,21 @@ MaskRatio mask_ratio_cpu(const c10::optional<at::Tensor>& mask, const ConvGeomet
                         planes, g);
   }
   return mr;
+}
+
+}  // namespace
+
+MaskRatio mask_ratio_cpu(const c10::optional<at::Tensor>& mask, const ConvGeometry& g,
+                         at::ScalarType input_dtype) {
+  const at::ScalarType acc = input_dtype == at::kDouble ? at::kDouble : at::kFloat;
+  // The window sum over every mask channel equals the window sum of the channel sum.
+  return ratio_from_sum(g.has_mask ? mask_channel_sum(*mask, acc) : at::Tensor(), acc, g);
+}
+
+MaskRatio mask_ratio_from_channel_sum(const at::Tensor& msum, const ConvGeometry& g) {
+  TORCH_INTERNAL_ASSERT(msum.dim() == 3 && msum.is_contiguous() &&
+                        (msum.scalar_type() == at::kFloat || msum.scalar_type() == at::kDouble));
+  return ratio_from_sum(msum, msum.scalar_type(), g);
 }
 
 }  // namespace pconv

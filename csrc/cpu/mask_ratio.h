@@ -11,4 +11,8 @@ namespace pconv {
 MaskRatio mask_ratio_cpu(const c10::optional<at::Tensor>& mask, const ConvGeometry& g,
                          at::ScalarType input_dtype);
 
+// As mask_ratio_cpu, from the mask's channel sum msum [N_m, H_in, W_in] (float32, or
+// float64 for float64 inputs, contiguous) when a pass over the mask has already formed it.
+MaskRatio mask_ratio_from_channel_sum(const at::Tensor& msum, const ConvGeometry& g);
+
 }  // namespace pconv

@@ -90,6 +90,26 @@ at::Tensor cpu_masked_input(const at::Tensor& input, const c10::optional<at::Ten
   return out;
 }
 
+// True when one pass can form both x * m and the channel sum of the mask: a multi-channel
+// mask with a plane per sample and channel, NCHW-contiguous, for an input that is
+// NCHW-contiguous or changes layout on the way in (the cases of
+// masked_input_with_channel_sum). The mask is then read once, not twice.
+bool masks_with_channel_sum(const at::Tensor& input, const c10::optional<at::Tensor>& mask,
+                            const ConvGeometry& g, at::MemoryFormat format) {
+  return g.has_mask && g.mask_channels > 1 && g.mask_batch == g.batch && g.batch > 0 &&
+         mask->is_contiguous() && (input.is_contiguous() || is_relayout(input, format));
+}
+
+// r and u, with x * m written into `xm` (uninitialised, in the compute layout) by the same
+// pass that sums the mask's channels. Only where masks_with_channel_sum holds.
+MaskRatio mask_ratio_with_masked_input(const at::Tensor& input, const at::Tensor& mask,
+                                       at::Tensor& xm, const ConvGeometry& g) {
+  const at::ScalarType acc = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor msum = at::empty({g.batch, g.in_h, g.in_w}, input.options().dtype(acc));
+  masked_input_with_channel_sum(input, mask, xm, msum);
+  return mask_ratio_from_channel_sum(msum, g);
+}
+
 // Pixels per tile of the passes that change layout (see layout.cpp).
 constexpr int64_t kTile = 64;
 
@@ -313,9 +333,17 @@ std::tuple<at::Tensor, at::Tensor> partial_conv2d_cpu(
     c10::IntArrayRef dilation, int64_t groups) {
   const ConvGeometry g =
       check_partial_conv2d_args(input, mask, weight, bias, stride, padding, dilation, groups);
-  const MaskRatio mr = mask_ratio_cpu(mask, g, input.scalar_type());
-  if (g.batch == 0) return {empty_output(input, g), expand_update(mr, input, g)};
-  const at::Tensor xm = cpu_masked_input(input, mask, compute_format(input, g));
+  const at::MemoryFormat format = compute_format(input, g);
+  MaskRatio mr;
+  at::Tensor xm;
+  if (masks_with_channel_sum(input, mask, g, format)) {
+    xm = cpu_scratch(Scratch::kMaskedInput, input.sizes(), input.options(), format);
+    mr = mask_ratio_with_masked_input(input, *mask, xm, g);
+  } else {
+    mr = mask_ratio_cpu(mask, g, input.scalar_type());
+    if (g.batch == 0) return {empty_output(input, g), expand_update(mr, input, g)};
+    xm = cpu_masked_input(input, mask, format);
+  }
   return {convolve_and_renormalise(xm, mr, weight, bias, stride, padding, dilation, g,
                                    input.suggest_memory_format()),
           expand_update(mr, input, g)};
@@ -329,12 +357,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> partial_c
     c10::IntArrayRef dilation, int64_t groups) {
   const ConvGeometry g =
       check_partial_conv2d_args(input, mask, weight, bias, stride, padding, dilation, groups);
-  const MaskRatio mr = mask_ratio_cpu(mask, g, input.scalar_type());
-  at::Tensor update = expand_update(mr, input, g);
-  if (update.is_same(mr.update)) update = update.clone();  // outputs never alias
   const at::MemoryFormat format = compute_format(input, g);
   at::Tensor xm = cpu_cached_empty(input.sizes(), input.options(), format);
-  write_masked_input(input, mask, xm, format);
+  MaskRatio mr;
+  if (masks_with_channel_sum(input, mask, g, format)) {
+    mr = mask_ratio_with_masked_input(input, mask, xm, g);
+  } else {
+    mr = mask_ratio_cpu(mask, g, input.scalar_type());
+    write_masked_input(input, mask, xm, format);
+  }
+  at::Tensor update = expand_update(mr, input, g);
+  if (update.is_same(mr.update)) update = update.clone();  // outputs never alias
   at::Tensor out = g.batch == 0 ? empty_output(input, g)
                                 : convolve_and_renormalise(xm, mr, weight, bias, stride, padding,
                                                            dilation, g,

@@ -47,6 +47,27 @@ PCONV_CPU_CLONES void accumulate(const scalar_t* x, acc_t* sum, int64_t len, boo
   }
 }
 
+// out[i] = x[i] * m[i], and sum[i] = m[i] when first, else sum[i] += m[i]: x * m and the
+// channel sum of a multi-channel mask from one read of it.
+template <typename scalar_t, typename acc_t>
+PCONV_CPU_CLONES void multiply_accumulate(const scalar_t* x, const scalar_t* m, scalar_t* out,
+                                          acc_t* sum, int64_t len, bool first) {
+  using op_t = acc_type<scalar_t>;
+  if (first) {
+    for (int64_t i = 0; i < len; ++i) {
+      const op_t mi = static_cast<op_t>(m[i]);
+      out[i] = static_cast<scalar_t>(static_cast<op_t>(x[i]) * mi);
+      sum[i] = static_cast<acc_t>(mi);
+    }
+  } else {
+    for (int64_t i = 0; i < len; ++i) {
+      const op_t mi = static_cast<op_t>(m[i]);
+      out[i] = static_cast<scalar_t>(static_cast<op_t>(x[i]) * mi);
+      sum[i] += static_cast<acc_t>(mi);
+    }
+  }
+}
+
 // Epilogue of `planes` consecutive NCHW planes of one sample (they share r and u; plane
 // k has bias b[k]): d[p] = (s[p] * r[p] + b) * u[p] with a bias (b not null), s[p] * r[p]
 // without. d may alias s. One call covers many planes, so 4x4 layers do not pay a call
