@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from . import cases, timing
+from . import cases, precompile, timing
 from .markdown import format_markdown, geomean, ratio
 from .shapes import LayerShape, distinct, unet_layer_shapes
 
@@ -111,6 +111,12 @@ def layer_rows(args, device, log, store, out_of_time):
     plan = [(dtype_name, mode, size, model, shape) for dtype_name in args.dtypes
             for mode in args.modes for size, model, shape in shapes]
     passes = (("fwd", cases.forward_call), ("fwd+bwd", cases.train_call))
+    if "compiled" in impls and args.precompile_jobs:
+        precompile.precompile(
+            [precompile.task(shape, args.batch, mode, dtype_name, p, device)
+             for dtype_name, mode, size, model, shape in plan for p, _ in passes
+             if not store.get((size, model, shape.label, mode, dtype_name, p))],
+            args.precompile_jobs, log, out_of_time)
     rows, complete = [], True
     for done, (dtype_name, mode, size, model, shape) in enumerate(plan, 1):
         keys = [(size, model, shape.label, mode, dtype_name, p) for p, _ in passes]
@@ -133,6 +139,10 @@ def layer_rows(args, device, log, store, out_of_time):
             store.add(row)
             rows.append(row)
         del inputs
+    if "compiled" in impls:
+        counts = torch._dynamo.utils.counters["inductor"]
+        log(f"torch.compile graphs: {counts['fxgraph_cache_hit']} loaded from Inductor's cache, "
+            f"{counts['fxgraph_cache_miss']} compiled here")
     # Memory after the timings, so the profiler's bookkeeping never touches them.
     for row in rows:
         if row["pass_"] != "fwd+bwd" or "peak_mb" in row:
@@ -232,6 +242,10 @@ def parse_args(argv=None):
     p.add_argument("--rotate", type=int, default=3, help="input sets cycled through")
     p.add_argument("--skip", nargs="*", choices=IMPLS[1:],
                    help="implementations to leave out (e.g. compiled)")
+    p.add_argument("--precompile-jobs", type=int,
+                   help="worker processes that compile the torch.compile column's graphs "
+                        "before the timings (default: the cores but two, at most 12; 0: "
+                        "compile each graph when its row is timed)")
     p.add_argument("--no-model", action="store_true", help="skip the training-step row")
     p.add_argument("--model-repeats", type=int, default=5)
     p.add_argument("--threads", type=int, help="torch.set_num_threads on CPU")
@@ -255,6 +269,8 @@ def parse_args(argv=None):
         if getattr(args, key, None) is None:
             setattr(args, key, value)
     args.skip = args.skip or []
+    if args.precompile_jobs is None:
+        args.precompile_jobs = 0 if args.smoke else precompile.default_jobs()
     if args.resume and not args.json:
         p.error("--resume needs --json FILE (the rows to go on from)")
     if args.smoke:

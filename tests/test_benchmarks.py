@@ -2,11 +2,17 @@
 is not asserted here), and the layer shapes are read off the real models."""
 import json
 import math
+import os
+import pathlib
+import subprocess
+import sys
 
 import pytest
 
-from benchmarks import run
+from benchmarks import precompile, run
 from benchmarks.shapes import unet_layer_shapes
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def test_smoke_table_is_complete_and_finite(tmp_path, capsys):
@@ -106,3 +112,30 @@ def test_resume_keeps_measured_rows_and_measures_the_rest(tmp_path, capsys):
     path.write_text(json.dumps(data))
     with pytest.raises(SystemExit, match="another machine"):
         run.main(common + ["--resume"])
+
+
+def test_precompile_workers_fill_the_cache_the_timings_load_from(tmp_path):
+    """Worker processes compile the torch.compile column ahead; the timing process then
+    loads every graph from Inductor's on-disk cache and compiles none itself."""
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"))
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--smoke", "--no-model", "--modes", "single",
+         "--precompile-jobs", "2", "--json", str(tmp_path / "bench.json")],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    tasks = len(run.SMOKE_SHAPES) * 2  # shapes x passes
+    assert f"precompiled {tasks}/{tasks} graphs" in done.stderr
+    # Forward rows are one graph, forward + backward rows two.
+    graphs = len(run.SMOKE_SHAPES) * 3
+    assert f"{graphs} loaded from Inductor's cache, 0 compiled here" in done.stderr
+    rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
+    assert len(rows) == tasks and all(math.isfinite(r["ms"]["compiled"]) for r in rows)
+
+
+def test_default_precompile_jobs_leave_two_cores(monkeypatch):
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    assert precompile.default_jobs() == 12
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    assert precompile.default_jobs() == 6
+    monkeypatch.setattr(os, "cpu_count", lambda: 3)
+    assert precompile.default_jobs() == 0  # one worker would only add a process
