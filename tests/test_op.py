@@ -429,10 +429,12 @@ def _pass_names(fn):
     return {e.name for e in prof.events()}
 
 
-# (input layout, C_out, kernel): the three layout paths of the one-read pass: NCHW kept,
-# NCHW into channels_last (few output channels), channels_last into NCHW (1x1 kernel).
-ONE_READ_PATHS = {"nchw": ("nchw", 16, 3), "to_channels_last": ("nchw", 3, 3),
-                  "from_channels_last": ("channels_last", 16, 1)}
+# (input layout, C_out, kernel, layout of x * m): the three layout paths of the one-read
+# pass: NCHW kept, NCHW into channels_last (few output channels), channels_last into NCHW
+# (1x1 kernel).
+ONE_READ_PATHS = {"nchw": ("nchw", 16, 3, torch.contiguous_format),
+                  "to_channels_last": ("nchw", 3, 3, torch.channels_last),
+                  "from_channels_last": ("channels_last", 16, 1, torch.contiguous_format)}
 
 
 @pytest.mark.parametrize("path", list(ONE_READ_PATHS))
@@ -442,13 +444,13 @@ def test_multi_channel_mask_read_once_gives_the_same_bits(path, dtype, op):
     """A per-sample multi-channel mask is read once for x * m and the channel sum. Every
     output equals, bit for bit, the two-pass result (forced by a mask with other strides):
     x * m rounds as at::mul, and each pixel's channel sum adds the channels in the same
-    order, also for soft masks and for planes split over several tasks (70 x 70)."""
-    layout, c_out, k = ONE_READ_PATHS[path]
+    order, also for soft masks and for planes split over several tasks (60 x 60)."""
+    layout, c_out, k, xm_format = ONE_READ_PATHS[path]
     g = torch.Generator().manual_seed(31)
-    x = torch.randn(2, 12, 70, 70, generator=g).to(dtype)
+    x = torch.randn(2, 12, 60, 60, generator=g).to(dtype)
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
-    m = torch.rand(2, 12, 70, 70, generator=g)
+    m = torch.rand(2, 12, 60, 60, generator=g)
     m = torch.where(m > 0.5, torch.ones_like(m), m * m).to(dtype)  # soft and binary values
     w = torch.randn(c_out, 12, k, k, generator=g).to(dtype)
     b = torch.randn(c_out, generator=g).to(dtype)
@@ -465,7 +467,9 @@ def test_multi_channel_mask_read_once_gives_the_same_bits(path, dtype, op):
         assert a.shape == e.shape and a.stride() == e.stride()
         torch.testing.assert_close(a, e, rtol=0, atol=0)
     if op == "train":
+        assert got[2].is_contiguous(memory_format=xm_format)
         torch.testing.assert_close(got[2], x * m, rtol=0, atol=0)
         window = F.conv2d(m.double().sum(1, keepdim=True), torch.ones(1, 1, k, k, dtype=torch.float64),
                           padding=k // 2)
         torch.testing.assert_close(got[4].double(), window.clamp(0, 1), rtol=1e-6, atol=1e-6)
+
