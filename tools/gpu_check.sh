@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything that needs a GPU, in one go: build with the CUDA kernels, run the whole test
-# suite (GPU tests included), run a small case under compute-sanitizer memcheck, and the
-# GPU benchmark. Logs and the benchmark JSON and Markdown land in $OUT (default ./gpu-out).
+# suite (GPU tests included), run a small case under compute-sanitizer (memcheck, then
+# racecheck and synccheck on the op's kernels), and the GPU benchmark. Logs and the
+# benchmark JSON and Markdown land in $OUT (default ./gpu-out).
 #
 #   bash tools/gpu_check.sh            # all steps
 #   STEPS="build tests" bash tools/gpu_check.sh
@@ -54,6 +55,16 @@ if step memcheck; then
       "${SANITIZER:-compute-sanitizer}" --tool memcheck --error-exitcode 9 \
       $PY tools/memcheck_case.py >"$OUT/memcheck.log" 2>&1
   rc=$?; tail -5 "$OUT/memcheck.log"; status=$((status | rc))
+  # Shared-memory hazards and barrier misuse, in the op's own kernels only (kernel names
+  # holding "pconv"): the mask pass stages windows in shared memory, and the channels_last
+  # bias reduction sums across a block.
+  for tool in racecheck synccheck; do
+    echo "== compute-sanitizer $tool"
+    PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" \
+        "${SANITIZER:-compute-sanitizer}" --tool $tool --kernel-name kns=pconv \
+        --error-exitcode 9 $PY tools/memcheck_case.py >"$OUT/$tool.log" 2>&1
+    rc=$?; tail -3 "$OUT/$tool.log"; status=$((status | rc))
+  done
 fi
 if step bench; then
   echo "== benchmark"
