@@ -108,15 +108,15 @@ void masked_planes_with_sum(const scalar_t* x, const scalar_t* m, scalar_t* out,
   const int64_t block = std::min<int64_t>(
       {plane, 4096, std::max<int64_t>(256, (per_task + 63) / 64 * 64)});
   const int64_t blocks = (plane + block - 1) / block;
-  at::parallel_for(0, batch * blocks, 1, [&](int64_t begin, int64_t end) {
+  // Below 32K values a parallel region costs more than it saves.
+  const int64_t grain = std::max<int64_t>(1, 32768 / (block * channels));
+  at::parallel_for(0, batch * blocks, grain, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t n = t / blocks, p0 = (t % blocks) * block;
       const int64_t len = std::min(plane, p0 + block) - p0;
-      for (int64_t c = 0; c < channels; ++c) {
-        const int64_t offset = (n * channels + c) * plane + p0;
-        loops::multiply_accumulate(x + offset, m + offset, out + offset, msum + n * plane + p0,
-                                   len, c == 0);
-      }
+      const int64_t offset = n * channels * plane + p0;
+      loops::multiply_accumulate_planes(x + offset, m + offset, out + offset,
+                                        msum + n * plane + p0, channels, plane, len);
     }
   });
 }

@@ -68,6 +68,31 @@ PCONV_CPU_CLONES void multiply_accumulate(const scalar_t* x, const scalar_t* m, 
   }
 }
 
+// multiply_accumulate over `channels` runs of len values, `stride` apart (the same pixels
+// of consecutive NCHW planes), summed in channel order: one call for all of them, so
+// planes of a few pixels do not pay a call per channel.
+template <typename scalar_t, typename acc_t>
+PCONV_CPU_CLONES void multiply_accumulate_planes(const scalar_t* x, const scalar_t* m,
+                                                 scalar_t* out, acc_t* sum, int64_t channels,
+                                                 int64_t stride, int64_t len) {
+  using op_t = acc_type<scalar_t>;
+  for (int64_t c = 0; c < channels; ++c, x += stride, m += stride, out += stride) {
+    if (c == 0) {
+      for (int64_t i = 0; i < len; ++i) {
+        const op_t mi = static_cast<op_t>(m[i]);
+        out[i] = static_cast<scalar_t>(static_cast<op_t>(x[i]) * mi);
+        sum[i] = static_cast<acc_t>(mi);
+      }
+    } else {
+      for (int64_t i = 0; i < len; ++i) {
+        const op_t mi = static_cast<op_t>(m[i]);
+        out[i] = static_cast<scalar_t>(static_cast<op_t>(x[i]) * mi);
+        sum[i] += static_cast<acc_t>(mi);
+      }
+    }
+  }
+}
+
 // Epilogue of `planes` consecutive NCHW planes of one sample (they share r and u; plane
 // k has bias b[k]): d[p] = (s[p] * r[p] + b) * u[p] with a bias (b not null), s[p] * r[p]
 // without. d may alias s. One call covers many planes, so 4x4 layers do not pay a call
