@@ -43,7 +43,7 @@ template <typename scalar_t, bool kMasked, typename acc_t>
 void scale_run(const scalar_t* x, const scalar_t* m, scalar_t* out, acc_t* sum, int64_t len,
                bool first) {
   if (sum != nullptr) {
-    loops::multiply_accumulate(x, m, out, sum, len, first);
+    loops::multiply_accumulate(x, m, out, sum, 1, 0, len, first);
   } else {
     scale_run<scalar_t, kMasked>(x, m, out, len);
   }
@@ -115,8 +115,8 @@ void masked_planes_with_sum(const scalar_t* x, const scalar_t* m, scalar_t* out,
       const int64_t n = t / blocks, p0 = (t % blocks) * block;
       const int64_t len = std::min(plane, p0 + block) - p0;
       const int64_t offset = n * channels * plane + p0;
-      loops::multiply_accumulate_planes(x + offset, m + offset, out + offset,
-                                        msum + n * plane + p0, channels, plane, len);
+      loops::multiply_accumulate(x + offset, m + offset, out + offset, msum + n * plane + p0,
+                                 channels, plane, len, /*first=*/true);
     }
   });
 }

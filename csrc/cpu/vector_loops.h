@@ -47,37 +47,18 @@ PCONV_CPU_CLONES void accumulate(const scalar_t* x, acc_t* sum, int64_t len, boo
   }
 }
 
-// out[i] = x[i] * m[i], and sum[i] = m[i] when first, else sum[i] += m[i]: x * m and the
-// channel sum of a multi-channel mask from one read of it.
+// out[i] = x[i] * m[i] and sum[i] += m[i] over `channels` runs of len values, `stride`
+// apart (the same pixels of consecutive NCHW planes), summed in channel order; with
+// `first`, the first run starts the sums (sum[i] = m[i]). x * m and the channel sum of a
+// multi-channel mask from one read of it, in one call for all the runs, so planes of a
+// few pixels do not pay a call per channel.
 template <typename scalar_t, typename acc_t>
 PCONV_CPU_CLONES void multiply_accumulate(const scalar_t* x, const scalar_t* m, scalar_t* out,
-                                          acc_t* sum, int64_t len, bool first) {
-  using op_t = acc_type<scalar_t>;
-  if (first) {
-    for (int64_t i = 0; i < len; ++i) {
-      const op_t mi = static_cast<op_t>(m[i]);
-      out[i] = static_cast<scalar_t>(static_cast<op_t>(x[i]) * mi);
-      sum[i] = static_cast<acc_t>(mi);
-    }
-  } else {
-    for (int64_t i = 0; i < len; ++i) {
-      const op_t mi = static_cast<op_t>(m[i]);
-      out[i] = static_cast<scalar_t>(static_cast<op_t>(x[i]) * mi);
-      sum[i] += static_cast<acc_t>(mi);
-    }
-  }
-}
-
-// multiply_accumulate over `channels` runs of len values, `stride` apart (the same pixels
-// of consecutive NCHW planes), summed in channel order: one call for all of them, so
-// planes of a few pixels do not pay a call per channel.
-template <typename scalar_t, typename acc_t>
-PCONV_CPU_CLONES void multiply_accumulate_planes(const scalar_t* x, const scalar_t* m,
-                                                 scalar_t* out, acc_t* sum, int64_t channels,
-                                                 int64_t stride, int64_t len) {
+                                          acc_t* sum, int64_t channels, int64_t stride,
+                                          int64_t len, bool first) {
   using op_t = acc_type<scalar_t>;
   for (int64_t c = 0; c < channels; ++c, x += stride, m += stride, out += stride) {
-    if (c == 0) {
+    if (first && c == 0) {
       for (int64_t i = 0; i < len; ++i) {
         const op_t mi = static_cast<op_t>(m[i]);
         out[i] = static_cast<scalar_t>(static_cast<op_t>(x[i]) * mi);
