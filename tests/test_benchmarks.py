@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from benchmarks import precompile, run
+from benchmarks import precompile, profile, run
 from benchmarks.shapes import unet_layer_shapes
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -139,3 +139,19 @@ def test_default_precompile_jobs_leave_two_cores(monkeypatch):
     assert precompile.default_jobs() == 6
     monkeypatch.setattr(os, "cpu_count", lambda: 3)
     assert precompile.default_jobs() == 0  # one worker would only add a process
+
+
+def test_profile_names_the_passes_of_the_fused_op(tmp_path, capsys):
+    out = tmp_path / "profile.txt"
+    assert profile.main(["--device", "cpu", "--size", "256", "--layers", "1", "--iters", "1",
+                         "--out", str(out)]) == 0
+    text = out.read_text()
+    assert text.strip() == capsys.readouterr().out.strip()
+    for head in ("fwd: conv", "fwd: fused", "fwd+bwd: conv", "fwd+bwd: fused"):
+        assert f"3->64 k7 s2 @256 float32 {head}\n" in text
+    fused_fwd = text.split("fwd: fused")[1].split("##")[0]
+    for name in ("pconv::mask_ratio", "pconv::epilogue", "aten::mkldnn_convolution"):
+        assert name in fused_fwd
+    per_call = [float(line.split(": ")[1].split(" ms")[0])
+                for line in text.splitlines() if line.startswith("self CPU time per call")]
+    assert len(per_call) == 4 and all(math.isfinite(v) and v > 0 for v in per_call)

@@ -14,7 +14,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-out}
-STEPS=${STEPS:-"build tests memcheck bench"}
+STEPS=${STEPS:-"build tests memcheck profile bench"}
 PY=${PYTHON:-python3}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -51,29 +51,37 @@ if step memcheck; then
   # Without the caching allocator every tensor is its own allocation, so memcheck sees an
   # access past a tensor's end (inside a cached block it would not). PYTHONPATH: the
   # script's folder, not the repository root, is on sys.path.
+  # One log for the three tools: $OUT brings back at most 8 files.
   PYTORCH_NO_CUDA_MEMORY_CACHING=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" \
       "${SANITIZER:-compute-sanitizer}" --tool memcheck --error-exitcode 9 \
-      $PY tools/memcheck_case.py >"$OUT/memcheck.log" 2>&1
-  rc=$?; tail -5 "$OUT/memcheck.log"; status=$((status | rc))
+      $PY tools/memcheck_case.py >"$OUT/sanitizer.log" 2>&1
+  rc=$?; tail -5 "$OUT/sanitizer.log"; status=$((status | rc))
   # Shared-memory hazards and barrier misuse, in the op's own kernels only (kernel names
   # holding "pconv"): the mask pass stages windows in shared memory, and the channels_last
   # bias reduction sums across a block.
   for tool in racecheck synccheck; do
-    echo "== compute-sanitizer $tool"
+    echo "== compute-sanitizer $tool" | tee -a "$OUT/sanitizer.log"
     PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" \
         "${SANITIZER:-compute-sanitizer}" --tool $tool --kernel-name kns=pconv \
-        --error-exitcode 9 $PY tools/memcheck_case.py >"$OUT/$tool.log" 2>&1
-    rc=$?; tail -3 "$OUT/$tool.log"; status=$((status | rc))
+        --error-exitcode 9 $PY tools/memcheck_case.py >"$OUT/$tool.tmp" 2>&1
+    rc=$?; cat "$OUT/$tool.tmp" >>"$OUT/sanitizer.log"; tail -3 "$OUT/$tool.tmp"
+    rm -f "$OUT/$tool.tmp"; status=$((status | rc))
   done
+fi
+if step profile; then
+  # The kernels behind the fused op's time at five layer shapes, next to the plain conv's.
+  echo "== profile"
+  $PY -m benchmarks.profile --out "$OUT/profile.txt" >/dev/null 2>"$OUT/profile.err"
+  rc=$?; [ $rc -ne 0 ] && tail -5 "$OUT/profile.err"; rm -f "$OUT/profile.err"
+  status=$((status | rc))
 fi
 if step bench; then
   echo "== benchmark"
   BENCH_FROM=${BENCH_FROM:-benchmarks/results/gpu.json}
   [ -f "$BENCH_FROM" ] && cp "$BENCH_FROM" "$OUT/bench.json"
   $PY -m benchmarks --preset gpu --resume --json "$OUT/bench.json" --markdown "$OUT/bench.md" \
-      --max-minutes "${BENCH_MINUTES:-8}" 2>"$OUT/bench.progress" \
-      | tee "$OUT/bench.txt"
-  status=$((status | ${PIPESTATUS[0]}))
-  tail -2 "$OUT/bench.progress"
+      --max-minutes "${BENCH_MINUTES:-8}" >"$OUT/bench.log" 2>&1
+  status=$((status | $?))
+  tail -3 "$OUT/bench.log"
 fi
 exit $status
