@@ -7,7 +7,9 @@
 //                    updated mask u, all single-channel [N_m, 1, H', W'] in float32
 //                    (float64 for float64 inputs);
 //   2. convolution - oneDNN (through ATen) on x * m; the product is formed in the
-//                    layout the convolution reads, so it is the only copy of the input;
+//                    layout the convolution reads, so it is the only copy of the input
+//                    (with a per-sample multi-channel mask on large planes, the pass that
+//                    forms it also sums the mask's channels, so the mask is read once);
 //   3. epilogue    - one read-modify-write of the output: y = (raw * r + b) * u.
 // Backward mirrors it: one pass forms g_raw = g_y * r (* u) and reduces the bias gradient,
 // oneDNN computes both convolution gradients, and the input gradient is masked in place.
