@@ -473,3 +473,26 @@ def test_multi_channel_mask_read_once_gives_the_same_bits(path, dtype, op):
                           padding=k // 2)
         torch.testing.assert_close(got[4].double(), window.clamp(0, 1), rtol=1e-6, atol=1e-6)
 
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("mask_batch", [1, 3])
+def test_single_channel_mask_pass_equals_at_mul(dtype, mask_batch):
+    """x * m with a single-channel mask, from the op's own plane loop (small planes, no
+    parallel region), equals at::mul bit for bit, for a per-sample and a broadcast mask."""
+    g = torch.Generator().manual_seed(51)
+    x = torch.randn(3, 40, 5, 7, generator=g).to(dtype)
+    m = torch.rand(mask_batch, 1, 5, 7, generator=g)
+    m = torch.where(m < 0.3, torch.zeros_like(m), m).to(dtype)  # holes, and soft values
+    w = torch.randn(16, 40, 3, 3, generator=g).to(dtype)
+    call = lambda: TRAIN_OP(x, m, w, None, [1, 1], [1, 1], [1, 1], 1)
+    assert "pconv::mask_planes" in _pass_names(call)
+    _, _, xm, _, _ = call()
+    torch.testing.assert_close(xm, x * m, rtol=0, atol=0)
+    # The input gradient is masked by the same loop, in place.
+    gx = torch.ops.pconv.partial_conv2d_backward(
+        torch.ones(3, 16, 5, 7, dtype=dtype), x, m, w, False, [1, 1], [1, 1], [1, 1], 1,
+        [True, False, False])[0]
+    holes = (m == 0).expand_as(gx)
+    assert gx.shape == x.shape and torch.isfinite(gx).all() and holes.any()
+    assert (gx[holes] == 0).all() and (gx[~holes] != 0).any()

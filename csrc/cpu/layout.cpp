@@ -123,6 +123,34 @@ void masked_planes_with_sum(const scalar_t* x, const scalar_t* m, scalar_t* out,
 
 }  // namespace
 
+void mask_planes(const at::Tensor& src, const at::Tensor& mask, at::Tensor& dst) {
+  RECORD_FUNCTION("pconv::mask_planes", c10::ArrayRef<c10::IValue>{});
+  TORCH_INTERNAL_ASSERT(src.is_contiguous() && dst.is_contiguous() && mask.is_contiguous() &&
+                        mask.size(1) == 1 && dst.sizes() == src.sizes());
+  const int64_t batch = src.size(0), channels = src.size(1);
+  const int64_t plane = src.size(2) * src.size(3);
+  const int64_t mask_batch_stride = mask.size(0) == 1 ? 0 : plane;
+  if (src.numel() == 0) return;
+  // Tasks of whole planes, at least 32K values each: smaller work runs inline, where a
+  // parallel region would cost more than it saves.
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(plane, 1));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, src.scalar_type(),
+                                  "pconv_mask_planes", [&] {
+    const scalar_t* x = src.const_data_ptr<scalar_t>();
+    const scalar_t* m = mask.const_data_ptr<scalar_t>();
+    scalar_t* out = dst.data_ptr<scalar_t>();
+    at::parallel_for(0, batch * channels, grain, [&](int64_t begin, int64_t end) {
+      // Runs of planes within one sample share its mask plane.
+      for (int64_t t = begin; t < end;) {
+        const int64_t n = t / channels, stop = std::min(end, (n + 1) * channels);
+        loops::multiply_planes(x + t * plane, m + n * mask_batch_stride, out + t * plane,
+                               stop - t, plane);
+        t = stop;
+      }
+    });
+  });
+}
+
 void masked_input_with_channel_sum(const at::Tensor& src, const at::Tensor& mask,
                                    at::Tensor& dst, at::Tensor& msum) {
   RECORD_FUNCTION("pconv::masked_input_with_channel_sum", c10::ArrayRef<c10::IValue>{});

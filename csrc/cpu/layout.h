@@ -12,6 +12,11 @@ namespace pconv {
 void masked_relayout(const at::Tensor& src, const c10::optional<at::Tensor>& mask,
                      at::Tensor& dst);
 
+// dst = src * mask for NCHW-contiguous src and dst of the same shape (dst may be src) and
+// a contiguous single-channel mask [N or 1, 1, H, W]. Values equal at::mul's bit for bit;
+// unlike at::mul's broadcast, small tensors cost no parallel region.
+void mask_planes(const at::Tensor& src, const at::Tensor& mask, at::Tensor& dst);
+
 // dst = src * mask and msum[n, h, w] = the sum over c of mask[n, c, h, w], from one read
 // of the mask. src is [N, C, H, W], NCHW- or channels_last-contiguous; dst has src's
 // shape and is NCHW-contiguous, or channels_last for an NCHW src; mask has src's shape

@@ -67,13 +67,22 @@ bool is_relayout(const at::Tensor& from, at::MemoryFormat format) {
          (format == at::MemoryFormat::Contiguous && cl);
 }
 
+// True when x * m can take mask_planes: NCHW x and out, a contiguous single-channel mask.
+bool is_single_plane_mask(const at::Tensor& x, const at::Tensor& mask, const at::Tensor& out) {
+  return mask.size(1) == 1 && mask.is_contiguous() && x.is_contiguous() && out.is_contiguous();
+}
+
 // Writes x * m (x alone without a mask) into `out`, which has the compute layout.
 void write_masked_input(const at::Tensor& input, const c10::optional<at::Tensor>& mask,
                         at::Tensor& out, at::MemoryFormat format) {
   if (is_relayout(input, format)) {
     masked_relayout(input, mask, out);
   } else if (mask.has_value() && mask->defined()) {
-    at::mul_out(out, input, *mask);
+    if (is_single_plane_mask(input, *mask, out)) {
+      mask_planes(input, *mask, out);
+    } else {
+      at::mul_out(out, input, *mask);
+    }
   } else {
     out.copy_(input);
   }
@@ -449,7 +458,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_from(
           grad_input = at::empty(dx.sizes(), dx.options().memory_format(grad_input_format));
           masked_relayout(dx, g.has_mask ? mask : c10::nullopt, grad_input);
         } else {
-          if (g.has_mask) dx.mul_(*mask);
+          if (g.has_mask) {
+            if (is_single_plane_mask(dx, *mask, dx)) {
+              mask_planes(dx, *mask, dx);
+            } else {
+              dx.mul_(*mask);
+            }
+          }
           grad_input = dx.contiguous(grad_input_format);
         }
       }

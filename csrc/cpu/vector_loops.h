@@ -37,6 +37,20 @@ PCONV_CPU_CLONES void multiply(const scalar_t* x, const scalar_t* m, scalar_t* o
   }
 }
 
+// out[k * len + i] = x[k * len + i] * m[i] for k < planes: consecutive planes of one
+// sample times its single-channel mask, in one call however small the planes. out may
+// alias x.
+template <typename scalar_t>
+PCONV_CPU_CLONES void multiply_planes(const scalar_t* x, const scalar_t* m, scalar_t* out,
+                                      int64_t planes, int64_t len) {
+  using acc_t = acc_type<scalar_t>;
+  for (int64_t k = 0; k < planes; ++k, x += len, out += len) {
+    for (int64_t i = 0; i < len; ++i) {
+      out[i] = static_cast<scalar_t>(static_cast<acc_t>(x[i]) * static_cast<acc_t>(m[i]));
+    }
+  }
+}
+
 // sum[i] = x[i] when first, else sum[i] += x[i].
 template <typename scalar_t, typename acc_t>
 PCONV_CPU_CLONES void accumulate(const scalar_t* x, acc_t* sum, int64_t len, bool first) {
