@@ -475,6 +475,67 @@ def test_multi_channel_mask_read_once_gives_the_same_bits(path, dtype, op):
 
 
 
+def _same_bits(a, b):
+    """a and b hold the same values bit for bit (signed zeros included), NaN where the other
+    has NaN (NaN payloads aside)."""
+    nan = torch.isnan(a)
+    assert torch.equal(nan, torch.isnan(b))
+    int_type = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+    return torch.equal(a[~nan].view(int_type), b[~nan].view(int_type))
+
+
+# The passes that mask: mask_planes (single-channel masks), the one-read pass on its three
+# layout paths, and mask_elements (multi-channel masks on planes too small for one read).
+MASKING_PATHS = {"single": ("nchw", 16, 3, 60, "pconv::mask_planes"),
+                 "small_planes": ("nchw", 16, 3, 30, "pconv::mask_elements"),
+                 **{name: (layout, c_out, k, 60, "pconv::masked_input_with_channel_sum")
+                    for name, (layout, c_out, k, _) in ONE_READ_PATHS.items()}}
+
+
+@pytest.mark.parametrize("path", list(MASKING_PATHS))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_zero_one_masks_mask_by_bits_exactly_as_at_mul(path, dtype):
+    """With 0/1 masks, x * m in 16-bit types is formed by bit operations. It must equal
+    at::mul bit for bit: x * 1 = x, x * 0 a zero with x's sign, and NaN for Inf * 0 and
+    NaN * m. Masks mix 0/1 regions with soft ones, so runs of both kinds meet in one call."""
+    layout, c_out, k, size, pass_name = MASKING_PATHS[path]
+    g = torch.Generator().manual_seed(71)
+    x = torch.randn(2, 12, size, size, generator=g)
+    x[0, :, :4] = 0.0
+    x[0, :, 4:8] = -0.0
+    special = torch.rand(x.shape, generator=g) < 0.01
+    x[special] = torch.tensor([float("inf"), float("-inf"), float("nan")])[
+        torch.randint(0, 3, (int(special.sum()),), generator=g)]
+    x = x.to(dtype)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    mask_c = 1 if path == "single" else 12
+    m = (torch.rand(2, mask_c, size, size, generator=g) > 0.3).float()
+    m[1, :, size // 2:] = torch.rand(mask_c, size - size // 2, size, generator=g)  # soft rows
+    m = m.to(dtype)
+    w = torch.randn(c_out, 12, k, k, generator=g).to(dtype)
+    call = lambda: TRAIN_OP(x, m, w, None, [1, 1], [k // 2, k // 2], [1, 1], 1)
+    assert pass_name in _pass_names(call)
+    _, _, xm, _, _ = call()
+    want = x * m
+    assert torch.isnan(want).any() and (want == 0).any()
+    assert _same_bits(xm, want)
+    # Sample 0 is all 0/1 (the bit path), sample 1 partly soft: both as at::mul.
+    assert _same_bits(xm[0], want[0]) and _same_bits(xm[1], want[1])
+    # The input gradient is masked in place by the same loops; a mask with other strides
+    # (same values) takes at::mul instead.
+    if path in ("single", "small_planes"):
+        gy = torch.randn(2, c_out, size, size, generator=g).to(dtype)
+        m_strided = m.transpose(2, 3).contiguous().transpose(2, 3)
+        grads = [torch.ops.pconv.partial_conv2d_backward(
+            gy, x.nan_to_num(0.0, 0.0, 0.0), mask, w, False, [1, 1], [k // 2, k // 2], [1, 1], 1,
+            [True, False, False])[0] for mask in (m, m_strided)]
+        assert pass_name in _pass_names(lambda: torch.ops.pconv.partial_conv2d_backward(
+            gy, x, m, w, False, [1, 1], [k // 2, k // 2], [1, 1], 1, [True, False, False]))
+        assert (grads[0] == 0).any() and torch.signbit(grads[0][grads[0] == 0]).any()
+        assert _same_bits(grads[0], grads[1])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 @pytest.mark.parametrize("mask_batch", [1, 3])
 def test_single_channel_mask_pass_equals_at_mul(dtype, mask_batch):

@@ -151,6 +151,28 @@ void mask_planes(const at::Tensor& src, const at::Tensor& mask, at::Tensor& dst)
   });
 }
 
+void mask_elements(const at::Tensor& src, const at::Tensor& mask, at::Tensor& dst) {
+  RECORD_FUNCTION("pconv::mask_elements", c10::ArrayRef<c10::IValue>{});
+  TORCH_INTERNAL_ASSERT(src.is_non_overlapping_and_dense() && mask.sizes() == src.sizes() &&
+                        dst.sizes() == src.sizes() && mask.strides() == src.strides() &&
+                        dst.strides() == src.strides());
+  const int64_t numel = src.numel();
+  // Runs of 4096 values: a soft mask value sends back only its own run to the arithmetic
+  // loop. Below 32K values no parallel region.
+  constexpr int64_t kRun = 4096;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, src.scalar_type(),
+                                  "pconv_mask_elements", [&] {
+    const scalar_t* x = src.const_data_ptr<scalar_t>();
+    const scalar_t* m = mask.const_data_ptr<scalar_t>();
+    scalar_t* out = dst.data_ptr<scalar_t>();
+    at::parallel_for(0, numel, 32768, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; i += kRun) {
+        loops::multiply(x + i, m + i, out + i, std::min(kRun, end - i));
+      }
+    });
+  });
+}
+
 void masked_input_with_channel_sum(const at::Tensor& src, const at::Tensor& mask,
                                    at::Tensor& dst, at::Tensor& msum) {
   RECORD_FUNCTION("pconv::masked_input_with_channel_sum", c10::ArrayRef<c10::IValue>{});

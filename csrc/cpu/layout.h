@@ -17,6 +17,11 @@ void masked_relayout(const at::Tensor& src, const c10::optional<at::Tensor>& mas
 // unlike at::mul's broadcast, small tensors cost no parallel region.
 void mask_planes(const at::Tensor& src, const at::Tensor& mask, at::Tensor& dst);
 
+// dst = src * mask for src, mask and dst of one shape and the same dense strides (a
+// multi-channel mask in the input's layout); dst may be src. Values equal at::mul's bit for
+// bit; 0/1 masks in 16-bit types take bit operations (see vector_loops.h).
+void mask_elements(const at::Tensor& src, const at::Tensor& mask, at::Tensor& dst);
+
 // dst = src * mask and msum[n, h, w] = the sum over c of mask[n, c, h, w], from one read
 // of the mask. src is [N, C, H, W], NCHW- or channels_last-contiguous; dst has src's
 // shape and is NCHW-contiguous, or channels_last for an NCHW src; mask has src's shape

@@ -72,6 +72,13 @@ bool is_single_plane_mask(const at::Tensor& x, const at::Tensor& mask, const at:
   return mask.size(1) == 1 && mask.is_contiguous() && x.is_contiguous() && out.is_contiguous();
 }
 
+// True when x * m can take mask_elements: a mask of x's shape and strides, dense, and an
+// out laid out alike.
+bool is_elementwise_mask(const at::Tensor& x, const at::Tensor& mask, const at::Tensor& out) {
+  return mask.sizes() == x.sizes() && mask.strides() == x.strides() &&
+         out.strides() == x.strides() && x.is_non_overlapping_and_dense();
+}
+
 // Writes x * m (x alone without a mask) into `out`, which has the compute layout.
 void write_masked_input(const at::Tensor& input, const c10::optional<at::Tensor>& mask,
                         at::Tensor& out, at::MemoryFormat format) {
@@ -80,6 +87,8 @@ void write_masked_input(const at::Tensor& input, const c10::optional<at::Tensor>
   } else if (mask.has_value() && mask->defined()) {
     if (is_single_plane_mask(input, *mask, out)) {
       mask_planes(input, *mask, out);
+    } else if (is_elementwise_mask(input, *mask, out)) {
+      mask_elements(input, *mask, out);
     } else {
       at::mul_out(out, input, *mask);
     }
@@ -303,11 +312,26 @@ void grad_prologue(const at::Tensor& grad_out, const MaskRatio& mr, bool has_bia
   }
 }
 
+// u in the input dtype, one plane per sample ([N, 1, H', W'], a new tensor): a plain loop,
+// since at::Tensor::to costs as much as the rest of the op's own passes on 4x4 layers.
 at::Tensor expand_update(const MaskRatio& mr, const at::Tensor& input, const ConvGeometry& g) {
-  at::Tensor u = mr.update.to(input.scalar_type());
-  if (mr.batch != g.batch) {
-    u = u.expand({g.batch, 1, g.out_h, g.out_w}).contiguous();
-  }
+  TORCH_INTERNAL_ASSERT(mr.update.is_contiguous());
+  at::Tensor u = at::empty({g.batch, 1, g.out_h, g.out_w},
+                           input.options().memory_format(at::MemoryFormat::Contiguous));
+  if (u.numel() == 0) return u;
+  const int64_t plane = g.out_h * g.out_w;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(),
+                                  "pconv_expand_update", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t* src = mr.update.const_data_ptr<acc_t>();
+    const int64_t src_batch_stride = mr.batch == 1 ? 0 : plane;
+    scalar_t* dst = u.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, g.batch * plane, 32768, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        dst[i] = static_cast<scalar_t>(src[i / plane * src_batch_stride + i % plane]);
+      }
+    });
+  });
   return u;
 }
 
@@ -384,7 +408,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> partial_c
     write_masked_input(input, mask, xm, format);
   }
   at::Tensor update = expand_update(mr, input, g);
-  if (update.is_same(mr.update)) update = update.clone();  // outputs never alias
   at::Tensor out = g.batch == 0 ? empty_output(input, g)
                                 : convolve_and_renormalise(xm, mr, weight, bias, stride, padding,
                                                            dilation, g,
@@ -461,6 +484,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_from(
           if (g.has_mask) {
             if (is_single_plane_mask(dx, *mask, dx)) {
               mask_planes(dx, *mask, dx);
+            } else if (is_elementwise_mask(dx, *mask, dx)) {
+              mask_elements(dx, *mask, dx);
             } else {
               dx.mul_(*mask);
             }

@@ -12,8 +12,11 @@
 #pragma once
 
 #include <ATen/OpMathType.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
 #define PCONV_CPU_CLONES __attribute__((target_clones("avx2", "default")))
@@ -27,14 +30,135 @@ namespace loops {
 template <typename scalar_t>
 using acc_type = at::opmath_type<scalar_t>;
 
-// out[i] = x[i] * m[i].
+#if defined(__GNUC__)
+#define PCONV_ALWAYS_INLINE inline __attribute__((always_inline))
+#else
+#define PCONV_ALWAYS_INLINE inline
+#endif
+
+// ---- x * m for a 0/1 mask in 16-bit types, by bit operations.
+//
+// Inpainting masks are 0 and 1, and then x * m needs no arithmetic: x * 1 is x and x * 0
+// is a zero with x's sign (NaN where x is Inf or NaN). In bfloat16 and float16 this matters:
+// without native 16-bit arithmetic every product is two widenings, a float multiply and a
+// rounding back, while the bit form works on 16 lanes of an AVX2 register at once.
+// Measured on 192 x 128 x 128 bfloat16, one thread: a single-channel mask over all planes
+// took 0.23 ms against 0.65 ms. With a multi-channel mask the pass is bound by memory
+// (three streams), and the gain is smaller: 0.80 against 0.88 ms for the one-read pass,
+// two threads. A run takes the bit form only when every mask value in it is exactly +0
+// or 1, checked in the same pass where out does not alias x; other runs multiply as
+// before. Finite results equal at::mul's bit for bit (denormals are not flushed); a NaN
+// result is a quiet NaN wherever at::mul's is a NaN.
+
 template <typename scalar_t>
-PCONV_CPU_CLONES void multiply(const scalar_t* x, const scalar_t* m, scalar_t* out,
-                               int64_t len) {
+struct Bits16;  // bit patterns of 1, +Inf and a quiet NaN
+
+template <>
+struct Bits16<c10::BFloat16> {
+  static constexpr uint16_t kOne = 0x3F80, kInf = 0x7F80, kNaN = 0x7FC0;
+};
+
+template <>
+struct Bits16<c10::Half> {
+  static constexpr uint16_t kOne = 0x3C00, kInf = 0x7C00, kNaN = 0x7E00;
+};
+
+template <typename scalar_t>
+constexpr bool kHasBitMask =
+    std::is_same_v<scalar_t, c10::BFloat16> || std::is_same_v<scalar_t, c10::Half>;
+
+// The raw bits of 16-bit values (BFloat16 and Half hold a single uint16_t).
+template <typename scalar_t>
+PCONV_ALWAYS_INLINE const uint16_t* bits_of(const scalar_t* p) {
+  return reinterpret_cast<const uint16_t*>(p);
+}
+
+template <typename scalar_t>
+PCONV_ALWAYS_INLINE uint16_t* bits_of(scalar_t* p) {
+  return reinterpret_cast<uint16_t*>(p);
+}
+
+// True when every m[i] is exactly +0 or 1.
+template <typename scalar_t>
+PCONV_ALWAYS_INLINE bool is_zero_one(const scalar_t* m, int64_t len) {
+  const uint16_t* mb = bits_of(m);
+  uint16_t other = 0;
+  for (int64_t i = 0; i < len; ++i) {
+    other |= static_cast<uint16_t>(mb[i] != Bits16<scalar_t>::kOne) &
+             static_cast<uint16_t>(mb[i] != 0);
+  }
+  return other == 0;
+}
+
+// The bit form of x * m for one value whose mask bits are +0 or 1.
+template <typename scalar_t>
+PCONV_ALWAYS_INLINE uint16_t select_bits(uint16_t x, uint16_t m) {
+  using B = Bits16<scalar_t>;
+  const uint16_t keep = m == B::kOne ? 0xFFFF : 0;
+  // Magnitudes fit in int16, where AVX2 compares 16 lanes at once.
+  const uint16_t non_finite =
+      static_cast<int16_t>(x & 0x7FFF) >= static_cast<int16_t>(B::kInf) ? 0xFFFF : 0;
+  const uint16_t zero = static_cast<uint16_t>((x & 0x8000 & ~non_finite) | (B::kNaN & non_finite));
+  return static_cast<uint16_t>((x & keep) | (zero & ~keep));
+}
+
+// out[i] = x[i] * m[i] for m[i] in {+0, 1}. out may alias x.
+template <typename scalar_t>
+PCONV_ALWAYS_INLINE void select_by_mask(const scalar_t* x, const scalar_t* m, scalar_t* out,
+                                        int64_t len) {
+  const uint16_t* xb = bits_of(x);
+  const uint16_t* mb = bits_of(m);
+  uint16_t* ob = bits_of(out);
+  for (int64_t i = 0; i < len; ++i) ob[i] = select_bits<scalar_t>(xb[i], mb[i]);
+}
+
+enum class SumMode { kNone, kStart, kAdd };
+
+// The bit form of out[i] = x[i] * m[i] over a run, checking the mask in the same pass (one
+// read of it); with kStart / kAdd it also sets / adds m[i] to sum[i] in the opmath type,
+// exactly as the arithmetic loops do, whatever the mask values. Returns false when some
+// m[i] is neither +0 nor 1: out then holds garbage and the caller multiplies instead (the
+// sums stay right). out must not alias x or m.
+template <typename scalar_t, SumMode kSum, typename acc_t = acc_type<scalar_t>>
+PCONV_ALWAYS_INLINE bool select_if_zero_one(const scalar_t* x, const scalar_t* m,
+                                            scalar_t* out, acc_t* sum, int64_t len) {
+  const uint16_t* xb = bits_of(x);
+  const uint16_t* mb = bits_of(m);
+  uint16_t* ob = bits_of(out);
+  uint16_t other = 0;
+  for (int64_t i = 0; i < len; ++i) {
+    const uint16_t mi = mb[i];
+    other |= static_cast<uint16_t>(mi != Bits16<scalar_t>::kOne) & static_cast<uint16_t>(mi != 0);
+    ob[i] = select_bits<scalar_t>(xb[i], mi);
+    if constexpr (kSum == SumMode::kStart) sum[i] = static_cast<acc_t>(m[i]);
+    if constexpr (kSum == SumMode::kAdd) sum[i] += static_cast<acc_t>(m[i]);
+  }
+  return other == 0;
+}
+
+// out[i] = x[i] * m[i] in arithmetic.
+template <typename scalar_t>
+PCONV_ALWAYS_INLINE void multiply_run(const scalar_t* x, const scalar_t* m, scalar_t* out,
+                                      int64_t len) {
   using acc_t = acc_type<scalar_t>;
   for (int64_t i = 0; i < len; ++i) {
     out[i] = static_cast<scalar_t>(static_cast<acc_t>(x[i]) * static_cast<acc_t>(m[i]));
   }
+}
+
+// out[i] = x[i] * m[i]. out may be x (in place), but not overlap x or m otherwise.
+template <typename scalar_t>
+PCONV_CPU_CLONES void multiply(const scalar_t* x, const scalar_t* m, scalar_t* out,
+                               int64_t len) {
+  if constexpr (kHasBitMask<scalar_t>) {
+    if (out == x) {  // the check must come first: a failed bit pass would have lost x
+      if (is_zero_one(m, len)) return select_by_mask(x, m, out, len);
+    } else if (select_if_zero_one<scalar_t, SumMode::kNone>(
+                   x, m, out, static_cast<acc_type<scalar_t>*>(nullptr), len)) {
+      return;
+    }
+  }
+  multiply_run(x, m, out, len);
 }
 
 // out[k * len + i] = x[k * len + i] * m[i] for k < planes: consecutive planes of one
@@ -44,6 +168,12 @@ template <typename scalar_t>
 PCONV_CPU_CLONES void multiply_planes(const scalar_t* x, const scalar_t* m, scalar_t* out,
                                       int64_t planes, int64_t len) {
   using acc_t = acc_type<scalar_t>;
+  if constexpr (kHasBitMask<scalar_t>) {
+    if (is_zero_one(m, len)) {  // one check for all the planes
+      for (int64_t k = 0; k < planes; ++k, x += len, out += len) select_by_mask(x, m, out, len);
+      return;
+    }
+  }
   for (int64_t k = 0; k < planes; ++k, x += len, out += len) {
     for (int64_t i = 0; i < len; ++i) {
       out[i] = static_cast<scalar_t>(static_cast<acc_t>(x[i]) * static_cast<acc_t>(m[i]));
@@ -65,14 +195,19 @@ PCONV_CPU_CLONES void accumulate(const scalar_t* x, acc_t* sum, int64_t len, boo
 // apart (the same pixels of consecutive NCHW planes), summed in channel order; with
 // `first`, the first run starts the sums (sum[i] = m[i]). x * m and the channel sum of a
 // multi-channel mask from one read of it, in one call for all the runs, so planes of a
-// few pixels do not pay a call per channel.
+// few pixels do not pay a call per channel. out must not alias x or m.
 template <typename scalar_t, typename acc_t>
 PCONV_CPU_CLONES void multiply_accumulate(const scalar_t* x, const scalar_t* m, scalar_t* out,
                                           acc_t* sum, int64_t channels, int64_t stride,
                                           int64_t len, bool first) {
   using op_t = acc_type<scalar_t>;
   for (int64_t c = 0; c < channels; ++c, x += stride, m += stride, out += stride) {
-    if (first && c == 0) {
+    if constexpr (kHasBitMask<scalar_t>) {
+      const bool bits = first && c == 0
+                            ? select_if_zero_one<scalar_t, SumMode::kStart>(x, m, out, sum, len)
+                            : select_if_zero_one<scalar_t, SumMode::kAdd>(x, m, out, sum, len);
+      if (!bits) multiply_run(x, m, out, len);
+    } else if (first && c == 0) {
       for (int64_t i = 0; i < len; ++i) {
         const op_t mi = static_cast<op_t>(m[i]);
         out[i] = static_cast<scalar_t>(static_cast<op_t>(x[i]) * mi);
