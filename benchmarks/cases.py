@@ -52,17 +52,20 @@ def implementations(names) -> dict[str, Impl]:
 def make_inputs(shape: LayerShape, batch: int, mode: str, dtype, device, count: int,
                 seed: int = 0):
     """``count`` independent input sets ``(x, mask, grad_out)`` of random data (never
-    zeros) for one layer; masks have 1 = known, 0 = hole, about 30 % holes."""
-    g = torch.Generator(device="cpu").manual_seed(seed)
+    zeros) for one layer; masks have 1 = known, 0 = hole, about 30 % holes.
+
+    Drawn on ``device`` with its own generator: at 512x512 and batch 8 one set holds up
+    to 400 M values, which a CPU takes seconds to draw for every row of a GPU table."""
+    g = torch.Generator(device=device).manual_seed(seed)
     out_h = (shape.h + 2 * shape.padding - shape.kernel) // shape.stride + 1
     out_w = (shape.w + 2 * shape.padding - shape.kernel) // shape.stride + 1
     mask_c = shape.c_in if mode == "multi" else 1
     sets = []
     for _ in range(count):
-        x = torch.randn(batch, shape.c_in, shape.h, shape.w, generator=g)
-        m = (torch.rand(batch, mask_c, shape.h, shape.w, generator=g) > 0.3).float()
-        gy = torch.randn(batch, shape.c_out, out_h, out_w, generator=g)
-        sets.append(tuple(t.to(device=device, dtype=dtype) for t in (x, m, gy)))
+        x = torch.randn(batch, shape.c_in, shape.h, shape.w, generator=g, device=device)
+        m = torch.rand(batch, mask_c, shape.h, shape.w, generator=g, device=device) > 0.3
+        gy = torch.randn(batch, shape.c_out, out_h, out_w, generator=g, device=device)
+        sets.append(tuple(t.to(dtype=dtype) for t in (x, m, gy)))
     return sets
 
 
