@@ -113,6 +113,21 @@ def test_max_side_and_hole_padding_options(tmp_path, checkpoint):
     _assert_known_exact(out, SAMPLES / "wood.jpg", load_mask(SAMPLES / "mask_strokes_30.png"))
 
 
+def test_amp_option(tmp_path, checkpoint, capsys):
+    """--amp bf16 inpaints with known pixels exact; --amp fp16 on the CPU is refused
+    before any work, with the reason."""
+    out = tmp_path / "o.png"
+    args = [str(SAMPLES / "wood.jpg"), str(SAMPLES / "mask_strokes_30.png"), "-o", str(out),
+            "--checkpoint", str(checkpoint), "--quiet", "--device", "cpu"]
+    assert main(args + ["--amp", "bf16"]) == 0
+    _assert_known_exact(out, SAMPLES / "wood.jpg", load_mask(SAMPLES / "mask_strokes_30.png"))
+    out.unlink()
+    capsys.readouterr()
+    assert main(args + ["--amp", "fp16"]) == 1
+    assert "'fp16' is for CUDA devices" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_checkpoint_missing_or_wrong(tmp_path, checkpoint, capsys):
     args = [str(SAMPLES / "city.jpg"), str(SAMPLES / "mask_strokes_10.png"), "-o",
             str(tmp_path / "o.png"), "--quiet"]

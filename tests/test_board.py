@@ -281,6 +281,14 @@ def test_concurrent_requests_are_safe(model):
     assert len(set(results)) == 1  # and every request got the same answer
 
 
+def test_amp_bf16_board_and_fp16_refused_on_cpu(model):
+    photo, mask = _photo(), _mask()
+    client = create_app(model, amp="bf16").test_client()
+    _check_result(_post(client, _png(photo), _png(mask)), photo, mask)
+    with pytest.raises(ValueError, match="'fp16' is for CUDA devices"):
+        create_app(model, amp="fp16")
+
+
 def test_create_app_needs_a_model(tmp_path, checkpoint):
     with pytest.raises(ValueError, match="needs a model"):
         create_app(None)

@@ -145,6 +145,41 @@ def test_model_runs_in_eval_mode_without_grad_and_mode_is_restored():
     assert net.training and not result.requires_grad
 
 
+def test_amp_bf16_runs_the_network_in_bfloat16(model):
+    """amp="bf16": the partial convolutions run in bfloat16 (seen in their outputs; their
+    inputs may come from float32 ops such as bilinear upsampling), the fill stays close to
+    float32's, and the known pixels are still the input's bits."""
+    image, mask = _pair(2, 40, 56, seed=5)
+    seen = []
+    hooks = [m.register_forward_hook(lambda mod, args, out: seen.append(out[0].dtype))
+             for m in model.modules() if type(m).__name__ == "PartialConv2d"]
+    try:
+        fp32 = inpaint(model, image, mask)
+        assert set(seen) == {torch.float32}
+        seen.clear()
+        bf16 = inpaint(model, image, mask, amp="bf16")
+        assert set(seen) == {torch.bfloat16}
+    finally:
+        for h in hooks:
+            h.remove()
+    _assert_known_identical(bf16, image, mask)
+    assert bf16.dtype == torch.float32 and torch.isfinite(bf16).all()
+    holes = (mask < 0.5).expand_as(image)
+    assert not torch.equal(bf16[holes], fp32[holes])  # it did run in another precision
+    torch.testing.assert_close(bf16, fp32, rtol=0, atol=0.05)
+
+
+def test_amp_errors(model):
+    image, mask = _pair(1, 16, 16)
+    with pytest.raises(ValueError, match="amp must be one of"):
+        inpaint(model, image, mask, amp="float16")
+    with pytest.raises(ValueError, match="'fp16' is for CUDA devices"):
+        inpaint(model, image, mask, amp="fp16")
+    # Classical methods ignore amp, but a bad value is still an error.
+    with pytest.raises(ValueError, match="amp must be one of"):
+        inpaint(None, image, mask, method="ns", amp="half")
+
+
 def test_pad_to_multiple_reflects_image_and_mask_together():
     image = torch.arange(2 * 3 * 5 * 6, dtype=torch.float32).reshape(2, 3, 5, 6)
     mask = torch.ones(2, 1, 5, 6)

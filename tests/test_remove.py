@@ -102,7 +102,8 @@ def test_remove_end_to_end_with_color_segmenter(scene, tmp_path, checkpoint, cap
     out = tmp_path / "clean.png"
     rc = main([str(scene), "--classes", "person,car", "--segmenter",
                "color:person=ff0000,car=0000ff", "-o", str(out), "--checkpoint",
-               str(checkpoint), "--dilate", "5", "--save-mask", str(tmp_path / "mask.png")])
+               str(checkpoint), "--dilate", "5", "--save-mask", str(tmp_path / "mask.png"),
+               "--amp", "bf16"])
     err = capsys.readouterr().err
     assert rc == 0, err
     assert "removed person, car" in err

@@ -37,6 +37,8 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from .amp import AMP_MODES
+
 __all__ = ["DEFAULTS", "PATH_KEYS", "ConfigError", "CONFIG_DIR", "find_config", "load_config",
            "default_config", "apply_override", "merge", "validate", "to_toml", "model_spec",
            "diff"]
@@ -126,7 +128,7 @@ _FREE_TABLES = {"model", "ablation"}
 _CHOICES = {("data", "kind"): ("folder", "celebahq", "places2"),
             ("data", "check"): ("header", "full", "none"),
             ("masks", "kind"): ("freeform", "folder"),
-            ("train", "amp"): ("off", "bf16", "fp16"),
+            ("train", "amp"): AMP_MODES,
             ("eval", "buckets"): ("paper", "report")}
 
 

@@ -34,7 +34,6 @@ Mask convention everywhere: 1 = known pixel, 0 = hole.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import dataclasses
 import logging
@@ -52,6 +51,7 @@ from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 
+from . import amp as amplib
 from . import config as cfglib
 from .checkpoint import CheckpointError, load_model, resolve_checkpoint
 from .classical import inpaint_classical
@@ -207,11 +207,9 @@ def _slug(text: str) -> str:
 
 
 def _autocast(device: torch.device, amp: str):
-    if amp == "off":
-        return contextlib.nullcontext()
-    if amp != "bf16":
+    if amp not in ("off", "bf16"):
         raise ValueError(f"--amp must be 'off' or 'bf16', got {amp!r}")
-    return torch.autocast(device.type, dtype=torch.bfloat16)
+    return amplib.autocast(device, amp)
 
 
 def evaluate(models: list[tuple[str, nn.Module]], images, *, buckets, masks_per_bucket: int,

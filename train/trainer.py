@@ -38,7 +38,6 @@ Mask convention everywhere: 1 = known pixel, 0 = hole.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import fnmatch
 import json
@@ -58,6 +57,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 
+from . import amp as amplib
 from . import config as cfglib
 from .checkpoint import (CheckpointError, build_model, checkpoint_name, latest_checkpoint,
                          list_checkpoints, load_checkpoint, save_checkpoint, CHECKPOINT_DIR)
@@ -448,7 +448,7 @@ class Trainer:
                                           betas=tuple(oc["betas"]),
                                           weight_decay=oc["weight_decay"])
         amp = tc["amp"]
-        self.amp_dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+        self.amp = amp
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp == "fp16")
 
         self.train_set, self.val_set = build_datasets(config)
@@ -593,9 +593,7 @@ class Trainer:
     # -- one step ---------------------------------------------------------------------
 
     def _autocast(self):
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+        return amplib.autocast(self.device, self.amp)
 
     def _to_device(self, image: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
         nb = self.device.type == "cuda"

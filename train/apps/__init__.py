@@ -17,6 +17,7 @@ from collections.abc import Callable
 from torch import nn
 
 from ..checkpoint import CheckpointError, load_model
+from ..amp import AMP_MODES, check_inference_amp
 from ..inpaint import resolve_device
 
 __all__ = ["AppError", "add_device_arg", "load_network", "run_main"]
@@ -28,19 +29,24 @@ class AppError(Exception):
 
 
 def add_device_arg(parser: argparse.ArgumentParser) -> None:
-    """The ``--device`` option every application has."""
+    """The ``--device`` and ``--amp`` options every application has."""
     parser.add_argument("--device", default="auto",
                         help="where the network runs: auto (CUDA if available), cpu, cuda, "
                              "cuda:N (default: auto)")
+    parser.add_argument("--amp", choices=AMP_MODES, default="off",
+                        help="run the network in bfloat16 (bf16) or float16 (fp16, CUDA "
+                             "only): faster, the fill differs by 16-bit rounding; known "
+                             "pixels stay exact (default: off, float32)")
 
 
-def load_network(checkpoint: str | None, device: str = "auto", *,
+def load_network(checkpoint: str | None, device: str = "auto", *, amp: str = "off",
                  option: str = "--checkpoint") -> nn.Module:
     """The model in ``checkpoint`` (a file written by ``pconv-train``), in eval mode on
-    ``device``.
+    ``device``, checked to run there under ``amp``.
 
     Raises:
-        AppError: no checkpoint given, an unknown device, or the checkpoint is missing,
+        AppError: no checkpoint given, an unknown device, an ``amp`` mode the device should
+            not run (:func:`train.amp.check_inference_amp`), or the checkpoint is missing,
             unreadable or does not fit its model (the :class:`CheckpointError` message).
     """
     if not checkpoint:
@@ -48,6 +54,7 @@ def load_network(checkpoint: str | None, device: str = "auto", *,
                        "(a checkpoint written by pconv-train); or choose a classical method")
     try:
         device = resolve_device(device)
+        check_inference_amp(device, amp)
     except ValueError as exc:
         raise AppError(str(exc)) from exc
     try:

@@ -43,6 +43,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import nn
 
+from ..amp import check_inference_amp
 from ..checkpoint import load_model
 from ..images import image_from_numpy, image_to_numpy, mask_from_numpy
 from ..inpaint import PADDING_MODES, inpaint, resolve_device
@@ -119,7 +120,8 @@ def encode_png(image: torch.Tensor) -> bytes:
 
 def create_app(model_or_checkpoint: nn.Module | str | os.PathLike, *, device: str = "auto",
                max_upload_bytes: int = MAX_UPLOAD_BYTES, max_image_side: int = MAX_IMAGE_SIDE,
-               network_max_side: int | None = NETWORK_MAX_SIDE, padding: str = "reflect"):
+               network_max_side: int | None = NETWORK_MAX_SIDE, padding: str = "reflect",
+               amp: str = "off"):
     """The board's Flask app.
 
     Args:
@@ -130,7 +132,7 @@ def create_app(model_or_checkpoint: nn.Module | str | os.PathLike, *, device: st
         max_image_side: largest width or height accepted, in pixels.
         network_max_side: the network runs at most at this longer side and its fill is
             pasted back at full size (keeps big photos interactive); ``None``: full size.
-        padding: see :func:`train.inpaint.inpaint`.
+        padding, amp: see :func:`train.inpaint.inpaint`.
 
     Raises:
         ValueError: no model given, or a bad option.
@@ -151,6 +153,8 @@ def create_app(model_or_checkpoint: nn.Module | str | os.PathLike, *, device: st
         model = model_or_checkpoint.eval()
     else:
         model, _ = load_model(model_or_checkpoint, resolve_device(device))
+    param = next(model.parameters(), None)
+    check_inference_amp(param.device if param is not None else "cpu", amp)
     model_lock = threading.Lock()
 
     app = Flask(__name__, static_folder=str(_HERE / "static"),
@@ -235,7 +239,7 @@ def create_app(model_or_checkpoint: nn.Module | str | os.PathLike, *, device: st
             if method == "pconv":
                 with model_lock:
                     result = inpaint(model, image, mask, method="pconv", padding=padding,
-                                     max_side=network_max_side)
+                                     max_side=network_max_side, amp=amp)
             else:
                 result = inpaint(None, image, mask, method=method)
             seconds[method] = round(time.perf_counter() - start, 3)
@@ -286,11 +290,11 @@ def _run(args: argparse.Namespace) -> int:
     if args.max_upload_mb <= 0 or args.max_image_side < 1 or args.network_max_side < 0:
         raise AppError("--max-upload-mb and --max-image-side must be positive, "
                        "--network-max-side >= 0")
-    model = load_network(args.checkpoint, args.device)
+    model = load_network(args.checkpoint, args.device, amp=args.amp)
     try:
         app = create_app(model, max_upload_bytes=int(args.max_upload_mb * 2 ** 20),
                          max_image_side=args.max_image_side,
-                         network_max_side=args.network_max_side or None)
+                         network_max_side=args.network_max_side or None, amp=args.amp)
     except ImportError as exc:
         raise AppError(str(exc)) from exc
     if not _is_loopback(args.host):

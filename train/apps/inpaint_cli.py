@@ -208,7 +208,7 @@ def _run(args: argparse.Namespace) -> int:
     jobs = plan_jobs(args.input, args.mask, args.output, args.ext)
     model = None
     if args.method == "pconv":
-        model = load_network(args.checkpoint, args.device)
+        model = load_network(args.checkpoint, args.device, amp=args.amp)
     else:
         try:
             resolve_device(args.device)
@@ -227,7 +227,7 @@ def _run(args: argparse.Namespace) -> int:
         images = torch.stack([image for _, image, _ in group])
         masks = torch.stack([mask for _, _, mask in group])
         results = inpaint(model, images, masks, method=args.method, batch_size=args.batch_size,
-                          padding=args.padding, max_side=args.max_side)
+                          padding=args.padding, max_side=args.max_side, amp=args.amp)
         for (job, _, _), result in zip(group, results):
             try:
                 save_image(result, job.output)

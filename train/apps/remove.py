@@ -120,7 +120,8 @@ def _run(args: argparse.Namespace) -> int:
         device = resolve_device(args.device)
     except ValueError as exc:
         raise AppError(str(exc)) from exc
-    model = load_network(args.checkpoint, args.device) if args.method == "pconv" else None
+    model = (load_network(args.checkpoint, args.device, amp=args.amp)
+             if args.method == "pconv" else None)
     try:
         segmenter = make_segmenter(args.segmenter, args.seg_weights, device)
     except SegmenterError as exc:
@@ -135,7 +136,8 @@ def _run(args: argparse.Namespace) -> int:
     if bool((mask >= 0.5).all()):
         print(f"{PROG}: warning: no {names} found in {args.image}; the result is the input",
               file=sys.stderr)
-    ours = inpaint(model, image, mask, method=args.method, max_side=args.max_side)
+    ours = inpaint(model, image, mask, method=args.method, max_side=args.max_side,
+                   amp=args.amp)
     ns = inpaint(None, image, mask, method="ns")
     # The masked input shows the holes white, as the paper's figures do.
     masked = torch.where(mask >= 0.5, image, torch.ones_like(image))
