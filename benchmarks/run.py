@@ -8,8 +8,8 @@ Each layer row times, in the same run, the plain ``nn.Conv2d`` of the same shape
 floor), the fused op, the reference (NVIDIA formulation, eager), the lean pure-PyTorch
 style and ``torch.compile`` of the reference, as ms and as a ratio to the plain conv;
 forward alone (inference) and forward + backward; and the peak memory of forward +
-backward of the fused op and of the reference. A last row times one training step of the
-PConv UNet with the fused layer and with the reference layer.
+backward of the fused op and of the reference. Last rows time one training step of the
+PConv UNet with the fused layer and with the reference layer, in each mask mode.
 """
 from __future__ import annotations
 
@@ -166,13 +166,15 @@ def layer_rows(args, device, log, store, out_of_time):
 
 
 def model_rows(args, device, log, store, out_of_time):
-    """One PConv UNet training step with the fused layer and with the reference layer."""
+    """One PConv UNet training step with the fused layer and with the reference layer, in
+    each mask mode (multi: every layer gets a C_in-channel mask, the mode NVIDIA's README
+    uses for inpainting)."""
     import pconv_cuda
 
     logging.getLogger("train.vgg").setLevel(logging.ERROR)  # random VGG: fine for timing
     rows, complete = [], True
-    for dtype_name in args.dtypes:
-        row = dict(size=args.model_size, model="pconv", layer="training step", mode="single",
+    for dtype_name, mode in ((d, m) for d in args.dtypes for m in args.modes):
+        row = dict(size=args.model_size, model="pconv", layer="training step", mode=mode,
                    dtype=dtype_name, pass_="step", ms={})
         if store.get(row_key(row)):
             rows.append(store.get(row_key(row)))
@@ -181,10 +183,10 @@ def model_rows(args, device, log, store, out_of_time):
             complete = False
             continue
         dtype = DTYPES[dtype_name]
-        log(f"training step {dtype_name}")
+        log(f"training step {dtype_name} {mode}")
         kwargs = dict(layers=4, base_channels=8) if args.smoke else {}
         steps = {name: cases.unet_train_step(layer, args.model_size, args.model_batch, device,
-                                             dtype, **kwargs)
+                                             dtype, multi_channel=mode == "multi", **kwargs)
                  for name, layer in (("fused", pconv_cuda.PartialConv2d),
                                      ("reference", pconv_cuda.ReferencePartialConv2d))}
         record_times(row, timing.interleaved_times_ms(
@@ -248,7 +250,7 @@ def parse_args(argv=None):
                    help="worker processes that compile the torch.compile column's graphs "
                         "before the timings (default: the cores but two, at most 12; 0: "
                         "compile each graph when its row is timed)")
-    p.add_argument("--no-model", action="store_true", help="skip the training-step row")
+    p.add_argument("--no-model", action="store_true", help="skip the training-step rows")
     p.add_argument("--model-repeats", type=int, default=5)
     p.add_argument("--threads", type=int, help="torch.set_num_threads on CPU")
     p.add_argument("--malloc", choices=["retain", "default"],
