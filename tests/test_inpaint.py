@@ -242,3 +242,20 @@ def test_model_on_gpu_inputs_on_cpu():
     _assert_known_identical(result, image, mask)
     on_cpu = inpaint(net.cpu(), image, mask)
     torch.testing.assert_close(result, on_cpu, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("amp", ["fp16", "bf16"])
+def test_amp_on_gpu(amp):
+    """16-bit inference on the GPU: the fill stays close to float32's and finite (float16
+    ratios of empty windows would be Inf; the op keeps them in float32), the known pixels
+    exact."""
+    torch.manual_seed(0)
+    net = build_model(SPECS["pconv"]).cuda().eval()
+    image, mask = _pair(2, 64, 48, seed=9, hole=0.6)
+    fp32 = inpaint(net, image, mask)
+    half = inpaint(net, image, mask, amp=amp)
+    _assert_known_identical(half, image, mask)
+    assert torch.isfinite(half).all()
+    torch.testing.assert_close(half, fp32, rtol=0, atol=0.05)

@@ -39,7 +39,7 @@ fi
 if step tests; then
   echo "== tests"
   $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_parity.py tests/test_op.py \
-      tests/test_module.py tests/test_errors.py 2>&1 | tee "$OUT/tests.log" | tail -15
+      tests/test_module.py tests/test_errors.py tests/test_inpaint.py 2>&1 | tee "$OUT/tests.log" | tail -15
   status=$((status | ${PIPESTATUS[0]}))
 fi
 if step memcheck; then
