@@ -154,7 +154,10 @@ PCONV_CPU_CLONES void multiply(const scalar_t* x, const scalar_t* m, scalar_t* o
                                int64_t len) {
   if constexpr (kHasBitMask<scalar_t>) {
     if (out == x) {  // the check must come first: a failed bit pass would have lost x
-      if (is_zero_one(m, len)) return select_by_mask(x, m, out, len);
+      if (is_zero_one(m, len)) {
+        select_by_mask(x, m, out, len);
+        return;
+      }
     } else if (select_if_zero_one<scalar_t, SumMode::kNone>(
                    x, m, out, static_cast<acc_type<scalar_t>*>(nullptr), len)) {
       return;
@@ -169,18 +172,13 @@ PCONV_CPU_CLONES void multiply(const scalar_t* x, const scalar_t* m, scalar_t* o
 template <typename scalar_t>
 PCONV_CPU_CLONES void multiply_planes(const scalar_t* x, const scalar_t* m, scalar_t* out,
                                       int64_t planes, int64_t len) {
-  using acc_t = acc_type<scalar_t>;
   if constexpr (kHasBitMask<scalar_t>) {
     if (is_zero_one(m, len)) {  // one check for all the planes
       for (int64_t k = 0; k < planes; ++k, x += len, out += len) select_by_mask(x, m, out, len);
       return;
     }
   }
-  for (int64_t k = 0; k < planes; ++k, x += len, out += len) {
-    for (int64_t i = 0; i < len; ++i) {
-      out[i] = static_cast<scalar_t>(static_cast<acc_t>(x[i]) * static_cast<acc_t>(m[i]));
-    }
-  }
+  for (int64_t k = 0; k < planes; ++k, x += len, out += len) multiply_run(x, m, out, len);
 }
 
 // sum[i] = x[i] when first, else sum[i] += x[i].
