@@ -1,4 +1,5 @@
 #include "layout.h"
+#include "pixel_blocks.h"
 #include "vector_loops.h"
 
 #include <ATen/ATen.h>
@@ -56,39 +57,36 @@ void relayout_kernel(const scalar_t* src, const scalar_t* mask, scalar_t* dst, i
                      int64_t channels, int64_t plane, int64_t mask_batch_stride,
                      int64_t mask_channel_stride, acc_t* msum) {
   constexpr int64_t kTileP = Tile<scalar_t>::kPixels, kTileC = Tile<scalar_t>::kChannels;
-  const int64_t tiles = (plane + kTileP - 1) / kTileP;
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(kTileP * channels, 1));
-  at::parallel_for(0, batch * tiles, grain, [&](int64_t begin, int64_t end) {
+  for_each_pixel_block(batch, plane, kTileP, grain, [&](int64_t, int64_t n, int64_t p0,
+                                                        int64_t p1) {
     scalar_t buf[kTileC * kTileP];  // buf[c * kTileP + p]: one tile, channel-major
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t n = t / tiles;
-      const int64_t p0 = (t % tiles) * kTileP, len = std::min(plane, p0 + kTileP) - p0;
-      const scalar_t* s = src + n * channels * plane;
-      scalar_t* d = dst + n * channels * plane;
-      const scalar_t* m_n = kMasked ? mask + n * mask_batch_stride + p0 : nullptr;
-      acc_t* sum = msum != nullptr ? msum + n * plane + p0 : nullptr;
-      for (int64_t c0 = 0; c0 < channels; c0 += kTileC) {
-        const int64_t nc = std::min(channels, c0 + kTileC) - c0;
-        if (kToChannelsLast) {
-          for (int64_t c = 0; c < nc; ++c) {
-            scale_run<scalar_t, kMasked>(s + (c0 + c) * plane + p0,
-                                         kMasked ? m_n + (c0 + c) * mask_channel_stride : nullptr,
-                                         buf + c * kTileP, sum, len, c0 + c == 0);
-          }
-          for (int64_t p = 0; p < len; ++p) {
-            scalar_t* out = d + (p0 + p) * channels + c0;
-            for (int64_t c = 0; c < nc; ++c) out[c] = buf[c * kTileP + p];
-          }
-        } else {
-          for (int64_t p = 0; p < len; ++p) {
-            const scalar_t* in = s + (p0 + p) * channels + c0;
-            for (int64_t c = 0; c < nc; ++c) buf[c * kTileP + p] = in[c];
-          }
-          for (int64_t c = 0; c < nc; ++c) {
-            scale_run<scalar_t, kMasked>(buf + c * kTileP,
-                                         kMasked ? m_n + (c0 + c) * mask_channel_stride : nullptr,
-                                         d + (c0 + c) * plane + p0, sum, len, c0 + c == 0);
-          }
+    const int64_t len = p1 - p0;
+    const scalar_t* s = src + n * channels * plane;
+    scalar_t* d = dst + n * channels * plane;
+    const scalar_t* m_n = kMasked ? mask + n * mask_batch_stride + p0 : nullptr;
+    acc_t* sum = msum != nullptr ? msum + n * plane + p0 : nullptr;
+    for (int64_t c0 = 0; c0 < channels; c0 += kTileC) {
+      const int64_t nc = std::min(channels, c0 + kTileC) - c0;
+      if (kToChannelsLast) {
+        for (int64_t c = 0; c < nc; ++c) {
+          scale_run<scalar_t, kMasked>(s + (c0 + c) * plane + p0,
+                                       kMasked ? m_n + (c0 + c) * mask_channel_stride : nullptr,
+                                       buf + c * kTileP, sum, len, c0 + c == 0);
+        }
+        for (int64_t p = 0; p < len; ++p) {
+          scalar_t* out = d + (p0 + p) * channels + c0;
+          for (int64_t c = 0; c < nc; ++c) out[c] = buf[c * kTileP + p];
+        }
+      } else {
+        for (int64_t p = 0; p < len; ++p) {
+          const scalar_t* in = s + (p0 + p) * channels + c0;
+          for (int64_t c = 0; c < nc; ++c) buf[c * kTileP + p] = in[c];
+        }
+        for (int64_t c = 0; c < nc; ++c) {
+          scale_run<scalar_t, kMasked>(buf + c * kTileP,
+                                       kMasked ? m_n + (c0 + c) * mask_channel_stride : nullptr,
+                                       d + (c0 + c) * plane + p0, sum, len, c0 + c == 0);
         }
       }
     }
@@ -107,17 +105,13 @@ void masked_planes_with_sum(const scalar_t* x, const scalar_t* m, scalar_t* out,
                            (4 * at::get_num_threads());
   const int64_t block = std::min<int64_t>(
       {plane, 4096, std::max<int64_t>(256, (per_task + 63) / 64 * 64)});
-  const int64_t blocks = (plane + block - 1) / block;
   // Below 32K values a parallel region costs more than it saves.
   const int64_t grain = std::max<int64_t>(1, 32768 / (block * channels));
-  at::parallel_for(0, batch * blocks, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t n = t / blocks, p0 = (t % blocks) * block;
-      const int64_t len = std::min(plane, p0 + block) - p0;
-      const int64_t offset = n * channels * plane + p0;
-      loops::multiply_accumulate(x + offset, m + offset, out + offset, msum + n * plane + p0,
-                                 channels, plane, len, /*first=*/true);
-    }
+  for_each_pixel_block(batch, plane, block, grain, [&](int64_t, int64_t n, int64_t p0,
+                                                       int64_t p1) {
+    const int64_t offset = n * channels * plane + p0;
+    loops::multiply_accumulate(x + offset, m + offset, out + offset, msum + n * plane + p0,
+                               channels, plane, p1 - p0, /*first=*/true);
   });
 }
 

@@ -1,4 +1,5 @@
 #include "mask_ratio.h"
+#include "pixel_blocks.h"
 #include "vector_loops.h"
 
 #include <ATen/ATen.h>
@@ -103,27 +104,24 @@ void channel_sum_kernel(const at::Tensor& mask, acc_t* out) {
   const scalar_t* src = mask.const_data_ptr<scalar_t>();
   const bool channels_last = !mask.is_contiguous();
   constexpr int64_t kBlock = 1024;  // pixels per task: a few KiB of sums, kept in L1
-  const int64_t blocks = (plane + kBlock - 1) / kBlock;
   const int64_t grain = std::max<int64_t>(1, 65536 / (kBlock * channels));
-  at::parallel_for(0, batch * blocks, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t n = t / blocks, p0 = (t % blocks) * kBlock;
-      const int64_t len = std::min(plane, p0 + kBlock) - p0;
-      const scalar_t* s = src + n * channels * plane;
-      acc_t* o = out + n * plane + p0;
-      if (channels_last) {
-        for (int64_t i = 0; i < len; ++i) {
-          const scalar_t* px = s + (p0 + i) * channels;
-          acc_t sum = 0;
-          for (int64_t c = 0; c < channels; ++c) sum += static_cast<acc_t>(px[c]);
-          o[i] = sum;
-        }
-      } else {
-        // Channel by channel over the block: every inner loop is a contiguous,
-        // vectorisable walk of one channel's pixels.
-        for (int64_t c = 0; c < channels; ++c) {
-          loops::accumulate(s + c * plane + p0, o, len, /*first=*/c == 0);
-        }
+  for_each_pixel_block(batch, plane, kBlock, grain, [&](int64_t, int64_t n, int64_t p0,
+                                                        int64_t p1) {
+    const int64_t len = p1 - p0;
+    const scalar_t* s = src + n * channels * plane;
+    acc_t* o = out + n * plane + p0;
+    if (channels_last) {
+      for (int64_t i = 0; i < len; ++i) {
+        const scalar_t* px = s + (p0 + i) * channels;
+        acc_t sum = 0;
+        for (int64_t c = 0; c < channels; ++c) sum += static_cast<acc_t>(px[c]);
+        o[i] = sum;
+      }
+    } else {
+      // Channel by channel over the block: every inner loop is a contiguous,
+      // vectorisable walk of one channel's pixels.
+      for (int64_t c = 0; c < channels; ++c) {
+        loops::accumulate(s + c * plane + p0, o, len, /*first=*/c == 0);
       }
     }
   });

@@ -16,6 +16,7 @@
 #include "../pconv.h"
 #include "layout.h"
 #include "mask_ratio.h"
+#include "pixel_blocks.h"
 #include "vector_loops.h"
 #include "workspace.h"
 
@@ -140,20 +141,14 @@ MaskRatio mask_ratio_with_masked_input(const at::Tensor& input, const at::Tensor
 constexpr int64_t kTile = 64;
 
 int64_t pixel_tile_count(int64_t batch, int64_t plane) {
-  return batch * ((plane + kTile - 1) / kTile);
+  return pixel_block_count(batch, plane, kTile);
 }
 
 // fn(tile, n, p0, p1) for every tile of kTile pixels [p0, p1) of every sample n, in
 // parallel; tile is the tile's index in [0, pixel_tile_count).
 template <typename Fn>
 void for_each_pixel_tile(int64_t batch, int64_t plane, const Fn& fn) {
-  const int64_t tiles = (plane + kTile - 1) / kTile;
-  at::parallel_for(0, batch * tiles, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t n = t / tiles, p0 = (t % tiles) * kTile;
-      fn(t, n, p0, std::min(plane, p0 + kTile));
-    }
-  });
+  for_each_pixel_block(batch, plane, kTile, /*grain=*/16, fn);
 }
 
 // y = (raw * r + b) * u with a bias, y = raw * r without; raw is read once and y written
