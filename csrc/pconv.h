@@ -10,6 +10,35 @@
 
 namespace pconv {
 
+// The schemas of the ops, without a namespace: the library that defines them adds it
+// (pconv, or pconv_cuda_host for the host build of the CUDA sources).
+namespace schema {
+// Returns (output [N, C_out, H', W'], updated_mask [N, 1, H', W']).
+inline constexpr char kForward[] =
+    "partial_conv2d(Tensor input, Tensor? mask, Tensor weight, Tensor? bias, int[2] stride, "
+    "int[2] padding, int[2] dilation, int groups) -> (Tensor, Tensor)";
+// Returns (grad_input, grad_weight, grad_bias); a gradient not asked for in output_mask
+// comes back as an empty tensor.
+inline constexpr char kBackward[] =
+    "partial_conv2d_backward(Tensor grad_output, Tensor input, Tensor? mask, Tensor weight, "
+    "bool has_bias, int[2] stride, int[2] padding, int[2] dilation, int groups, "
+    "bool[3] output_mask) -> (Tensor, Tensor, Tensor)";
+// The forward autograd runs when the weight needs a gradient: besides (output,
+// updated_mask) it returns what the backward would otherwise recompute, x * m (in the
+// layout the convolution read) and the float r and u ([N_m, 1, H', W']), so the backward
+// reads neither the input nor a multi-channel mask again. Its backward returns the input
+// gradient in input_format (default: the layout of masked_input).
+inline constexpr char kTrain[] =
+    "partial_conv2d_train(Tensor input, Tensor mask, Tensor weight, Tensor? bias, "
+    "int[2] stride, int[2] padding, int[2] dilation, int groups) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor)";
+inline constexpr char kTrainBackward[] =
+    "partial_conv2d_train_backward(Tensor grad_output, Tensor masked_input, Tensor mask, "
+    "Tensor ratio, Tensor update, Tensor weight, bool has_bias, int[2] stride, "
+    "int[2] padding, int[2] dilation, int groups, bool[3] output_mask, "
+    "MemoryFormat? input_format=None) -> (Tensor, Tensor, Tensor)";
+}  // namespace schema
+
 // Everything a kernel needs to know about one call, resolved once from the arguments.
 struct ConvGeometry {
   int64_t batch;          // N of the input

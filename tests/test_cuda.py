@@ -1,15 +1,9 @@
 """Tests of the CUDA kernels of pconv (skipped where there is no CUDA device).
 
-The oracle is ``pconv_cuda.reference.partial_conv2d`` (shared/DESIGN.md, §1). Tolerances:
-float64 to 1e-10 and float32 (TF32 off) to 1e-5, both against the reference computed in
-float64 and scaled by the magnitude of the expected tensor; float16/bfloat16 by the
-flash-attention rule: the kernel's error against a float32 reference is at most twice the
-error of the reference computed in that dtype, plus a small atol.
+The configurations, inputs and tolerances are cuda_cases.py's (float32 with TF32 off). The
+same kernels run without a GPU in test_cuda_host.py, through the host build.
 """
 from __future__ import annotations
-
-import dataclasses
-import random
 
 import pytest
 import torch
@@ -22,10 +16,13 @@ pytestmark = [
 ]
 
 import pconv_cuda  # noqa: E402
+from cuda_cases import (  # noqa: E402
+    CL, CPU_CONFIGS, F32_CONFIGS, F64_CONFIGS, LOWP_CONFIGS, assert_close_scaled,
+    assert_low_precision_matches, assert_matches, check_layouts, expected_f64, make_cfg,
+    make_inputs, run_with_grads)
 from pconv_cuda import reference  # noqa: E402
 
 CUDA = torch.device("cuda")
-CL = torch.channels_last
 
 
 @pytest.fixture(autouse=True)
@@ -49,190 +46,6 @@ def deterministic_cudnn():
     torch.backends.cudnn.deterministic = saved
 
 
-# ------------------------------------------------------------------------------ configs
-
-MASK_KINDS = ("binary", "soft", "holes", "zeros", "ones", "none")
-LAYOUTS = ("nchw", "channels_last", "mixed", "noncontig")
-
-
-@dataclasses.dataclass(frozen=True)
-class Cfg:
-    n: int
-    cin: int
-    cout: int
-    h: int
-    w: int
-    kernel: tuple[int, int]
-    stride: tuple[int, int]
-    padding: tuple[int, int]
-    dilation: tuple[int, int]
-    groups: int
-    mask: str  # one of MASK_KINDS
-    multi: bool  # mask with C_in channels (else 1)
-    mask_batch1: bool  # one mask broadcast over the batch
-    bias: bool
-    layout: str  # one of LAYOUTS
-
-    def __str__(self):
-        return (f"n{self.n}_c{self.cin}-{self.cout}_{self.h}x{self.w}_k{self.kernel[0]}x{self.kernel[1]}"
-                f"_s{self.stride[0]}{self.stride[1]}_p{self.padding[0]}{self.padding[1]}"
-                f"_d{self.dilation[0]}{self.dilation[1]}_g{self.groups}_{self.mask}"
-                f"{'_multi' if self.multi else ''}{'_mb1' if self.mask_batch1 else ''}"
-                f"{'_bias' if self.bias else ''}_{self.layout}")
-
-    def valid(self):
-        return all(size + 2 * p >= d * (k - 1) + 1 for size, p, d, k in zip(
-            (self.h, self.w), self.padding, self.dilation, self.kernel))
-
-
-def random_configs(seed: int, count: int) -> list[Cfg]:
-    rng = random.Random(seed)
-    configs = []
-    while len(configs) < count:
-        groups = rng.choice([1, 1, 1, 2, 3])
-        kh = rng.randint(1, 7)
-        cfg = Cfg(
-            n=rng.randint(1, 3),
-            cin=groups * rng.randint(1, 4),
-            cout=groups * rng.randint(1, 4),
-            h=rng.randint(5, 23),
-            w=rng.randint(5, 23),
-            kernel=(kh, rng.choice([kh, rng.randint(1, 7)])),
-            stride=(rng.randint(1, 3), rng.randint(1, 3)),
-            padding=(rng.randint(0, 3), rng.randint(0, 3)),
-            dilation=(rng.choice([1, 1, 2, 3]), rng.choice([1, 1, 2])),
-            groups=groups,
-            mask=MASK_KINDS[len(configs) % len(MASK_KINDS)],
-            multi=rng.random() < 0.4,
-            mask_batch1=rng.random() < 0.3,
-            bias=rng.random() < 0.7,
-            layout=LAYOUTS[(len(configs) // len(MASK_KINDS)) % len(LAYOUTS)],
-        )
-        if cfg.valid():
-            configs.append(cfg)
-    return configs
-
-
-def _cfg(n, cin, cout, h, w, k, s, p, d, g, mask, multi=False, mb1=False, bias=True,
-         layout="nchw"):
-    pair = lambda v: (v, v) if isinstance(v, int) else tuple(v)  # noqa: E731
-    return Cfg(n, cin, cout, h, w, pair(k), pair(s), pair(p), pair(d), g, mask, multi, mb1, bias,
-               layout)
-
-
-# Shapes the random draw may miss: depthwise, 1x1 output, C_out = 1, a dilation whose
-# footprint exceeds shared memory (the unstaged mask path), rows longer than one chunk of
-# the backward kernel, many pixels in channels_last, 8-aligned channels (vectorised paths).
-EDGE_CONFIGS = [
-    _cfg(2, 8, 8, 9, 9, 3, 1, 1, 1, 8, "binary", multi=True),
-    _cfg(2, 8, 8, 9, 9, 3, 1, 1, 1, 8, "holes", layout="channels_last"),
-    _cfg(1, 3, 4, 3, 3, 3, 1, 0, 1, 1, "binary"),
-    _cfg(2, 3, 1, 7, 7, 3, 1, 1, 1, 1, "soft", layout="channels_last"),
-    _cfg(1, 2, 3, 24, 40, 3, 1, 95, 100, 1, "binary", multi=True),
-    _cfg(2, 3, 8, 72, 72, 3, 1, 1, 1, 1, "holes"),
-    _cfg(4, 8, 24, 20, 20, 3, 1, 1, 1, 1, "soft", mb1=True, layout="channels_last"),
-    _cfg(2, 16, 32, 16, 16, 3, 1, 1, 1, 1, "binary", layout="channels_last"),
-    _cfg(2, 16, 32, 16, 16, 4, 2, 1, 1, 1, "holes", multi=True),
-    _cfg(3, 4, 6, 11, 13, (2, 5), (2, 3), (0, 2), (1, 2), 2, "soft", multi=True, bias=False),
-    _cfg(2, 3, 64, 32, 32, 7, 2, 3, 1, 1, "holes", layout="mixed"),
-    _cfg(2, 6, 6, 10, 10, 3, 1, 1, 2, 3, "zeros", multi=True, layout="noncontig"),
-]
-
-F64_CONFIGS = random_configs(1, 36) + EDGE_CONFIGS
-F32_CONFIGS = random_configs(2, 36) + EDGE_CONFIGS
-LOWP_CONFIGS = random_configs(3, 12) + EDGE_CONFIGS[:6]
-CPU_CONFIGS = random_configs(4, 12)
-
-
-def _make_mask(kind, shape, gen):
-    if kind == "none":
-        return None
-    if kind == "binary":
-        return (torch.rand(shape, generator=gen) > 0.4).double()
-    if kind == "soft":  # bilinear-upsampled masks look like this: values in (0, 1) and holes
-        return torch.rand(shape, generator=gen, dtype=torch.float64) * (
-            torch.rand(shape, generator=gen) > 0.3).double()
-    if kind == "zeros":
-        return torch.zeros(shape, dtype=torch.float64)
-    if kind == "ones":
-        return torch.ones(shape, dtype=torch.float64)
-    if kind == "holes":  # one big hole: some windows see no known pixel
-        m = (torch.rand(shape, generator=gen) > 0.2).double()
-        h, w = shape[-2:]
-        m[..., h // 4: 3 * h // 4 + 1, w // 4: 3 * w // 4 + 1] = 0
-        return m
-    raise ValueError(kind)
-
-
-def _apply_layout(t, layout, is_mask=False):
-    if t is None or layout == "nchw":
-        return t
-    if layout == "channels_last" or (layout == "mixed" and not is_mask):
-        return t.contiguous(memory_format=CL)
-    if layout == "noncontig":  # same values, permuted strides
-        return t.transpose(2, 3).contiguous().transpose(2, 3)
-    return t
-
-
-def make_inputs(cfg: Cfg, dtype, device, seed=0):
-    """(x, mask, weight, bias, grad_out) with the same values whatever the device/dtype."""
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(cfg.n, cfg.cin, cfg.h, cfg.w, generator=gen, dtype=torch.float64)
-    mshape = (1 if cfg.mask_batch1 else cfg.n, cfg.cin if cfg.multi else 1, cfg.h, cfg.w)
-    m = _make_mask(cfg.mask, mshape, gen)
-    w = torch.randn(cfg.cout, cfg.cin // cfg.groups, *cfg.kernel, generator=gen,
-                    dtype=torch.float64) * 0.3
-    b = torch.randn(cfg.cout, generator=gen, dtype=torch.float64) if cfg.bias else None
-    out_h = (cfg.h + 2 * cfg.padding[0] - cfg.dilation[0] * (cfg.kernel[0] - 1) - 1) // cfg.stride[0] + 1
-    out_w = (cfg.w + 2 * cfg.padding[1] - cfg.dilation[1] * (cfg.kernel[1] - 1) - 1) // cfg.stride[1] + 1
-    go = torch.randn(cfg.n, cfg.cout, out_h, out_w, generator=gen, dtype=torch.float64)
-    conv = lambda t: None if t is None else t.to(device=device, dtype=dtype)  # noqa: E731
-    x, m, w, b, go = map(conv, (x, m, w, b, go))
-    x = _apply_layout(x, cfg.layout)
-    m = _apply_layout(m, cfg.layout, is_mask=True)
-    w = _apply_layout(w, cfg.layout)
-    if cfg.layout in ("channels_last", "mixed"):
-        go = go.contiguous(memory_format=CL)
-    return x, m, w, b, go
-
-
-def run_with_grads(fn, cfg, x, m, w, b, go):
-    """out, updated mask and the gradients (x, w[, b]) of <out, go>."""
-    leaves = [x.detach().requires_grad_(), w.detach().requires_grad_()]
-    if b is not None:
-        leaves.append(b.detach().requires_grad_())
-    out, upd = fn(leaves[0], m, leaves[1], leaves[2] if b is not None else None, cfg.stride,
-                  cfg.padding, cfg.dilation, cfg.groups)
-    grads = torch.autograd.grad(out, leaves, go)
-    return out.detach(), upd.detach(), grads
-
-
-def assert_close_scaled(actual, expected, tol, what=""):
-    """|actual - expected| <= tol * max(1, max|expected|) + tol * |expected|."""
-    actual = actual.detach().to(device=expected.device, dtype=torch.float64)
-    expected = expected.detach().double()
-    assert actual.shape == expected.shape, (what, actual.shape, expected.shape)
-    scale = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
-    torch.testing.assert_close(actual, expected, atol=tol * scale, rtol=tol,
-                               msg=lambda msg: f"{what}: {msg}")
-
-
-def expected_f64(cfg, x, m, w, b, go):
-    """The reference, in float64 on the inputs' device."""
-    d = lambda t: None if t is None else t.double()  # noqa: E731
-    return run_with_grads(reference.partial_conv2d, cfg, d(x), d(m), d(w), d(b), d(go))
-
-
-def check_layouts(cfg, x, out, upd, gx):
-    assert upd.shape == (cfg.n, 1, out.shape[2], out.shape[3])
-    assert upd.is_contiguous()
-    assert upd.dtype == x.dtype
-    fmt = CL if x.is_contiguous(memory_format=CL) and not x.is_contiguous() else None
-    if fmt is not None:
-        assert out.is_contiguous(memory_format=CL), "output must keep the input's channels_last"
-        assert gx.is_contiguous(memory_format=CL), "grad_input must keep the input's channels_last"
-
-
 # ----------------------------------------------------------------------------- parity
 
 
@@ -245,12 +58,8 @@ def test_cuda_kernels_registered():
 def test_parity_float64(cfg):
     x, m, w, b, go = make_inputs(cfg, torch.float64, CUDA)
     out, upd, grads = run_with_grads(pconv_cuda.partial_conv2d, cfg, x, m, w, b, go)
-    e_out, e_upd, e_grads = expected_f64(cfg, x, m, w, b, go)
     assert out.dtype == torch.float64
-    assert_close_scaled(out, e_out, 1e-10, "output")
-    assert_close_scaled(upd, e_upd, 1e-10, "updated mask")
-    for name, g, e in zip(("grad_input", "grad_weight", "grad_bias"), grads, e_grads):
-        assert_close_scaled(g, e, 1e-10, name)
+    assert_matches((out, upd, grads), expected_f64(cfg, x, m, w, b, go), 1e-10)
     check_layouts(cfg, x, out, upd, grads[0])
     assert torch.isfinite(out).all()
 
@@ -259,52 +68,24 @@ def test_parity_float64(cfg):
 def test_parity_float32(cfg):
     x, m, w, b, go = make_inputs(cfg, torch.float32, CUDA)
     out, upd, grads = run_with_grads(pconv_cuda.partial_conv2d, cfg, x, m, w, b, go)
-    e_out, e_upd, e_grads = expected_f64(cfg, x, m, w, b, go)
     assert out.dtype == torch.float32 and upd.dtype == torch.float32
-    assert_close_scaled(out, e_out, 1e-5, "output")
-    assert_close_scaled(upd, e_upd, 1e-6, "updated mask")
-    for name, g, e in zip(("grad_input", "grad_weight", "grad_bias"), grads, e_grads):
-        assert g.dtype == torch.float32
-        assert_close_scaled(g, e, 1e-5, name)
+    assert_matches((out, upd, grads), expected_f64(cfg, x, m, w, b, go), 1e-5, update_tol=1e-6)
     check_layouts(cfg, x, out, upd, grads[0])
-
-
-LOWP_ATOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
-
-
-def _lowp_check(actual, ref_lowp, ref32, dtype, what):
-    """Flash-attention rule: err(kernel) <= 2 * err(reference in dtype) + atol."""
-    assert actual.dtype == dtype, (what, actual.dtype)
-    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
-    scale = max(1.0, ref32.abs().max().item()) if ref32.numel() else 1.0
-    err = (actual.float() - ref32.float()).abs().max().item() if ref32.numel() else 0.0
-    base = (ref_lowp.float() - ref32.float()).abs().max().item() if ref32.numel() else 0.0
-    assert err <= 2 * base + LOWP_ATOL[dtype] * scale, (
-        f"{what}: kernel error {err:.3g} vs reference-in-{dtype} error {base:.3g} (scale {scale:.3g})")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("cfg", LOWP_CONFIGS, ids=str)
 def test_parity_low_precision(cfg, dtype):
     x, m, w, b, go = make_inputs(cfg, dtype, CUDA)
-    out, upd, grads = run_with_grads(pconv_cuda.partial_conv2d, cfg, x, m, w, b, go)
-    f = lambda t: None if t is None else t.float()  # noqa: E731
-    r32 = run_with_grads(reference.partial_conv2d, cfg, f(x), f(m), f(w), f(b), f(go))
-    rlow = run_with_grads(reference.partial_conv2d, cfg, x, m, w, b, go)
-    _lowp_check(out, rlow[0], r32[0], dtype, "output")
-    _lowp_check(upd, rlow[1], r32[1], dtype, "updated mask")
-    for name, g, gl, g32 in zip(("grad_input", "grad_weight", "grad_bias"), grads, rlow[2], r32[2]):
-        _lowp_check(g, gl, g32, dtype, name)
-    # Windows without a known pixel are exactly zero (1e-8 underflows in float16).
-    hole = (r32[1] == 0).expand_as(out)
-    assert (out[hole] == 0).all()
+    result = run_with_grads(pconv_cuda.partial_conv2d, cfg, x, m, w, b, go)
+    assert_low_precision_matches(result, cfg, x, m, w, b, go)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64],
                          ids=str)
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_empty_windows_are_zero_and_finite(dtype, layout):
-    cfg = _cfg(2, 8, 16, 24, 24, 3, 1, 1, 1, 1, "zeros", bias=True, layout=layout)
+    cfg = make_cfg(2, 8, 16, 24, 24, 3, 1, 1, 1, 1, "zeros", bias=True, layout=layout)
     x, _, w, b, go = make_inputs(cfg, dtype, CUDA)
     x = x * 100  # large features under the hole must not leak through
     m = torch.ones(2, 1, 24, 24, device=CUDA, dtype=dtype)
@@ -347,7 +128,7 @@ def _op_args(cfg, dtype=torch.float32, requires_grad=False, seed=0):
 
 
 def test_backward_output_mask_and_empty_grads(deterministic_cudnn):
-    cfg = _cfg(2, 4, 6, 9, 9, 3, 1, 1, 1, 2, "soft", multi=True)
+    cfg = make_cfg(2, 4, 6, 9, 9, 3, 1, 1, 1, 2, "soft", multi=True)
     (x, m, w, b, *geo), go = _op_args(cfg)
     full = torch.ops.pconv.partial_conv2d_backward(go, x, m, w, True, *geo, [True, True, True])
     for i in range(3):
@@ -364,7 +145,7 @@ def test_backward_output_mask_and_empty_grads(deterministic_cudnn):
 
 def test_deterministic(deterministic_cudnn):
     """The bias gradient is reduced in two fixed-order stages (no atomics)."""
-    cfg = _cfg(4, 16, 32, 40, 40, 3, 1, 1, 1, 1, "soft", layout="channels_last")
+    cfg = make_cfg(4, 16, 32, 40, 40, 3, 1, 1, 1, 1, "soft", layout="channels_last")
     (x, m, w, b, *geo), go = _op_args(cfg)
     first = torch.ops.pconv.partial_conv2d(x, m, w, b, *geo)
     db1 = torch.ops.pconv.partial_conv2d_backward(go, x, m, w, True, *geo, [False, False, True])[2]
@@ -405,7 +186,7 @@ def test_errors_name_the_argument():
 def test_current_stream_is_used(deterministic_cudnn):
     """Inputs written on a side stream after a long sleep: a kernel launched on another
     stream than the current one would read them before they are written."""
-    cfg = _cfg(2, 8, 16, 32, 32, 3, 1, 1, 1, 1, "holes", multi=True)
+    cfg = make_cfg(2, 8, 16, 32, 32, 3, 1, 1, 1, 1, "holes", multi=True)
     (x_new, m_new, w, b, *geo), go = _op_args(cfg)
     expected = torch.ops.pconv.partial_conv2d(x_new, m_new, w, b, *geo)
     expected_grads = torch.ops.pconv.partial_conv2d_backward(go, x_new, m_new, w, True, *geo,
@@ -433,7 +214,7 @@ def test_current_stream_is_used(deterministic_cudnn):
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
 def test_second_device():
-    cfg = _cfg(2, 4, 8, 12, 12, 3, 1, 1, 1, 1, "soft")
+    cfg = make_cfg(2, 4, 8, 12, 12, 3, 1, 1, 1, 1, "soft")
     cpu = run_with_grads(pconv_cuda.partial_conv2d, cfg, *make_inputs(cfg, torch.float64, "cpu"))
     dev = torch.device("cuda", 1)
     with torch.cuda.device(0):
@@ -448,10 +229,10 @@ def test_second_device():
 # ----------------------------------------------------------------------- opcheck
 
 OPCHECK_CONFIGS = [
-    _cfg(2, 4, 6, 9, 9, 3, 1, 1, 1, 1, "binary"),
-    _cfg(2, 4, 6, 9, 9, 3, 2, 1, 1, 2, "soft", multi=True, mb1=True, bias=False),
-    _cfg(1, 3, 8, 10, 10, 3, 1, 1, 1, 1, "none", layout="channels_last"),
-    _cfg(2, 3, 4, 8, 8, 5, 1, 2, 1, 1, "holes", layout="channels_last"),
+    make_cfg(2, 4, 6, 9, 9, 3, 1, 1, 1, 1, "binary"),
+    make_cfg(2, 4, 6, 9, 9, 3, 2, 1, 1, 2, "soft", multi=True, mb1=True, bias=False),
+    make_cfg(1, 3, 8, 10, 10, 3, 1, 1, 1, 1, "none", layout="channels_last"),
+    make_cfg(2, 3, 4, 8, 8, 5, 1, 2, 1, 1, "holes", layout="channels_last"),
 ]
 
 

@@ -3,7 +3,7 @@
 
 #include <cstdint>
 
-#include <cuda_runtime.h>
+#include "runtime.cuh"
 
 namespace pconv {
 namespace cuda {

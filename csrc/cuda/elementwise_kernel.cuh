@@ -125,8 +125,7 @@ __global__ void grad_prologue_nchw_kernel(const GradPrologueParams<scalar_t, acc
 template <typename scalar_t, typename acc_t, int VEC>
 __global__ void grad_prologue_cl_kernel(const GradPrologueParams<scalar_t, acc_t> p) {
   using V = Vec<scalar_t, VEC>;
-  extern __shared__ __align__(16) unsigned char pconv_grad_smem[];
-  acc_t* sums = reinterpret_cast<acc_t*>(pconv_grad_smem);
+  acc_t* sums = dynamic_shared_memory<acc_t>();
 
   const int64_t c0 = (static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x) * VEC;
   const bool active = c0 < p.channels;  // channels % VEC == 0: all VEC in or all out

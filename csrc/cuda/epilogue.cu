@@ -4,8 +4,6 @@
 #include "launch.cuh"
 #include "launch_utils.cuh"
 
-#include <c10/cuda/CUDAException.h>
-
 #include <algorithm>
 
 namespace pconv {
@@ -19,9 +17,8 @@ void epilogue_launch(const EpilogueParams<scalar_t, acc_t>& p, cudaStream_t stre
   const int64_t groups = p.numel / VEC;
   const int64_t max_blocks = static_cast<int64_t>(multiprocessor_count()) * 32;
   const int64_t blocks = std::max<int64_t>(1, std::min(ceil_div(groups, kThreads), max_blocks));
-  epilogue_kernel<scalar_t, acc_t, VEC, kChannelsLast>
-      <<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_kernel(epilogue_kernel<scalar_t, acc_t, VEC, kChannelsLast>,
+                dim3(static_cast<unsigned>(blocks)), dim3(kThreads), 0, stream, p);
 }
 
 }  // namespace

@@ -4,7 +4,6 @@
 #include "launch.cuh"
 #include "launch_utils.cuh"
 
-#include <c10/cuda/CUDAException.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
@@ -75,12 +74,13 @@ void launch_grad_prologue(const GradPrologueParams<scalar_t, acc_type<scalar_t>>
     const int64_t items = p.batch * p.channels * p.chunks_per_row;
     const int64_t max_blocks = static_cast<int64_t>(multiprocessor_count()) * 32;
     const unsigned blocks = static_cast<unsigned>(std::max<int64_t>(1, std::min(items, max_blocks)));
+    const dim3 block(static_cast<unsigned>(threads));
     if (p.vec == kVec) {
-      grad_prologue_nchw_kernel<scalar_t, acc_t, kVec, kUnroll>
-          <<<blocks, static_cast<unsigned>(threads), 0, stream>>>(p);
+      launch_kernel(grad_prologue_nchw_kernel<scalar_t, acc_t, kVec, kUnroll>, dim3(blocks), block,
+                    0, stream, p);
     } else {
-      grad_prologue_nchw_kernel<scalar_t, acc_t, 1, kUnroll>
-          <<<blocks, static_cast<unsigned>(threads), 0, stream>>>(p);
+      launch_kernel(grad_prologue_nchw_kernel<scalar_t, acc_t, 1, kUnroll>, dim3(blocks), block, 0,
+                    stream, p);
     }
   } else {
     const ClShape s = cl_shape(p.channels, p.vec);
@@ -88,12 +88,11 @@ void launch_grad_prologue(const GradPrologueParams<scalar_t, acc_type<scalar_t>>
     const dim3 block(static_cast<unsigned>(s.bx), static_cast<unsigned>(s.by));
     const size_t smem = static_cast<size_t>(s.bx * s.by * p.vec) * sizeof(acc_t);
     if (p.vec == kVec) {
-      grad_prologue_cl_kernel<scalar_t, acc_t, kVec><<<grid, block, smem, stream>>>(p);
+      launch_kernel(grad_prologue_cl_kernel<scalar_t, acc_t, kVec>, grid, block, smem, stream, p);
     } else {
-      grad_prologue_cl_kernel<scalar_t, acc_t, 1><<<grid, block, smem, stream>>>(p);
+      launch_kernel(grad_prologue_cl_kernel<scalar_t, acc_t, 1>, grid, block, smem, stream, p);
     }
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename scalar_t>
@@ -105,8 +104,8 @@ void launch_bias_grad_finalize(const BiasGradParams<scalar_t, acc_type<scalar_t>
   const unsigned blocks = static_cast<unsigned>(std::max<int64_t>(1, std::min(p.channels, max_blocks)));
   const unsigned threads = static_cast<unsigned>(
       std::min<int64_t>(kThreads, std::max<int64_t>(32, next_pow2(p.num_partials))));
-  bias_grad_finalize_kernel<scalar_t, acc_t><<<blocks, threads, 0, stream>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_kernel(bias_grad_finalize_kernel<scalar_t, acc_t>, dim3(blocks), dim3(threads), 0, stream,
+                p);
 }
 
 #define PCONV_INSTANTIATE(T)                                                                \

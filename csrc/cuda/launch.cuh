@@ -37,8 +37,5 @@ template <typename scalar_t>
 void launch_bias_grad_finalize(const BiasGradParams<scalar_t, acc_type<scalar_t>>& p,
                                cudaStream_t stream);
 
-// Number of streaming multiprocessors of the current device (cached per device).
-int multiprocessor_count();
-
 }  // namespace cuda
 }  // namespace pconv

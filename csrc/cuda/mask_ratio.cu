@@ -1,29 +1,13 @@
-// Launcher of the mask pass (mask_ratio_kernel.cuh), its instantiations, and the device
-// query the launchers share. No ATen header: see launch.cuh.
+// Launcher of the mask pass (mask_ratio_kernel.cuh) and its instantiations. No ATen
+// header: see launch.cuh.
 #include "launch.cuh"
 #include "launch_utils.cuh"
 #include "mask_ratio_kernel.cuh"
 
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAFunctions.h>
-
 #include <algorithm>
-#include <atomic>
 
 namespace pconv {
 namespace cuda {
-
-int multiprocessor_count() {
-  static std::atomic<int> cache[C10_COMPILE_TIME_MAX_GPUS];  // zero-initialised
-  const c10::DeviceIndex device = c10::cuda::current_device();
-  int count = cache[device].load(std::memory_order_relaxed);
-  if (count == 0) {
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
-    cache[device].store(count, std::memory_order_relaxed);
-  }
-  return count;
-}
-
 namespace {
 
 constexpr int64_t kMaxStagedBytes = 48 * 1024;  // dynamic shared memory without opt-in
@@ -66,13 +50,12 @@ void launch_mask_ratio(MaskRatioParams<scalar_t, acc_type<scalar_t>> p, cudaStre
   const dim3 block(static_cast<unsigned>(tile_w), static_cast<unsigned>(tile_h));
 
   if (!has_mask) {
-    mask_ratio_kernel<scalar_t, acc_t, false, false><<<grid, block, 0, stream>>>(p);
+    launch_kernel(mask_ratio_kernel<scalar_t, acc_t, false, false>, grid, block, 0, stream, p);
   } else if (staged) {
-    mask_ratio_kernel<scalar_t, acc_t, true, true><<<grid, block, smem, stream>>>(p);
+    launch_kernel(mask_ratio_kernel<scalar_t, acc_t, true, true>, grid, block, smem, stream, p);
   } else {
-    mask_ratio_kernel<scalar_t, acc_t, true, false><<<grid, block, 0, stream>>>(p);
+    launch_kernel(mask_ratio_kernel<scalar_t, acc_t, true, false>, grid, block, 0, stream, p);
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 #define PCONV_INSTANTIATE(T) \

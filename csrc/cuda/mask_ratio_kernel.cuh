@@ -28,8 +28,7 @@ __device__ __forceinline__ acc_t mask_channel_sum(const MaskRatioParams<scalar_t
 
 template <typename scalar_t, typename acc_t, bool kHasMask, bool kStaged>
 __global__ void mask_ratio_kernel(const MaskRatioParams<scalar_t, acc_t> p) {
-  extern __shared__ __align__(16) unsigned char pconv_mask_smem[];
-  acc_t* foot = reinterpret_cast<acc_t*>(pconv_mask_smem);
+  acc_t* foot = dynamic_shared_memory<acc_t>();
 
   const int64_t tiles_per_plane = p.tiles_h * p.tiles_w;
   const int64_t tiles = tiles_per_plane * p.planes;

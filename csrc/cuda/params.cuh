@@ -13,7 +13,8 @@
 
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
-#include <cuda_runtime.h>
+
+#include "runtime.cuh"
 
 namespace pconv {
 namespace cuda {

@@ -15,14 +15,16 @@
 // deterministic), at::convolution_backward for dx and dW (dW on x * m), and dx * m in one
 // pass that also fixes the layout.
 //
-// Headers: only c10/cuda (guard, stream, launch check) and per-operator ATen headers; no
-// ATen/cuda/CUDAContext.h, which pulls cuBLAS/cuSPARSE/cuSOLVER headers this code does
-// not need (see tools/check_cuda_compile.sh).
+// Headers: only c10/cuda (guard, stream; through op_context.h) and per-operator ATen
+// headers; no ATen/cuda/CUDAContext.h, which pulls cuBLAS/cuSPARSE/cuSOLVER headers this
+// code does not need (see tools/check_cuda_compile.sh).
 //
 // This file holds no device code: it fills the parameter structs of params.cuh from
-// tensors and calls the launchers of launch.cuh, which live in the light .cu files.
+// tensors and calls the launchers of launch.cuh, which live in the light .cu files. The
+// host build (runtime.cuh) runs it on CPU tensors as the ops of pconv_cuda_host.
 #include "../pconv.h"
 #include "launch.cuh"
+#include "op_context.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
@@ -32,8 +34,6 @@
 #include <ATen/ops/mul.h>
 #include <ATen/ops/zeros.h>
 #include <ATen/ops/zeros_like.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <array>
@@ -100,7 +100,7 @@ MaskRatio mask_ratio_cuda(const c10::optional<at::Tensor>& mask, const ConvGeome
     p.dil_h = g.dil_h;
     p.dil_w = g.dil_w;
     p.window = static_cast<acc_t>(g.window_size());
-    launch_mask_ratio<scalar_t>(p, c10::cuda::getCurrentCUDAStream());
+    launch_mask_ratio<scalar_t>(p, current_stream());
   });
   return mr;
 }
@@ -128,7 +128,7 @@ void epilogue_cuda(at::Tensor& raw, const MaskRatio& mr, const c10::optional<at:
     p.plane = g.out_h * g.out_w;
     p.mask_plane_stride = mr.batch == 1 ? 0 : p.plane;
     p.channels_last = is_channels_last(raw);
-    launch_epilogue<scalar_t>(p, c10::cuda::getCurrentCUDAStream());
+    launch_epilogue<scalar_t>(p, current_stream());
   });
 }
 
@@ -149,7 +149,7 @@ void grad_prologue_cuda(const at::Tensor& grad_output, const MaskRatio& mr, bool
     if (grad_bias != nullptr) *grad_bias = at::zeros({g.out_channels}, dense);
     return;
   }
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = current_stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_output.scalar_type(),
                                   "pconv_grad_prologue_cuda", [&] {
     using acc_t = acc_type<scalar_t>;
@@ -244,8 +244,9 @@ std::tuple<at::Tensor, at::Tensor> partial_conv2d_cuda(
     c10::IntArrayRef dilation, int64_t groups) {
   const ConvGeometry g =
       check_partial_conv2d_args(input, mask, weight, bias, stride, padding, dilation, groups);
-  TORCH_CHECK(input.is_cuda(), "partial_conv2d: the CUDA kernel got input on ", input.device());
-  const c10::cuda::CUDAGuard device_guard(input.device());
+  TORCH_CHECK(on_kernel_device(input), "partial_conv2d: the CUDA kernel got input on ",
+              input.device());
+  const DeviceGuard device_guard(input.device());
   ForwardResult res = forward_cuda(input, mask, weight, bias, stride, padding, dilation, g);
   return {res.output, res.update};
 }
@@ -256,8 +257,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> partial_c
     c10::IntArrayRef dilation, int64_t groups) {
   const ConvGeometry g =
       check_partial_conv2d_args(input, mask, weight, bias, stride, padding, dilation, groups);
-  TORCH_CHECK(input.is_cuda(), "partial_conv2d: the CUDA kernel got input on ", input.device());
-  const c10::cuda::CUDAGuard device_guard(input.device());
+  TORCH_CHECK(on_kernel_device(input), "partial_conv2d: the CUDA kernel got input on ",
+              input.device());
+  const DeviceGuard device_guard(input.device());
   ForwardResult res = forward_cuda(input, mask, weight, bias, stride, padding, dilation, g);
   return {res.output, res.update, res.masked_input, res.mr.ratio, res.mr.update};
 }
@@ -270,9 +272,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
     const c10::optional<at::Tensor>& mask, const MaskRatio* saved, const at::Tensor& weight,
     bool has_bias, c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation,
     const ConvGeometry& g, std::array<bool, 3> output_mask, at::MemoryFormat grad_input_format) {
-  TORCH_CHECK(source.is_cuda(), "partial_conv2d_backward: the CUDA kernel got input on ",
+  TORCH_CHECK(on_kernel_device(source), "partial_conv2d_backward: the CUDA kernel got input on ",
               source.device());
-  const c10::cuda::CUDAGuard device_guard(source.device());
+  const DeviceGuard device_guard(source.device());
   const bool need_dx = output_mask[0], need_dw = output_mask[1];
   const bool need_db = output_mask[2] && has_bias;
   const bool need_graw = need_dx || need_dw;
@@ -351,11 +353,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> partial_conv2d_train_backward_cud
 }  // namespace
 }  // namespace cuda
 
+#ifdef PCONV_CUDA_HOST
+// The host build: the same ops under their own namespace, on CPU tensors.
+TORCH_LIBRARY(pconv_cuda_host, m) {
+  m.def(schema::kForward, &cuda::partial_conv2d_cuda);
+  m.def(schema::kBackward, &cuda::partial_conv2d_backward_cuda);
+  m.def(schema::kTrain, &cuda::partial_conv2d_train_cuda);
+  m.def(schema::kTrainBackward, &cuda::partial_conv2d_train_backward_cuda);
+}
+#else
 TORCH_LIBRARY_IMPL(pconv, CUDA, m) {
   m.impl("partial_conv2d", &cuda::partial_conv2d_cuda);
   m.impl("partial_conv2d_backward", &cuda::partial_conv2d_backward_cuda);
   m.impl("partial_conv2d_train", &cuda::partial_conv2d_train_cuda);
   m.impl("partial_conv2d_train_backward", &cuda::partial_conv2d_train_backward_cuda);
 }
+#endif
 
 }  // namespace pconv

@@ -1,0 +1,270 @@
+"""The CUDA sources, run without a GPU.
+
+The host build (cuda_host.py) compiles the CUDA op code, launchers and kernels with the host
+compiler; each launch runs its blocks in turn and the threads of a block as fibers that meet
+at every barrier and shuffle (csrc/cuda/host/runtime.h). These tests hold that build to the
+reference with the configurations of the GPU tests (cuda_cases.py), so the launch plans,
+the index math, the vectorised and scalar paths, the barriers and the shuffles of the CUDA
+code are checked on every run, with or without a GPU. The convolutions themselves are
+ATen's CPU ones here and cuDNN's on a GPU: test_cuda.py checks the kernels there.
+"""
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+
+import pytest
+import torch
+
+import cuda_host
+from cuda_cases import (
+    EDGE_CONFIGS, F32_CONFIGS, F64_CONFIGS, LOWP_CONFIGS, assert_low_precision_matches,
+    assert_matches, check_layouts, expected_f64, make_cfg, make_inputs)
+from torch._prims_common import suggest_memory_format
+
+ALL = [True, True, True]
+
+
+@pytest.fixture(scope="module")
+def host():
+    """The host build's module (built on first use), with its runtime reset to the defaults:
+    two multiprocessors (so that grid-stride loops wrap at small sizes), threads in order.
+    test_cuda_host_asan.py runs this file with PCONV_CUDA_HOST_ASAN=1 and the ASan runtime
+    preloaded: the build is then the instrumented one."""
+    if os.environ.get("PCONV_CUDA_HOST_ASAN") == "1":
+        os.environ.pop("LD_PRELOAD", None)  # this process has it; the compilers need not
+        module = cuda_host.load(address_sanitizer=True)
+    else:
+        module = cuda_host.load()
+    module.set_multiprocessor_count(2)
+    module.set_reverse_schedule(False)
+    module.take_launch_log()
+    return module
+
+
+def ops():
+    return torch.ops.pconv_cuda_host
+
+
+@contextlib.contextmanager
+def runtime(host, multiprocessors=2, reverse=False):
+    """The host runtime with another multiprocessor count or thread order, for a block."""
+    host.set_multiprocessor_count(multiprocessors)
+    host.set_reverse_schedule(reverse)
+    try:
+        yield
+    finally:
+        host.set_multiprocessor_count(2)
+        host.set_reverse_schedule(False)
+
+
+def geometry(cfg):
+    return list(cfg.stride), list(cfg.padding), list(cfg.dilation), cfg.groups
+
+
+def host_run(cfg, x, m, w, b, go, train, output_mask=ALL):
+    """(out, updated mask, (dx, dW, db)) from the host build's ops, by the backward
+    autograd takes: the training pair (it keeps x * m, r and u) when `train` and a mask is
+    given, else the forward and the recomputing backward."""
+    geo = geometry(cfg)
+    if train and m is not None:
+        out, upd, xm, ratio, update = ops().partial_conv2d_train(x, m, w, b, *geo)
+        grads = ops().partial_conv2d_train_backward(go, xm, m, ratio, update, w, b is not None,
+                                                    *geo, output_mask, suggest_memory_format(x))
+    else:
+        out, upd = ops().partial_conv2d(x, m, w, b, *geo)
+        grads = ops().partial_conv2d_backward(go, x, m, w, b is not None, *geo, output_mask)
+    grads = tuple(grads[:2]) + ((grads[2],) if b is not None else ())
+    return out, upd, grads
+
+
+# ----------------------------------------------------------------------------- parity
+
+@pytest.mark.parametrize("train", [True, False], ids=["train_pair", "recompute"])
+@pytest.mark.parametrize("cfg", F64_CONFIGS, ids=str)
+def test_parity_float64(host, cfg, train):
+    x, m, w, b, go = make_inputs(cfg, torch.float64, "cpu")
+    out, upd, grads = host_run(cfg, x, m, w, b, go, train)
+    assert out.dtype == torch.float64
+    assert_matches((out, upd, grads), expected_f64(cfg, x, m, w, b, go), 1e-10)
+    check_layouts(cfg, x, out, upd, grads[0])
+
+
+@pytest.mark.parametrize("cfg", F32_CONFIGS, ids=str)
+def test_parity_float32(host, cfg):
+    x, m, w, b, go = make_inputs(cfg, torch.float32, "cpu")
+    out, upd, grads = host_run(cfg, x, m, w, b, go, train=True)
+    assert out.dtype == torch.float32 and upd.dtype == torch.float32
+    assert_matches((out, upd, grads), expected_f64(cfg, x, m, w, b, go), 1e-5, update_tol=1e-6)
+    check_layouts(cfg, x, out, upd, grads[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("cfg", LOWP_CONFIGS, ids=str)
+def test_parity_low_precision(host, cfg, dtype):
+    x, m, w, b, go = make_inputs(cfg, dtype, "cpu")
+    result = host_run(cfg, x, m, w, b, go, train=True)
+    assert_low_precision_matches(result, cfg, x, m, w, b, go)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64],
+                         ids=str)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_empty_windows_are_zero_and_finite(host, dtype, layout):
+    cfg = make_cfg(2, 8, 16, 24, 24, 3, 1, 1, 1, 1, "zeros", layout=layout)
+    x, _, w, b, go = make_inputs(cfg, dtype, "cpu")
+    x = x * 100  # large features under the hole must not leak through
+    m = torch.ones(2, 1, 24, 24, dtype=dtype)
+    m[:, :, 4:20, 4:20] = 0
+    m[1] = 0  # one image with no known pixel at all
+    out, upd, grads = host_run(cfg, x, m, w, b, go, train=True)
+    assert torch.isfinite(out).all() and all(torch.isfinite(g).all() for g in grads)
+    hole = upd == 0
+    assert hole[0, 0, 6:18, 6:18].all() and hole[1].all()
+    assert (out[hole.expand_as(out)] == 0).all()
+    assert (grads[0][1] == 0).all()
+
+
+# ------------------------------------------------------------------ the runtime's views
+
+# Grids from one multiprocessor (every grid-stride loop wraps) to a device's 132.
+@pytest.mark.parametrize("multiprocessors", [1, 132])
+@pytest.mark.parametrize("cfg", EDGE_CONFIGS, ids=str)
+def test_results_do_not_depend_on_grid_size(host, cfg, multiprocessors):
+    x, m, w, b, go = make_inputs(cfg, torch.float64, "cpu")
+    base = host_run(cfg, x, m, w, b, go, train=True)
+    with runtime(host, multiprocessors=multiprocessors):
+        other = host_run(cfg, x, m, w, b, go, train=True)
+    for a, e in zip(base[:2] + base[2], other[:2] + other[2]):
+        # The bias gradient's partial sums change with the grid; everything else may not.
+        torch.testing.assert_close(a, e, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(base[0], other[0], atol=0, rtol=0)
+    torch.testing.assert_close(base[1], other[1], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["in_order", "reversed"])
+def test_blocks_that_loop_over_several_tiles(host, reverse):
+    """With one multiprocessor the mask pass gets 64 blocks for 80 tiles (5 planes of 16
+    tiles of 32 x 8), so blocks stage a second footprint over the first one: the barrier
+    before staging keeps it from overwriting values still being summed."""
+    cfg = make_cfg(5, 3, 4, 64, 64, 3, 1, 1, 1, 1, "holes", multi=True)
+    x, m, w, b, go = make_inputs(cfg, torch.float64, "cpu")
+    host.take_launch_log()
+    with runtime(host, multiprocessors=1, reverse=reverse):
+        result = host_run(cfg, x, m, w, b, go, train=True)
+    mask_launch = next(r for r in host.take_launch_log() if "mask_ratio_kernel" in r[0])
+    assert mask_launch[1] == (64, 1, 1) and mask_launch[2] == (32, 8, 1)
+    assert_matches(result, expected_f64(cfg, x, m, w, b, go), 1e-10)
+
+
+@pytest.mark.parametrize("cfg", EDGE_CONFIGS, ids=str)
+def test_thread_order_does_not_matter(host, cfg):
+    """Threads run in reverse between barriers: a shared-memory read that races with
+    another thread's write would change a result bit."""
+    x, m, w, b, go = make_inputs(cfg, torch.float32, "cpu")
+    forward = host_run(cfg, x, m, w, b, go, train=True)
+    with runtime(host, reverse=True):
+        backward = host_run(cfg, x, m, w, b, go, train=True)
+    for a, e in zip(forward[:2] + forward[2], backward[:2] + backward[2]):
+        assert torch.equal(a, e)
+
+
+def test_backward_output_mask_and_empty_grads(host):
+    cfg = make_cfg(2, 4, 6, 9, 9, 3, 1, 1, 1, 2, "soft", multi=True)
+    x, m, w, b, go = make_inputs(cfg, torch.float32, "cpu")
+    geo = geometry(cfg)
+    full = ops().partial_conv2d_backward(go, x, m, w, True, *geo, ALL)
+    for i in range(3):
+        want = [j == i for j in range(3)]
+        part = ops().partial_conv2d_backward(go, x, m, w, True, *geo, want)
+        for j in range(3):
+            if want[j]:
+                torch.testing.assert_close(part[j], full[j], atol=0, rtol=0)
+            else:
+                assert part[j].shape == (0,)
+    assert ops().partial_conv2d_backward(go, x, m, w, False, *geo, ALL)[2].shape == (0,)
+
+
+@pytest.mark.parametrize("mask_batch", [0, 1])
+def test_empty_batch(host, mask_batch):
+    x = torch.randn(0, 3, 8, 8)
+    w = torch.randn(4, 3, 3, 3)
+    b = torch.randn(4)
+    m = torch.ones(mask_batch, 1, 8, 8)
+    geo = ([1, 1], [1, 1], [1, 1], 1)
+    out, upd = ops().partial_conv2d(x, m, w, b, *geo)
+    assert out.shape == (0, 4, 8, 8) and upd.shape == (0, 1, 8, 8)
+    go = torch.randn(0, 4, 8, 8)
+    gx, gw, gb = ops().partial_conv2d_backward(go, x, m, w, True, *geo, ALL)
+    assert gx.shape == x.shape and gw.shape == w.shape and gb.shape == (4,)
+    assert (gw == 0).all() and (gb == 0).all()
+
+
+def test_host_build_takes_cpu_tensors_only(host):
+    x = torch.randn(1, 3, 8, 8, device="meta")
+    w = torch.randn(4, 3, 3, 3, device="meta")
+    with pytest.raises(RuntimeError, match="the CUDA kernel got input on meta"):
+        ops().partial_conv2d(x, None, w, None, [1, 1], [1, 1], [1, 1], 1)
+
+
+# ------------------------------------------------------------ every kernel, every path
+
+DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
+ACC = {torch.float64: "double", torch.float32: "float", torch.float16: "float",
+       torch.bfloat16: "float"}
+SCALAR = {torch.float64: "double", torch.float32: "float", torch.float16: "c10::Half",
+          torch.bfloat16: "c10::BFloat16"}
+VEC = {torch.float64: 2, torch.float32: 4, torch.float16: 8, torch.bfloat16: 8}
+
+
+def expected_kernels(dtype):
+    """Every kernel instantiation a launcher can pick for dtype, by the name the runtime
+    logs (template arguments as the demangler prints them)."""
+    t, a, v = SCALAR[dtype], ACC[dtype], VEC[dtype]
+    names = set()
+    for has_mask, staged in ((False, False), (True, True), (True, False)):
+        names.add(f"mask_ratio_kernel<{t}, {a}, {str(has_mask).lower()}, {str(staged).lower()}>")
+    for vec, cl in itertools.product((v, 1), (True, False)):
+        names.add(f"epilogue_kernel<{t}, {a}, {vec}, {str(cl).lower()}>")
+    for vec in (v, 1):
+        names.add(f"grad_prologue_nchw_kernel<{t}, {a}, {vec}, 4>")
+        names.add(f"grad_prologue_cl_kernel<{t}, {a}, {vec}>")
+    names.add(f"bias_grad_finalize_kernel<{t}, {a}>")
+    return names
+
+
+# Reaches every path: NCHW and channels_last, inner sizes that are and are not multiples
+# of the vector width, no mask, a footprint too large for shared memory.
+COVERAGE_CONFIGS = [
+    make_cfg(2, 3, 8, 16, 16, 3, 1, 1, 1, 1, "binary"),  # H'W' = 256: vectorised NCHW
+    make_cfg(2, 3, 5, 13, 11, 3, (2, 1), 1, 1, 1, "soft", multi=True),  # 77: scalar NCHW
+    make_cfg(2, 3, 16, 12, 12, 3, 1, 1, 1, 1, "holes", layout="channels_last"),  # C 16: vector
+    make_cfg(2, 3, 5, 12, 12, 3, 1, 1, 1, 1, "holes", mb1=True, layout="channels_last"),  # C 5
+    make_cfg(1, 2, 4, 9, 9, 3, 1, 1, 1, 1, "none"),
+    make_cfg(1, 2, 3, 24, 40, 3, 1, 95, 100, 1, "binary", multi=True),  # unstaged mask pass
+]
+
+
+def _kernel_name(record):
+    name = record[0]
+    return name[len("void pconv::cuda::"):name.index("(")]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_every_kernel_instantiation_runs_and_matches(host, dtype):
+    """The configurations above launch every instantiation the launchers can pick, each
+    result matching the reference; the log shows which ran, and with which shapes."""
+    host.take_launch_log()
+    for cfg in COVERAGE_CONFIGS:
+        x, m, w, b, go = make_inputs(cfg, dtype, "cpu")
+        result = host_run(cfg, x, m, w, b, go, train=True)
+        if dtype in (torch.float16, torch.bfloat16):
+            assert_low_precision_matches(result, cfg, x, m, w, b, go)
+        else:
+            tol = 1e-10 if dtype == torch.float64 else 1e-5
+            assert_matches(result, expected_f64(cfg, x, m, w, b, go), tol)
+    launched = {_kernel_name(r) for r in host.take_launch_log()}
+    missing = expected_kernels(dtype) - launched
+    assert not missing, f"never launched: {sorted(missing)}"
+    assert launched <= expected_kernels(dtype), sorted(launched - expected_kernels(dtype))
