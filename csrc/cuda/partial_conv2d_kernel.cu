@@ -28,8 +28,6 @@
 
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/convolution.h>
-#include <ATen/ops/convolution_backward.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mul.h>
 #include <ATen/ops/zeros.h>
@@ -201,9 +199,7 @@ at::Tensor forward_cudnn_epilogue(const at::Tensor& xm, const at::Tensor& weight
                                   c10::IntArrayRef stride, c10::IntArrayRef padding,
                                   c10::IntArrayRef dilation, const ConvGeometry& g,
                                   const MaskRatio& mr, at::MemoryFormat format) {
-  at::Tensor raw = at::convolution(xm, weight.contiguous(format), c10::nullopt, stride, padding,
-                                   dilation, /*transposed=*/false, /*output_padding=*/{0, 0},
-                                   g.groups);
+  at::Tensor raw = convolution(xm, weight.contiguous(format), stride, padding, dilation, g.groups);
   raw = dense_layout(raw, format);
   epilogue_cuda(raw, mr, bias, g);
   return raw;
@@ -301,10 +297,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
       // The weight gradient reads x * m; the input gradient only needs the input's shape.
       const at::Tensor xm = source_is_masked || !need_dw ? source.contiguous(format)
                                                          : masked_input(source, mask, format);
-      auto grads = at::convolution_backward(grad_raw, xm, weight.contiguous(format),
-                                            c10::nullopt, stride, padding, dilation,
-                                            /*transposed=*/false, /*output_padding=*/{0, 0},
-                                            g.groups, {need_dx, need_dw, false});
+      auto grads = convolution_backward(grad_raw, xm, weight.contiguous(format), stride, padding,
+                                        dilation, g.groups, {need_dx, need_dw, false});
       if (need_dx) {
         at::Tensor dx = std::get<0>(grads);
         if (g.has_mask) {
