@@ -4,8 +4,8 @@
 
 One table per dtype (a row per layer shape and mask mode: the plain conv's time and every
 other implementation as a ratio to it, forward and forward + backward, peak memory), the
-geometric means, the training step, and the rows where the fused op is slower than the
-reference or the lean style. Ratios are paired: the median over repeats of the ratio of
+geometric means, the training step, the rows where the fused op is slower than the
+reference or the lean style, and each speed goal of the device kind with its figure. Ratios are paired: the median over repeats of the ratio of
 two calls timed back to back (see ``timing.paired_ratio``).
 """
 from __future__ import annotations
@@ -108,4 +108,101 @@ def format_markdown(rows, env) -> str:
                 f"(reference / fused: {r['ms']['reference'] / r['ms']['fused']:.2f})"
                 for r in steps]
     out += ["", "Rows where the fused op is slower:", ""] + _slower_rows(layers)
+    out += ["", "Goals:", ""] + format_goals(rows, env.get("kind", "cpu"))
     return "\n".join(out) + "\n"
+
+
+# The speed goals the fused op is held to, per device kind.
+GPU_MAX_TRAIN_VS_CONV = 1.15  # fused fwd+bwd / plain conv, every shape, bfloat16 and float32
+GPU_MIN_SPEEDUP_MULTI = 2.0  # reference / fused, multi-channel masks, every shape and pass
+GPU_MAX_PEAK_VS_REFERENCE = 0.7  # fused / reference peak memory of fwd+bwd
+GPU_MIN_STEP_SPEEDUP = 1.4  # reference / fused, one PConv UNet training step
+CPU_MAX_FWD_GEOMEAN = 1.10  # fused / plain conv, geometric mean over the shapes
+CPU_MAX_TRAIN_GEOMEAN = 1.05
+
+
+def _verdict(ok: bool) -> str:
+    return "met" if ok else "NOT met"
+
+
+def _worst(rows, value, pick=max):
+    """(worst value, its row) over rows, or (nan, None) when there are none."""
+    scored = [(value(r), r) for r in rows]
+    if not scored:
+        return float("nan"), None
+    return pick(scored, key=lambda vr: vr[0])
+
+
+def _where(row) -> str:
+    return "" if row is None else f" ({row['dtype']} {row['mode']} {row['layer']} {row['pass_']})"
+
+
+def _slower_goal(layers, other) -> str:
+    both = [r for r in layers if other in r["ms"] and "fused" in r["ms"]]
+    if not both:
+        return f"- fused faster than {other} at every shape: not measured"
+    slower = [r for r in both if ratio(r, "fused", other) > 1]
+    worst, row = _worst(both, lambda r: ratio(r, "fused", other))
+    return (f"- fused faster than {other} at every shape: {_verdict(not slower)}: slower in "
+            f"{len(slower)} of {len(both)} rows; worst fused / {other} {worst:.3f}"
+            + _where(row))
+
+
+def format_goals(rows, kind: str) -> list[str]:
+    """One line per speed goal of ``kind`` ("cuda" or "cpu"): met or not, with the figure
+    that decides it (the worst row, or the geometric mean) and how many rows it covers."""
+    layers = _layer_rows(rows)
+    lines = []
+    if kind == "cuda":
+        for dtype in ("bfloat16", "float32"):
+            sel = [r for r in layers if r["dtype"] == dtype and r["pass_"] == "fwd+bwd"
+                   and "fused" in r["ms"]]
+            if not sel:
+                lines.append(f"- {dtype} fused fwd+bwd within {GPU_MAX_TRAIN_VS_CONV}x of the "
+                             "plain conv: not measured")
+                continue
+            worst, row = _worst(sel, lambda r: ratio(r, "fused"))
+            over = sum(ratio(r, "fused") > GPU_MAX_TRAIN_VS_CONV for r in sel)
+            lines.append(f"- {dtype} fused fwd+bwd within {GPU_MAX_TRAIN_VS_CONV}x of the plain "
+                         f"conv at every shape: {_verdict(over == 0)}: worst {worst:.3f}"
+                         f"{_where(row)}; {over} of {len(sel)} rows over")
+        multi = [r for r in layers if r["mode"] == "multi" and "reference" in r["ms"]
+                 and "fused" in r["ms"]]
+        if multi:
+            worst, row = _worst(multi, lambda r: 1 / ratio(r, "fused", "reference"), min)
+            lines.append(f"- at least {GPU_MIN_SPEEDUP_MULTI}x faster than the reference with "
+                         f"multi-channel masks: {_verdict(worst >= GPU_MIN_SPEEDUP_MULTI)}: "
+                         f"smallest reference / fused {worst:.2f}{_where(row)} over "
+                         f"{len(multi)} rows")
+        else:
+            lines.append(f"- at least {GPU_MIN_SPEEDUP_MULTI}x faster than the reference with "
+                         "multi-channel masks: not measured")
+        lines += [_slower_goal(layers, "lean"), _slower_goal(layers, "compiled")]
+        peaks = [r for r in layers if r.get("peak_mb")]
+        if peaks:
+            worst, row = _worst(peaks, lambda r: r["peak_mb"]["fused"] / r["peak_mb"]["reference"])
+            lines.append(f"- peak memory at most {GPU_MAX_PEAK_VS_REFERENCE}x the reference's: "
+                         f"{_verdict(worst <= GPU_MAX_PEAK_VS_REFERENCE)}: worst fused / reference "
+                         f"{worst:.2f}{_where(row)} over {len(peaks)} rows")
+        else:
+            lines.append(f"- peak memory at most {GPU_MAX_PEAK_VS_REFERENCE}x the reference's: "
+                         "not measured")
+        steps = [r for r in rows if r["pass_"] == "step"]
+        for r in steps:
+            speedup = r["ms"]["reference"] / r["ms"]["fused"]
+            lines.append(f"- training step at least {GPU_MIN_STEP_SPEEDUP}x faster "
+                         f"({r['dtype']}, {r['mode']}): {_verdict(speedup >= GPU_MIN_STEP_SPEEDUP)}: "
+                         f"{speedup:.2f}x")
+        if not steps:
+            lines.append(f"- training step at least {GPU_MIN_STEP_SPEEDUP}x faster: not measured")
+        return lines
+    for dtype, mode in dict.fromkeys((r["dtype"], r["mode"]) for r in layers):
+        for pass_, bound in (("fwd", CPU_MAX_FWD_GEOMEAN), ("fwd+bwd", CPU_MAX_TRAIN_GEOMEAN)):
+            sel = [r for r in layers if (r["dtype"], r["mode"], r["pass_"]) == (dtype, mode, pass_)
+                   and "fused" in r["ms"]]
+            if sel:
+                mean = geomean(ratio(r, "fused") for r in sel)
+                lines.append(f"- {dtype} {mode} {pass_}: geometric mean within {bound}x of the "
+                             f"plain conv: {_verdict(mean <= bound)}: {mean:.3f} over "
+                             f"{len(sel)} shapes")
+    return lines + [_slower_goal(layers, "reference"), _slower_goal(layers, "lean")]

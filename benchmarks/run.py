@@ -103,23 +103,21 @@ class RowStore:
 
 def layer_rows(args, device, log, store, out_of_time):
     """Measure every (shape, dtype, mask mode, pass) not yet in ``store``; returns the rows
-    of this plan in order, and whether every one of them is there."""
+    of this plan in order, and whether every one of them is there.
+
+    The plan runs in the order of ``args.dtypes``, then ``args.sizes``, then ``args.modes``
+    (a run stopped by ``--max-minutes`` has whole tables of the first ones), and the
+    torch.compile graphs of each (dtype, size) are compiled ahead just before its rows."""
     if args.smoke:
-        shapes = [(args.sizes[0], "smoke", s) for s in SMOKE_SHAPES]
+        shapes = {args.sizes[0]: [("smoke", s) for s in SMOKE_SHAPES]}
     else:
-        shapes = [(size, m, s) for size in args.sizes
-                  for m, s in distinct(unet_layer_shapes(size, which=args.models))]
+        shapes = {size: distinct(unet_layer_shapes(size, which=args.models))
+                  for size in args.sizes}
     impls = cases.implementations([i for i in IMPLS if i not in args.skip])
     plan = [(dtype_name, mode, size, model, shape) for dtype_name in args.dtypes
-            for mode in args.modes for size, model, shape in shapes]
+            for size in shapes for mode in args.modes for model, shape in shapes[size]]
     passes = (("fwd", cases.forward_call), ("fwd+bwd", cases.train_call))
-    if "compiled" in impls and args.precompile_jobs:
-        precompile.precompile(
-            [precompile.task(shape, args.batch, mode, dtype_name, p, device)
-             for dtype_name, mode, size, model, shape in plan for p, _ in passes
-             if not store.get((size, model, shape.label, mode, dtype_name, p))],
-            args.precompile_jobs, log, out_of_time)
-    rows, complete = [], True
+    rows, complete, compiled_for = [], True, set()
     for done, (dtype_name, mode, size, model, shape) in enumerate(plan, 1):
         keys = [(size, model, shape.label, mode, dtype_name, p) for p, _ in passes]
         if all(store.get(k) for k in keys):
@@ -128,6 +126,16 @@ def layer_rows(args, device, log, store, out_of_time):
         if out_of_time():
             complete = False
             continue
+        if "compiled" in impls and args.precompile_jobs and (dtype_name, size) not in compiled_for:
+            compiled_for.add((dtype_name, size))
+            precompile.precompile(
+                [precompile.task(sh, args.batch, md, dt, p, device)
+                 for dt, md, sz, mo, sh in plan if (dt, sz) == (dtype_name, size)
+                 for p, _ in passes if not store.get((sz, mo, sh.label, md, dt, p))],
+                args.precompile_jobs, log, out_of_time)
+            if out_of_time():
+                complete = False
+                continue
         log(f"[{done}/{len(plan)}] {dtype_name} {mode} {model} {shape.label}")
         dtype = DTYPES[dtype_name]
         inputs = cases.make_inputs(shape, args.batch, mode, dtype, device, args.rotate)
@@ -152,8 +160,7 @@ def layer_rows(args, device, log, store, out_of_time):
         if out_of_time():
             complete = False
             break
-        shape = next(s for size, _, s in shapes
-                     if size == row["size"] and s.label == row["layer"])
+        shape = next(s for _, s in shapes[row["size"]] if s.label == row["layer"])
         inputs = cases.make_inputs(shape, args.batch, row["mode"], DTYPES[row["dtype"]],
                                    device, 1)
         w, b = cases.make_params(shape, DTYPES[row["dtype"]], device)
@@ -303,11 +310,12 @@ def main(argv=None) -> int:
     def out_of_time():
         return args.max_minutes is not None and time.time() - start > 60 * args.max_minutes
 
-    rows, complete = layer_rows(args, device, log, store, out_of_time)
-    if not args.no_model:
-        step_rows, steps_complete = model_rows(args, device, log, store, out_of_time)
-        rows += step_rows
-        complete = complete and steps_complete
+    # The training steps first: a handful of rows, and one of the goals on their own.
+    step_rows, complete = ([], True) if args.no_model else model_rows(args, device, log, store,
+                                                                        out_of_time)
+    rows, layers_complete = layer_rows(args, device, log, store, out_of_time)
+    rows += step_rows
+    complete = complete and layers_complete
     print(format_table(rows, env))
     if args.markdown:
         with open(args.markdown, "w") as f:

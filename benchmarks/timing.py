@@ -125,6 +125,7 @@ def retain_freed_memory() -> bool:
 def environment(device: str) -> dict:
     """Versions and settings a reader needs to trust or reproduce a table."""
     info = {
+        "kind": device,
         "device": (torch.cuda.get_device_name() if device == "cuda"
                    else _cpu_name() + f" ({torch.get_num_threads()} threads)"),
         "torch": torch.__version__,

@@ -157,3 +157,63 @@ def test_profile_names_the_passes_of_the_fused_op(tmp_path, capsys):
     per_call = [float(line.split(": ")[1].split(" ms")[0])
                 for line in text.splitlines() if line.startswith("self CPU time per call")]
     assert len(per_call) == 4 and all(math.isfinite(v) and v > 0 for v in per_call)
+
+
+def _row(dtype, mode, pass_, ms, peak=None, layer="8->16 k3 s1 @32"):
+    row = dict(size=32, model="pconv", layer=layer, mode=mode, dtype=dtype, pass_=pass_, ms=ms)
+    if peak:
+        row["peak_mb"] = peak
+    return row
+
+
+def test_gpu_goals_name_the_row_that_decides_each():
+    from benchmarks.markdown import format_goals
+
+    impls = lambda fused, ref, lean, comp: dict(conv=1.0, fused=fused, reference=ref,  # noqa: E731
+                                                lean=lean, compiled=comp)
+    rows = [
+        _row("bfloat16", "multi", "fwd+bwd", impls(1.10, 2.5, 1.3, 1.2),
+             peak={"fused": 60.0, "reference": 100.0}),
+        _row("bfloat16", "multi", "fwd", impls(1.05, 1.9, 1.2, 1.0), layer="3->64 k7 s2 @512"),
+        _row("float32", "single", "fwd+bwd", impls(1.20, 1.5, 1.25, 1.3),
+             peak={"fused": 80.0, "reference": 100.0}),
+        dict(size=256, model="pconv", layer="training step", mode="multi", dtype="bfloat16",
+             pass_="step", ms={"fused": 10.0, "reference": 15.0}),
+    ]
+    text = "\n".join(format_goals(rows, "cuda"))
+    assert "bfloat16 fused fwd+bwd within 1.15x of the plain conv at every shape: met: worst 1.100" in text
+    assert "float32 fused fwd+bwd within 1.15x of the plain conv at every shape: NOT met: worst 1.200" in text
+    assert ("at least 2.0x faster than the reference with multi-channel masks: NOT met: smallest "
+            "reference / fused 1.81 (bfloat16 multi 3->64 k7 s2 @512 fwd) over 2 rows") in text
+    assert "faster than lean at every shape: met: slower in 0 of 3 rows" in text
+    assert "faster than compiled at every shape: NOT met: slower in 1 of 3 rows; worst fused / compiled 1.050" in text
+    assert "peak memory at most 0.7x the reference's: NOT met: worst fused / reference 0.80" in text
+    assert "training step at least 1.4x faster (bfloat16, multi): met: 1.50x" in text
+
+
+def test_cpu_goals_are_geometric_means_and_no_slower_rows():
+    from benchmarks.markdown import format_goals
+
+    rows = [_row("float32", "single", "fwd", dict(conv=1.0, fused=1.08, reference=1.2, lean=1.1)),
+            _row("float32", "single", "fwd", dict(conv=1.0, fused=1.14, reference=1.3, lean=1.1),
+                 layer="64->128 k5 s2 @128"),
+            _row("float32", "single", "fwd+bwd", dict(conv=1.0, fused=1.02, reference=1.5, lean=1.3))]
+    text = "\n".join(format_goals(rows, "cpu"))
+    assert "float32 single fwd: geometric mean within 1.1x of the plain conv: NOT met: 1.110 over 2 shapes" in text
+    assert "float32 single fwd+bwd: geometric mean within 1.05x of the plain conv: met: 1.020" in text
+    assert "faster than lean at every shape: NOT met: slower in 1 of 3 rows" in text
+    assert "faster than reference at every shape: met" in text
+
+
+def test_rows_are_measured_steps_first_then_by_dtype_size_and_mode(tmp_path):
+    """The order a run stopped by --max-minutes leaves complete: the training steps, then
+    whole tables in the order of --dtypes, --sizes and --modes."""
+    path = tmp_path / "bench.json"
+    assert run.main(["--smoke", "--quiet", "--dtypes", "float32", "bfloat16", "--modes",
+                     "multi", "single", "--skip", "compiled", "--json", str(path)]) == 0
+    rows = json.loads(path.read_text())["rows"]  # in the order they were measured
+    steps = [r for r in rows if r["pass_"] == "step"]
+    assert len(steps) == 4 and rows[:4] == steps
+    order = list(dict.fromkeys((r["dtype"], r["mode"]) for r in rows[4:]))
+    assert order == [("float32", "multi"), ("float32", "single"), ("bfloat16", "multi"),
+                     ("bfloat16", "single")]

@@ -56,6 +56,7 @@ def test_op_errors(kwargs, pattern):
         call(**kwargs)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_device_mismatch():
     with pytest.raises(RuntimeError, match=r"mask is on cuda:0 but input is on cpu"):

@@ -1,34 +1,60 @@
 #!/usr/bin/env bash
-# Everything that needs a GPU, in one go: build with the CUDA kernels, run the whole test
-# suite (GPU tests included), run a small case under compute-sanitizer (memcheck, then
-# racecheck and synccheck on the op's kernels), and the GPU benchmark. Logs and the
-# benchmark JSON and Markdown land in $OUT (default ./gpu-out).
+# Everything that needs a GPU, in one call that ends inside a time budget (BUDGET_MINUTES,
+# default 9: a device command may run 10 minutes), most important first:
 #
-#   bash tools/gpu_check.sh            # all steps
-#   STEPS="build tests" bash tools/gpu_check.sh
+#   build     the extension with its CUDA kernels (sm_90 unless TORCH_CUDA_ARCH_LIST says)
+#   tests     every GPU test: pytest -m gpu (the CPU tests are CI's; the CUDA code's logic
+#             is also tested without a GPU there, by the host build in test_cuda_host.py)
+#   memcheck  compute-sanitizer memcheck on tools/memcheck_case.py (every kernel path, small)
+#   bench     the GPU table, for whatever time is left: the training-step rows, then bfloat16,
+#             float32 and float16, each at 512 then 256, multi-channel then single-channel
+#             masks; rows are saved as measured and a later call goes on from BENCH_FROM
+#   racecheck compute-sanitizer racecheck and synccheck on the op's own kernels (not in
+#             the default steps: the host build's tests check barriers and thread order)
+#   profile   the kernels behind the fused op's time at five layer shapes (benchmarks.profile)
 #
-# The GPU benchmark takes longer than one device call may run, so it measures for
-# BENCH_MINUTES (default 8) and goes on from BENCH_FROM (default
-# benchmarks/results/gpu.json, when present): copy $OUT/bench.json back there and run the
-# bench step again until the runner no longer says rows are left.
+#   OUT=$OUT bash tools/gpu_check.sh                    # build tests memcheck bench
+#   STEPS="build bench" BUDGET_MINUTES=9 bash tools/gpu_check.sh
+#
+# Logs, the benchmark JSON and its Markdown land in $OUT (default ./gpu-out), at most
+# seven files (a device call brings back eight). To go on with the table in a later call,
+# copy $OUT/bench.json to benchmarks/results/gpu.json (BENCH_FROM) and commit it first.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-out}
-STEPS=${STEPS:-"build tests memcheck profile bench"}
+STEPS=${STEPS:-"build tests memcheck bench"}
+BUDGET=$(( ${BUDGET_MINUTES:-9} * 60 ))
 PY=${PYTHON:-python3}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 status=0
+SECONDS=0
 
 step() { case " $STEPS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
+left() { echo $(( BUDGET - SECONDS )); }
+# cap WANT [RESERVE]: the seconds a step may take, WANT at most, leaving RESERVE of the
+# budget to the steps after it; at least 10 (timeout 0 would mean no limit at all).
+cap() {
+  local room=$(( $(left) - ${2:-0} ))
+  local limit=$(( $1 < room ? $1 : room ))
+  echo $(( limit > 10 ? limit : 10 ))
+}
+note() { echo "== $1 (at ${SECONDS} s of ${BUDGET} s)"; }
 
 build() {
   export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
-  echo "== build (TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST)"
+  note "build (TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST)"
   if ! $PY -m pip install --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1; then
     tail -40 "$OUT/build.log"; exit 1
   fi
-  $PY -c "import pconv_cuda, torch; assert pconv_cuda.has_cuda_kernels(); print('CUDA kernels:', torch.cuda.get_device_name())"
+  $PY -c "import pconv_cuda, torch; assert pconv_cuda.has_cuda_kernels(); print('CUDA kernels:', torch.cuda.get_device_name())" || exit 1
+}
+
+sanitizer() {
+  # Not always on PATH: the toolkit's bin holds it.
+  command -v compute-sanitizer ||
+    ls "${CUDA_HOME:-/usr/local/cuda}"/bin/compute-sanitizer /usr/local/cuda*/bin/compute-sanitizer \
+       2>/dev/null | head -n 1
 }
 
 # A machine given back between calls comes back bare: later steps build first if the
@@ -37,51 +63,56 @@ if step build || ! $PY -c "import pconv_cuda; assert pconv_cuda.has_cuda_kernels
   build
 fi
 if step tests; then
-  echo "== tests"
-  $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_parity.py tests/test_op.py \
-      tests/test_module.py tests/test_errors.py tests/test_inpaint.py 2>&1 | tee "$OUT/tests.log" | tail -15
-  status=$((status | ${PIPESTATUS[0]}))
+  # At most 4 minutes, leaving 2 for memcheck and the table when they follow.
+  limit=$(cap 240 $( (step memcheck || step bench) && echo 120 || echo 0))
+  note "tests (limit ${limit} s)"
+  timeout "$limit" $PY -m pytest -q -p no:cacheprovider -m gpu -rs tests 2>&1 |
+      tee "$OUT/tests.log" | tail -15
+  rc=${PIPESTATUS[0]}
+  [ "$rc" -eq 124 ] && echo "tests: stopped at the time limit"
+  status=$((status | rc))
 fi
 if step memcheck; then
-  echo "== compute-sanitizer memcheck"
-  # Not always on PATH: the toolkit's bin holds it.
-  SANITIZER=$(command -v compute-sanitizer ||
-              ls "${CUDA_HOME:-/usr/local/cuda}"/bin/compute-sanitizer \
-                 /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -n 1)
+  limit=$(cap 180 $(step bench && echo 60 || echo 0))
+  note "compute-sanitizer memcheck (limit ${limit} s)"
   # Without the caching allocator every tensor is its own allocation, so memcheck sees an
-  # access past a tensor's end (inside a cached block it would not). PYTHONPATH: the
-  # script's folder, not the repository root, is on sys.path.
-  # One log for the three tools: $OUT brings back at most 8 files.
+  # access past a tensor's end (inside a cached block it would not). Only the op's own
+  # kernels (names holding "pconv") are instrumented: cuDNN's would take minutes. PYTHONPATH:
+  # the script's folder, not the repository root, is on sys.path.
   PYTORCH_NO_CUDA_MEMORY_CACHING=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" \
-      "${SANITIZER:-compute-sanitizer}" --tool memcheck --error-exitcode 9 \
+      timeout "$limit" "$(sanitizer)" --tool memcheck --kernel-name kns=pconv --error-exitcode 9 \
       $PY tools/memcheck_case.py >"$OUT/sanitizer.log" 2>&1
   rc=$?; tail -5 "$OUT/sanitizer.log"; status=$((status | rc))
+fi
+if step bench; then
+  minutes=$($PY -c "print(max(0.0, ($(left) - 45) / 60))")  # 45 s for the last row and the table
+  note "benchmark (${minutes} min)"
+  BENCH_FROM=${BENCH_FROM:-benchmarks/results/gpu.json}
+  [ -f "$BENCH_FROM" ] && cp "$BENCH_FROM" "$OUT/bench.json"
+  $PY -m benchmarks --preset gpu --dtypes bfloat16 float32 float16 --sizes 512 256 \
+      --modes multi single --resume --json "$OUT/bench.json" --markdown "$OUT/bench.md" \
+      --max-minutes "$minutes" >"$OUT/bench.log" 2>&1
+  status=$((status | $?))
+  tail -3 "$OUT/bench.log"
+fi
+if step racecheck; then
   # Shared-memory hazards and barrier misuse, in the op's own kernels only (kernel names
   # holding "pconv"): the mask pass stages windows in shared memory, and the channels_last
-  # bias reduction sums across a block.
+  # bias reduction sums across a block. One log with memcheck's: a call brings back 8 files.
   for tool in racecheck synccheck; do
-    echo "== compute-sanitizer $tool" | tee -a "$OUT/sanitizer.log"
-    PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" \
-        "${SANITIZER:-compute-sanitizer}" --tool $tool --kernel-name kns=pconv \
-        --error-exitcode 9 $PY tools/memcheck_case.py >"$OUT/$tool.tmp" 2>&1
+    limit=$(cap 180)
+    note "compute-sanitizer $tool (limit ${limit} s)" | tee -a "$OUT/sanitizer.log"
+    PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" timeout "$limit" "$(sanitizer)" --tool $tool \
+        --kernel-name kns=pconv --error-exitcode 9 $PY tools/memcheck_case.py >"$OUT/$tool.tmp" 2>&1
     rc=$?; cat "$OUT/$tool.tmp" >>"$OUT/sanitizer.log"; tail -3 "$OUT/$tool.tmp"
     rm -f "$OUT/$tool.tmp"; status=$((status | rc))
   done
 fi
 if step profile; then
-  # The kernels behind the fused op's time at five layer shapes, next to the plain conv's.
-  echo "== profile"
-  $PY -m benchmarks.profile --out "$OUT/profile.txt" >/dev/null 2>"$OUT/profile.err"
+  note "profile"
+  timeout "$(cap 120)" $PY -m benchmarks.profile --out "$OUT/profile.txt" >/dev/null 2>"$OUT/profile.err"
   rc=$?; [ $rc -ne 0 ] && tail -5 "$OUT/profile.err"; rm -f "$OUT/profile.err"
   status=$((status | rc))
 fi
-if step bench; then
-  echo "== benchmark"
-  BENCH_FROM=${BENCH_FROM:-benchmarks/results/gpu.json}
-  [ -f "$BENCH_FROM" ] && cp "$BENCH_FROM" "$OUT/bench.json"
-  $PY -m benchmarks --preset gpu --resume --json "$OUT/bench.json" --markdown "$OUT/bench.md" \
-      --max-minutes "${BENCH_MINUTES:-8}" >"$OUT/bench.log" 2>&1
-  status=$((status | $?))
-  tail -3 "$OUT/bench.log"
-fi
+note "done, status $status"
 exit $status
