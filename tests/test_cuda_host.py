@@ -219,6 +219,55 @@ def test_host_build_takes_cpu_tensors_only(host):
         ops().partial_conv2d(x, None, w, None, [1, 1], [1, 1], [1, 1], 1)
 
 
+# -------------------------------------------------- the fake kernels' view of the outputs
+
+def _meta(t):
+    return None if t is None else torch.empty_strided(t.shape, t.stride(), dtype=t.dtype,
+                                                      device="meta")
+
+
+def _assert_same_meta(real, fake, what):
+    """Shape, dtype and strides (of the dimensions longer than 1, the only ones a layout
+    fixes) of a kernel's output and of the fake kernel's."""
+    assert real.shape == fake.shape and real.dtype == fake.dtype, (what, real, fake)
+    for dim, size in enumerate(real.shape):
+        if size > 1:
+            assert real.stride(dim) == fake.stride(dim), (what, real.stride(), fake.stride())
+
+
+@pytest.mark.parametrize("cfg", EDGE_CONFIGS, ids=str)
+def test_fake_kernels_describe_the_cuda_outputs(host, cfg):
+    """torch.compile and opcheck trust the fake kernels (pconv_cuda/ops.py) for the outputs'
+    shapes, dtypes and layouts; the CUDA op code must give exactly those. Meta tensors take
+    the fakes' non-CPU branch, which is the CUDA one."""
+    from pconv_cuda import ops as fakes
+
+    x, m, w, b, go = make_inputs(cfg, torch.float32, "cpu")
+    geo = geometry(cfg)
+    meta = [_meta(t) for t in (x, m, w, b, go)]
+    real = ops().partial_conv2d(x, m, w, b, *geo)
+    for name, r, f in zip(("output", "updated mask"), real,
+                          fakes._partial_conv2d_fake(*meta[:4], *geo)):
+        _assert_same_meta(r, f, name)
+    real = ops().partial_conv2d_backward(go, x, m, w, b is not None, *geo, ALL)
+    fake = fakes._partial_conv2d_backward_fake(meta[4], *meta[:3], b is not None, *geo, ALL)
+    for name, r, f in zip(("grad_input", "grad_weight", "grad_bias"), real, fake):
+        _assert_same_meta(r, f, name)
+    if m is None:
+        return
+    real = ops().partial_conv2d_train(x, m, w, b, *geo)
+    fake = fakes._partial_conv2d_train_fake(*meta[:4], *geo)
+    for name, r, f in zip(("output", "updated mask", "x * m", "ratio", "update"), real, fake):
+        _assert_same_meta(r, f, name)
+    fmt = suggest_memory_format(x)
+    saved = (real[2], m, real[3], real[4])  # x * m, mask, ratio, update
+    back = ops().partial_conv2d_train_backward(go, *saved, w, b is not None, *geo, ALL, fmt)
+    fake = fakes._partial_conv2d_train_backward_fake(meta[4], *(_meta(t) for t in saved),
+                                                     meta[2], b is not None, *geo, ALL, fmt)
+    for name, r, f in zip(("grad_input", "grad_weight", "grad_bias"), back, fake):
+        _assert_same_meta(r, f, name)
+
+
 # ------------------------------------------------------------ every kernel, every path
 
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
