@@ -3,9 +3,11 @@
 // which registers its ops under another namespace, links this file too.
 #include "pconv.h"
 
+#include <ATen/ops/convolution.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mul.h>
 
+#include <array>
 #include <sstream>
 #include <string>
 
@@ -165,6 +167,21 @@ MaskRatio check_saved_mask_ratio(const at::Tensor& ratio, const at::Tensor& upda
   check(ratio, "ratio");
   check(update, "update");
   return MaskRatio{ratio, update, expected[0]};
+}
+
+at::Tensor convolution_without_bias(const at::Tensor& input, const at::Tensor& weight,
+                                    c10::IntArrayRef stride, c10::IntArrayRef padding,
+                                    c10::IntArrayRef dilation, int64_t groups) {
+  const int64_t out_w =
+      (input.size(3) + 2 * padding[1] - dilation[1] * (weight.size(3) - 1) - 1) / stride[1] + 1;
+  if (input.is_cpu() && input.scalar_type() == at::kBFloat16 && stride[1] > 1 && out_w == 1) {
+    const std::array<int64_t, 2> unit_column_stride{stride[0], 1};
+    return at::convolution(input, weight, c10::nullopt, unit_column_stride, padding, dilation,
+                           /*transposed=*/false, /*output_padding=*/{0, 0}, groups)
+        .narrow(3, 0, 1);
+  }
+  return at::convolution(input, weight, c10::nullopt, stride, padding, dilation,
+                         /*transposed=*/false, /*output_padding=*/{0, 0}, groups);
 }
 
 at::Tensor masked_input(const at::Tensor& input, const c10::optional<at::Tensor>& mask,

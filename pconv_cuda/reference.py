@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.modules.utils import _pair
 
 __all__ = ["partial_conv2d", "lean_partial_conv2d", "ratio_dtype"]
 
@@ -28,6 +29,21 @@ EPS = 1e-8
 def ratio_dtype(dtype: torch.dtype) -> torch.dtype:
     """dtype of the window sum and ratio for inputs of ``dtype``: float64 or float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, stride, padding, dilation,
+           groups: int = 1) -> Tensor:
+    """:func:`torch.nn.functional.conv2d`, with the way around a bug of torch 2.13's CPU
+    bfloat16 convolution that the op's kernels take too (``convolution_without_bias`` in
+    ``csrc/pconv.h``): with one output column and a column stride over 1, about half the
+    calls return wrong values, some NaN. One output column does not depend on the column
+    stride, so the convolution runs with stride 1 there and keeps its first column."""
+    stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
+    if x.dtype == torch.bfloat16 and x.device.type == "cpu" and stride[1] > 1:
+        out_w = (x.shape[3] + 2 * padding[1] - dilation[1] * (weight.shape[3] - 1) - 1) // stride[1] + 1
+        if out_w == 1:
+            return F.conv2d(x, weight, bias, (stride[0], 1), padding, dilation, groups)[..., :1]
+    return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
 
 
 def partial_conv2d(
@@ -65,7 +81,7 @@ def partial_conv2d(
         update = torch.clamp(window_sum, 0, 1)
         ratio = ratio * update
     x = input if mask is None else input * mask.to(input.dtype)
-    raw = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+    raw = conv2d(x, weight, bias, stride, padding, dilation, groups)
     if bias is not None:
         b = bias.view(1, c_out, 1, 1)
         out = ((raw - b) * ratio + b) * update
@@ -99,7 +115,7 @@ def lean_partial_conv2d(
         update = window_sum.clamp(0, 1)
         ratio = window_sum.add_(EPS).reciprocal_().mul_(mask_channels * kh * kw).mul_(update)
     x = input if mask is None else input * mask
-    out = F.conv2d(x, weight, None, stride, padding, dilation, groups)
+    out = conv2d(x, weight, None, stride, padding, dilation, groups)
     if bias is not None:
         out = (out * ratio.to(out.dtype) + bias.view(1, -1, 1, 1)) * update.to(out.dtype)
     else:

@@ -64,9 +64,11 @@ def geometry(cfg):
 
 
 def nchw(*tensors):
-    """NCHW copies, for the reference: ATen's CPU convolution in channels_last is wrong for
-    one input channel in torch 2.13 (see op_context.h); the values are the same."""
-    return [None if t is None else t.contiguous() for t in tensors]
+    """Copies with NCHW strides, for the reference: ATen's CPU convolution in channels_last
+    is wrong for one input channel in torch 2.13 (see op_context.h). Not .contiguous(): a
+    channels_last tensor with one channel is NCHW-contiguous as it is."""
+    return [None if t is None else t.clone(memory_format=torch.contiguous_format)
+            for t in tensors]
 
 
 def expected(cfg, *tensors):

@@ -557,3 +557,46 @@ def test_single_channel_mask_pass_equals_at_mul(dtype, mask_batch):
     holes = (m == 0).expand_as(gx)
     assert gx.shape == x.shape and torch.isfinite(gx).all() and holes.any()
     assert (gx[holes] == 0).all() and (gx[~holes] != 0).any()
+
+
+# (C_in, C_out, H, W, kernel, stride, padding, dilation): one output column and a column
+# stride over 1, where torch 2.13's CPU bfloat16 convolution returns wrong values.
+ONE_COLUMN = [
+    (1, 1, 23, 9, (7, 7), (3, 2), (1, 2), (1, 2)),
+    (3, 4, 23, 9, (7, 7), (3, 2), (1, 2), (1, 2)),
+    (1, 1, 17, 7, (6, 7), (3, 3), (2, 1), (1, 1)),
+    (4, 3, 8, 5, (3, 7), (1, 3), (2, 2), (1, 1)),
+]
+
+
+@pytest.mark.parametrize("geometry", ONE_COLUMN, ids=str)
+def test_bfloat16_one_output_column_with_a_column_stride(geometry):
+    """The op and the reference take the way around that bug (convolution_without_bias):
+    forward and gradients match float64 on the same bfloat16 values."""
+    c_in, c_out, h, w, kernel, stride, padding, dilation = geometry
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, c_in, h, w, generator=g).bfloat16()
+    wt = (torch.randn(c_out, c_in, *kernel, generator=g) * 0.3).bfloat16()
+    b = torch.randn(c_out, generator=g).bfloat16()
+    m = (torch.rand(2, 1, h, w, generator=g) > 0.3).bfloat16()
+    go = torch.randn(2, c_out, *_out_hw(h, w, kernel, stride, padding, dilation), generator=g)
+    assert go.shape[-1] == 1
+
+    def run(fn, dtype):
+        leaves = [t.to(dtype).requires_grad_() for t in (x, wt, b)]
+        out, _ = fn(leaves[0], m.to(dtype), leaves[1], leaves[2], stride=stride,
+                    padding=padding, dilation=dilation)
+        return (out, *torch.autograd.grad(out, leaves, go.to(dtype)))
+
+    expected = run(reference.partial_conv2d, torch.float64)
+    for fn in (pconv_cuda.partial_conv2d, reference.partial_conv2d):
+        for name, got, want in zip(("output", "grad_input", "grad_weight", "grad_bias"),
+                                   run(fn, torch.bfloat16), expected):
+            scale = max(1.0, want.abs().max().item())
+            torch.testing.assert_close(got.double(), want, atol=2e-2 * scale, rtol=2e-2,
+                                       msg=lambda s: f"{fn.__module__} {name}: {s}")
+
+
+def _out_hw(h, w, kernel, stride, padding, dilation):
+    return tuple((size + 2 * p - d * (k - 1) - 1) // s + 1
+                 for size, k, s, p, d in zip((h, w), kernel, stride, padding, dilation))

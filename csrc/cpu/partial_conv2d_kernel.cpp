@@ -338,8 +338,8 @@ at::Tensor convolve_and_renormalise(const at::Tensor& xm, const MaskRatio& mr,
                                     c10::IntArrayRef dilation, const ConvGeometry& g,
                                     at::MemoryFormat out_format) {
   const at::MemoryFormat format = compute_format(xm, g);
-  at::Tensor raw = at::convolution(xm, weight.contiguous(format), c10::nullopt, stride, padding,
-                                   dilation, false, {0, 0}, g.groups);
+  at::Tensor raw =
+      convolution_without_bias(xm, weight.contiguous(format), stride, padding, dilation, g.groups);
   const at::MemoryFormat raw_format =
       raw.is_contiguous(at::MemoryFormat::ChannelsLast) && g.out_channels > 1
           ? at::MemoryFormat::ChannelsLast

@@ -4,6 +4,8 @@
 // on CPU tensors.
 #pragma once
 
+#include "../pconv.h"
+
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/convolution.h>
 #include <ATen/ops/convolution_backward.h>
@@ -34,17 +36,24 @@ inline bool on_kernel_device(const at::Tensor& t) { return t.is_cuda(); }
 #endif
 
 // The convolution without bias, and its input and weight gradients: ATen's, which is cuDNN
-// on the device. The host build runs ATen's CPU convolution on NCHW copies and returns the
-// results in the layout of the inputs, as cuDNN does. In channels_last, oneDNN in torch
-// 2.13 gives wrong values for one input channel and corrupts the heap in some 1x1 weight
-// gradients (the CPU kernel avoids both the same way). The host build is there to test the
-// CUDA code around the convolution, not the CPU's convolution.
+// on the device. The host build runs ATen's CPU convolution on NCHW copies, with the way
+// around its bfloat16 bug (convolution_without_bias, pconv.h), and returns the results in
+// the layout of the inputs, as cuDNN does. In channels_last, oneDNN in torch 2.13 gives
+// wrong values for one input channel and corrupts the heap in some 1x1 weight gradients (the
+// CPU kernel avoids both the same way). The host build is there to test the CUDA code
+// around the convolution, not the CPU's convolution.
+#ifdef PCONV_CUDA_HOST
+// A copy with NCHW strides. Not contiguous(): a channels_last tensor with one channel is
+// NCHW-contiguous as it is, and oneDNN would still take its strides for channels_last.
+inline at::Tensor nchw_copy(const at::Tensor& t) { return t.clone(at::MemoryFormat::Contiguous); }
+#endif
+
 inline at::Tensor convolution(const at::Tensor& input, const at::Tensor& weight,
                               c10::IntArrayRef stride, c10::IntArrayRef padding,
                               c10::IntArrayRef dilation, int64_t groups) {
 #ifdef PCONV_CUDA_HOST
-  return at::convolution(input.contiguous(), weight.contiguous(), c10::nullopt, stride, padding,
-                         dilation, /*transposed=*/false, /*output_padding=*/{0, 0}, groups)
+  return convolution_without_bias(nchw_copy(input), nchw_copy(weight), stride, padding, dilation,
+                                  groups)
       .contiguous(input.suggest_memory_format());
 #else
   return at::convolution(input, weight, c10::nullopt, stride, padding, dilation,
@@ -57,8 +66,8 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> convolution_backward(
     c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups,
     std::array<bool, 3> output_mask) {
 #ifdef PCONV_CUDA_HOST
-  auto grads = at::convolution_backward(grad_output.contiguous(), input.contiguous(),
-                                        weight.contiguous(), c10::nullopt, stride, padding,
+  auto grads = at::convolution_backward(nchw_copy(grad_output), nchw_copy(input),
+                                        nchw_copy(weight), c10::nullopt, stride, padding,
                                         dilation, /*transposed=*/false, /*output_padding=*/{0, 0},
                                         groups, output_mask);
   if (output_mask[0]) {
