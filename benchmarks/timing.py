@@ -135,7 +135,23 @@ def environment(device: str) -> dict:
         "tf32_cudnn": torch.backends.cudnn.allow_tf32,
         "mkldnn": torch.backends.mkldnn.is_available(),
     }
+    if device == "cuda":
+        info["copy_bandwidth_gbs"] = copy_bandwidth_gbs()
     return info
+
+
+def copy_bandwidth_gbs(megabytes: int = 1024, repeats: int = 10) -> float:
+    """The CUDA device's copy rate in GB/s, bytes read plus bytes written (the median of
+    ``repeats`` timed copies of ``megabytes`` of random bytes): the ceiling of a pass over
+    memory, which ``benchmarks.bounds`` sets the op's own passes against."""
+    def copy_ms():
+        src = torch.randint(0, 256, (megabytes * 2**20,), dtype=torch.uint8, device="cuda")
+        dst = torch.empty_like(src)
+        return median_time_ms(lambda _: dst.copy_(src), [None], "cuda", 2, repeats)
+
+    ms = copy_ms()
+    torch.cuda.empty_cache()  # the 2 GB of the copy stay out of the rows' memory
+    return 2 * megabytes * 2**20 / (ms * 1e-3) / 1e9
 
 
 def _cpu_name() -> str:

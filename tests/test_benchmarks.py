@@ -217,3 +217,37 @@ def test_rows_are_measured_steps_first_then_by_dtype_size_and_mode(tmp_path):
     order = list(dict.fromkeys((r["dtype"], r["mode"]) for r in rows[4:]))
     assert order == [("float32", "multi"), ("float32", "single"), ("bfloat16", "multi"),
                      ("bfloat16", "single")]
+
+
+def test_bounds_count_every_pass_of_the_cuda_op(tmp_path, capsys):
+    from benchmarks import bounds
+    from benchmarks.shapes import LayerShape
+
+    shape = LayerShape(2, 3, 3, 1, 1, 4, 4)  # 2->3 k3 s1 p1 on 4x4: outputs 4x4
+    fwd = bounds.pass_bytes(shape, 1, "single", "float32", "fwd")
+    # x 128 B, single-channel m 64 B, y 192 B, r or u 64 B (float32 whatever the dtype).
+    assert fwd == {"mask pass": 64 + 2 * 64 + 64, "masking": 2 * 128 + 64,
+                   "epilogue": 2 * 192 + 2 * 64}
+    train = bounds.pass_bytes(shape, 1, "multi", "bfloat16", "fwd+bwd")
+    x, m, y, stats = 64, 64, 96, 64  # bfloat16, mask with C_in channels
+    assert train == {"mask pass": m + 2 * stats + 32, "masking": 2 * x + m,
+                     "epilogue": 2 * y + 2 * stats, "grad prologue": 2 * y + 2 * stats,
+                     "dx * m": 2 * x + m}
+    assert bounds.floor_us({"all": 4000}, bandwidth_gbs=4.0) == 1.0
+
+    # Against a run: the floor is 1 + passes / conv time; rows over the goal are counted.
+    label = "3->64 k7 s2 @256"
+    row = dict(size=256, model="pconv", layer=label, mode="multi", dtype="bfloat16",
+               pass_="fwd+bwd", ms={"conv": 0.05, "fused": 0.08})
+    path = tmp_path / "gpu.json"
+    path.write_text(json.dumps({"environment": {"device": "GPU", "copy_bandwidth_gbs": 4000.0},
+                                "args": {"batch": 8}, "rows": [row]}))
+    assert bounds.main(["--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    shapes = bounds._shapes([256], ["pconv"])
+    us, floor = bounds.row_floor(row, shapes, 8, 4000.0)
+    assert floor == pytest.approx(1 + us / 50.0) and floor > 1.15
+    assert f"| {us:.1f} | 1.600 | {floor:.3f} |" in out
+    assert "fwd+bwd rows whose floor alone is over 1.15: 1 of 1" in out
+    with pytest.raises(SystemExit):
+        bounds.main([])  # no run and no bandwidth: nothing to compute from
