@@ -8,7 +8,8 @@
 #   memcheck  compute-sanitizer memcheck on tools/memcheck_case.py (every kernel path, small)
 #   bench     the GPU table, for whatever time is left: the training-step rows, then bfloat16,
 #             float32 and float16, each at 512 then 256, multi-channel then single-channel
-#             masks; rows are saved as measured and a later call goes on from BENCH_FROM
+#             masks; rows are saved as measured and a later call goes on from BENCH_FROM;
+#             then each row's floor from the bytes of the op's passes (benchmarks.bounds)
 #   racecheck compute-sanitizer racecheck and synccheck on the op's own kernels (not in
 #             the default steps: the host build's tests check barriers and thread order)
 #   profile   the kernels behind the fused op's time at five layer shapes (benchmarks.profile)
@@ -16,8 +17,8 @@
 #   OUT=$OUT bash tools/gpu_check.sh                    # build tests memcheck bench
 #   STEPS="build bench" BUDGET_MINUTES=9 bash tools/gpu_check.sh
 #
-# Logs, the benchmark JSON and its Markdown land in $OUT (default ./gpu-out), at most
-# seven files (a device call brings back eight). To go on with the table in a later call,
+# Logs, the benchmark JSON, its Markdown and the floors land in $OUT (default ./gpu-out),
+# eight files with the profile (a device call brings back eight). To go on with the table in a later call,
 # copy $OUT/bench.json to benchmarks/results/gpu.json (BENCH_FROM) and commit it first.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -94,6 +95,8 @@ if step bench; then
       --max-minutes "$minutes" >"$OUT/bench.log" 2>&1
   status=$((status | $?))
   tail -3 "$OUT/bench.log"
+  # The floor of each row from the bytes of the op's own passes (benchmarks/bounds.py).
+  $PY -m benchmarks.bounds --json "$OUT/bench.json" >"$OUT/bounds.txt" 2>&1 && tail -1 "$OUT/bounds.txt"
 fi
 if step racecheck; then
   # Shared-memory hazards and barrier misuse, in the op's own kernels only (kernel names
