@@ -67,8 +67,8 @@ if step tests; then
   # At most 4 minutes, leaving 2 for memcheck and the table when they follow.
   limit=$(cap 240 $( (step memcheck || step bench) && echo 120 || echo 0))
   note "tests (limit ${limit} s)"
-  timeout "$limit" $PY -m pytest -q -p no:cacheprovider -m gpu -rs tests 2>&1 |
-      tee "$OUT/tests.log" | tail -15
+  timeout "$limit" $PY -m pytest -q -p no:cacheprovider -m gpu -rs --durations=15 tests 2>&1 |
+      tee "$OUT/tests.log" | tail -30
   rc=${PIPESTATUS[0]}
   [ "$rc" -eq 124 ] && echo "tests: stopped at the time limit"
   status=$((status | rc))
