@@ -2,9 +2,14 @@
 // host/runtime.h. Its ops are torch.ops.pconv_cuda_host.*, registered by the op code.
 #include "runtime.h"
 
+#include <c10/util/Flags.h>
 #include <torch/extension.h>
 
 #include <tuple>
+
+// c10's CPU allocator fills each new allocation with a junk pattern (NaN for floats) when
+// this is set: a kernel that leaves part of an output unwritten then shows it.
+C10_DECLARE_bool(caffe2_cpu_allocator_do_junk_fill);
 
 namespace {
 
@@ -30,4 +35,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Run the threads of a block in reverse linear order between barriers.");
   m.def("take_launch_log", &take_launch_log,
         "The launches since the last call: (kernel, grid, block, dynamic shared bytes).");
+  m.def(
+      "set_junk_fill", [](bool on) { FLAGS_caffe2_cpu_allocator_do_junk_fill = on; },
+      "Fill every new CPU allocation with a junk pattern (NaN for floating point), so that "
+      "output left unwritten by a kernel does not read as zeros.");
 }
