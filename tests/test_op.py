@@ -600,3 +600,30 @@ def test_bfloat16_one_output_column_with_a_column_stride(geometry):
 def _out_hw(h, w, kernel, stride, padding, dilation):
     return tuple((size + 2 * p - d * (k - 1) - 1) // s + 1
                  for size, k, s, p, d in zip((h, w), kernel, stride, padding, dilation))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64],
+                         ids=str)
+@pytest.mark.parametrize("channels", [16, 35, 67])
+@pytest.mark.parametrize("mask_channels", ["single", "multi"])
+@pytest.mark.parametrize("direction", ["to_channels_last", "from_channels_last"])
+def test_layout_change_of_x_times_m_is_exact(dtype, channels, mask_channels, direction):
+    """The relayout passes move x * m between NCHW and channels_last in tiles of pixels x
+    channels (23 x 29 pixels and 35 or 67 channels leave partial tiles both ways). The
+    x * m the training op keeps must equal torch's x * m in that layout, bit for bit."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(2, channels, 23, 29, generator=g).to(dtype)
+    m = (torch.rand(2, channels if mask_channels == "multi" else 1, 23, 29, generator=g) > 0.4)
+    m = m.to(dtype)
+    if direction == "to_channels_last":  # few output channels: convolved in channels_last
+        c_out, k, fmt = 3, 3, torch.channels_last
+    else:  # channels_last input, 1x1 kernel: convolved in NCHW
+        x = x.contiguous(memory_format=torch.channels_last)
+        c_out, k, fmt = 16, 1, torch.contiguous_format
+    w = torch.randn(c_out, channels, k, k, generator=g).to(dtype)
+    xm = TRAIN_OP(x, m, w, None, [1, 1], [k // 2, k // 2], [1, 1], 1)[2]
+    assert xm.is_contiguous(memory_format=fmt)
+    want = (x * m).contiguous(memory_format=fmt)
+    assert xm.stride() == want.stride()
+    bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[dtype.itemsize]
+    assert torch.equal(xm.view(bits), want.view(bits))  # signed zeros included
