@@ -5,8 +5,9 @@
 // build (PCONV_CUDA_HOST, tests/cuda_host.py) compiles the same sources with the host
 // compiler and runs every kernel on CPU memory through host/runtime.h, so that the test
 // suite runs the CUDA code paths (launch plans, index math, barriers, warp shuffles) on a
-// machine without a GPU. Nothing else in csrc/cuda may tell the two builds apart, except
-// the op code's device context (op_context.h).
+// machine without a GPU. Besides this header, only op_context.h (the op code's device
+// context), runtime.cu (the real device query) and the registration block of
+// partial_conv2d_kernel.cu tell the two builds apart.
 #pragma once
 
 #include <cstddef>
