@@ -5,8 +5,9 @@
 One table per dtype (a row per layer shape and mask mode: the plain conv's time and every
 other implementation as a ratio to it, forward and forward + backward, peak memory), the
 geometric means, the training step, the rows where the fused op is slower than the
-reference or the lean style, and each speed goal of the device kind with its figure. Ratios are paired: the median over repeats of the ratio of
-two calls timed back to back (see ``timing.paired_ratio``).
+reference or the lean style, and each speed goal of the device kind with its figure.
+Ratios are paired: the median over repeats of the ratio of two calls timed back to back
+(see ``timing.paired_ratio``).
 """
 from __future__ import annotations
 
