@@ -7,7 +7,9 @@ warm-up, and rotate through several input sets so caches do not flatter a repeat
 from __future__ import annotations
 
 import contextlib
+import os
 import statistics
+import sys
 import time
 from typing import Callable, Mapping, Sequence
 
@@ -75,6 +77,22 @@ def median_time_ms(fn: Callable[[object], object], inputs: Sequence[object], dev
     return median_times_ms({"fn": fn}, inputs, device, warmup, repeats)["fn"]
 
 
+@contextlib.contextmanager
+def _native_stderr_silenced():
+    """File descriptor 2 sent to /dev/null: Kineto prints two lines to it for every profile,
+    whatever its log level, and the runner takes hundreds."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 def peak_memory_mb(fn: Callable[[], object], device: str) -> float:
     """Peak memory in MB that ``fn()`` allocates above what was live before it, after one
     untimed call (so caches and scratch buffers are in their steady state).
@@ -92,7 +110,8 @@ def peak_memory_mb(fn: Callable[[], object], device: str) -> float:
         return (torch.cuda.max_memory_allocated() - base) / 2**20
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _native_stderr_silenced(), profile(activities=[ProfilerActivity.CPU],
+                                             profile_memory=True) as prof:
         fn()
     events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
                     if e.name() == "[memory]")

@@ -36,6 +36,8 @@ def _ratio_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 _MAX_CHANNELS_FOR_CHANNELS_LAST = 8  # as in the CPU kernel
+_MIN_PLANE_FOR_CHANNELS_LAST = 64 * 64
+_MIN_FLOAT_CHANNELS_FOR_CHANNELS_LAST = 8
 
 
 def _compute_format(input, weight, groups):
@@ -48,7 +50,10 @@ def _compute_format(input, weight, groups):
         return torch.contiguous_format
     if fmt == torch.channels_last:
         return fmt
-    if groups == 1 and weight.shape[0] <= _MAX_CHANNELS_FOR_CHANNELS_LAST:
+    large_plane = (input.shape[2] * input.shape[3] >= _MIN_PLANE_FOR_CHANNELS_LAST
+                   and (input.element_size() == 2
+                        or input.shape[1] >= _MIN_FLOAT_CHANNELS_FOR_CHANNELS_LAST))
+    if groups == 1 and (weight.shape[0] <= _MAX_CHANNELS_FOR_CHANNELS_LAST or large_plane):
         return torch.channels_last
     return torch.contiguous_format
 

@@ -1,5 +1,6 @@
 #include "layout.h"
 #include "pixel_blocks.h"
+#include "tiles.h"
 #include "vector_loops.h"
 
 #include <ATen/ATen.h>
@@ -13,20 +14,6 @@
 
 namespace pconv {
 namespace {
-
-// Tiles of pixels x channels. Each tile is masked in its source layout, where both x and
-// a multi-channel mask are contiguous along pixels, into a buffer of at most 16 KiB (L1),
-// and the buffer is then written out in the other layout: the multiply runs over
-// contiguous arrays (vectorised, also in 16-bit types) and only plain copies change layout.
-// A tile reads 512 bytes of each channel: with shorter runs, the many channel planes, a
-// power of two apart in memory, thrash the caches (measured on 67 x 256 x 256, bf16: 64
-// pixels x 16 channels took 7.3 ms, 256 x 16 took 2.2 ms; float32: 6.1 vs 4.2-4.7 ms for
-// 128 x 32).
-template <typename scalar_t>
-struct Tile {
-  static constexpr int64_t kPixels = 512 / sizeof(scalar_t);
-  static constexpr int64_t kChannels = sizeof(scalar_t) == 2 ? 16 : 32;
-};
 
 // out = x * m (rounded once, as at::mul), or a copy of x without a mask.
 template <typename scalar_t, bool kMasked>
@@ -50,47 +37,36 @@ void scale_run(const scalar_t* x, const scalar_t* m, scalar_t* out, acc_t* sum, 
   }
 }
 
-// msum (when not null) receives the channel sum of a per-sample multi-channel mask.
+// x * m (x alone without a mask) between NCHW and channels_last, a tile at a time (see
+// tiles.h): the multiply runs on rows of one channel in the NCHW side's order, where x and
+// a multi-channel mask are both contiguous. msum (when not null) receives the channel sum
+// of a per-sample multi-channel mask, adding the channels in order.
 template <typename scalar_t, bool kToChannelsLast, bool kMasked,
           typename acc_t = at::opmath_type<scalar_t>>
 void relayout_kernel(const scalar_t* src, const scalar_t* mask, scalar_t* dst, int64_t batch,
                      int64_t channels, int64_t plane, int64_t mask_batch_stride,
                      int64_t mask_channel_stride, acc_t* msum) {
-  constexpr int64_t kTileP = Tile<scalar_t>::kPixels, kTileC = Tile<scalar_t>::kChannels;
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(kTileP * channels, 1));
-  for_each_pixel_block(batch, plane, kTileP, grain, [&](int64_t, int64_t n, int64_t p0,
-                                                        int64_t p1) {
-    scalar_t buf[kTileC * kTileP];  // buf[c * kTileP + p]: one tile, channel-major
-    const int64_t len = p1 - p0;
-    const scalar_t* s = src + n * channels * plane;
-    scalar_t* d = dst + n * channels * plane;
-    const scalar_t* m_n = kMasked ? mask + n * mask_batch_stride + p0 : nullptr;
-    acc_t* sum = msum != nullptr ? msum + n * plane + p0 : nullptr;
-    for (int64_t c0 = 0; c0 < channels; c0 += kTileC) {
-      const int64_t nc = std::min(channels, c0 + kTileC) - c0;
-      if (kToChannelsLast) {
-        for (int64_t c = 0; c < nc; ++c) {
-          scale_run<scalar_t, kMasked>(s + (c0 + c) * plane + p0,
-                                       kMasked ? m_n + (c0 + c) * mask_channel_stride : nullptr,
-                                       buf + c * kTileP, sum, len, c0 + c == 0);
-        }
-        for (int64_t p = 0; p < len; ++p) {
-          scalar_t* out = d + (p0 + p) * channels + c0;
-          for (int64_t c = 0; c < nc; ++c) out[c] = buf[c * kTileP + p];
-        }
-      } else {
-        for (int64_t p = 0; p < len; ++p) {
-          const scalar_t* in = s + (p0 + p) * channels + c0;
-          for (int64_t c = 0; c < nc; ++c) buf[c * kTileP + p] = in[c];
-        }
-        for (int64_t c = 0; c < nc; ++c) {
-          scale_run<scalar_t, kMasked>(buf + c * kTileP,
-                                       kMasked ? m_n + (c0 + c) * mask_channel_stride : nullptr,
-                                       d + (c0 + c) * plane + p0, sum, len, c0 + c == 0);
-        }
-      }
-    }
-  });
+  auto mask_row = [&](int64_t n, int64_t c, int64_t p0) -> const scalar_t* {
+    return kMasked ? mask + n * mask_batch_stride + c * mask_channel_stride + p0 : nullptr;
+  };
+  auto sum_row = [&](int64_t n, int64_t p0) -> acc_t* {
+    return msum != nullptr ? msum + n * plane + p0 : nullptr;
+  };
+  if constexpr (kToChannelsLast) {
+    tiles::write_channels_last(dst, batch, channels, plane, [&](int64_t, int64_t n, int64_t c,
+                                                                int64_t p0, int64_t len,
+                                                                scalar_t* row) {
+      scale_run<scalar_t, kMasked>(src + (n * channels + c) * plane + p0, mask_row(n, c, p0), row,
+                                   sum_row(n, p0), len, c == 0);
+    });
+  } else {
+    tiles::read_channels_last(src, batch, channels, plane, [&](int64_t, int64_t n, int64_t c,
+                                                               int64_t p0, int64_t len,
+                                                               const scalar_t* row) {
+      scale_run<scalar_t, kMasked>(row, mask_row(n, c, p0), dst + (n * channels + c) * plane + p0,
+                                   sum_row(n, p0), len, c == 0);
+    });
+  }
 }
 
 // x * m and the mask's channel sum for NCHW x, m and out, from one read of the mask. A task

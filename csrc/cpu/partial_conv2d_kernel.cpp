@@ -16,7 +16,7 @@
 #include "../pconv.h"
 #include "layout.h"
 #include "mask_ratio.h"
-#include "pixel_blocks.h"
+#include "tiles.h"
 #include "vector_loops.h"
 #include "workspace.h"
 
@@ -40,11 +40,25 @@ namespace {
 //  - channels_last for an NCHW input when the layer has few output channels (the UNets'
 //    last layers, C_out = 3): oneDNN's NCHW kernels for them run at half the speed of its
 //    channels_last ones, forward and backward (measured at 64->3 and 67->3 at 256x256, fp32
-//    and bf16), and the layout change folds into passes the op makes anyway (x * m on the
-//    way in, the epilogue on the way out, and the same pair in the backward).
+//    and bf16).
+//  - channels_last for an NCHW input on planes of 64 x 64 pixels and more. There, on an
+//    Intel Xeon with AMX (2 threads, torch 2.13), oneDNN's channels_last convolutions took
+//    0.27-0.80x the time of its NCHW ones in bfloat16 forward and 0.50-0.91x backward (3->64
+//    at 256 x 256 to 128->256 at 64 x 64), 0.72-0.98x in float32 (1.0x and more from
+//    32 x 32 down: 1.25-1.7x at 16 x 16 and below). Not for float32 with fewer than 8 input
+//    channels, whose NCHW first-layer kernel is faster (3->64: channels_last 1.12x).
+// In both the layout changes fold into passes the op makes anyway: x * m on the way in,
+// the epilogue on the way out, and the same pair in the backward (tiles.h).
 // An input already in the compute layout stays there, so x * m keeps its layout and a
 // backward that gets x * m back finds the same layout again.
 constexpr int64_t kMaxChannelsForChannelsLast = 8;
+constexpr int64_t kMinPlaneForChannelsLast = 64 * 64;
+constexpr int64_t kMinFloatChannelsForChannelsLast = 8;
+
+bool is_large_plane_for_channels_last(const at::Tensor& input, const ConvGeometry& g) {
+  return g.in_h * g.in_w >= kMinPlaneForChannelsLast &&
+         (input.element_size() == 2 || g.in_channels >= kMinFloatChannelsForChannelsLast);
+}
 
 at::MemoryFormat compute_format(const at::Tensor& input, const ConvGeometry& g) {
   if (g.in_channels == 1 || (g.kernel_h == 1 && g.kernel_w == 1)) {
@@ -53,7 +67,8 @@ at::MemoryFormat compute_format(const at::Tensor& input, const ConvGeometry& g) 
   if (input.suggest_memory_format() == at::MemoryFormat::ChannelsLast) {
     return at::MemoryFormat::ChannelsLast;
   }
-  if (g.groups == 1 && g.out_channels <= kMaxChannelsForChannelsLast) {
+  if (g.groups == 1 && (g.out_channels <= kMaxChannelsForChannelsLast ||
+                        is_large_plane_for_channels_last(input, g))) {
     return at::MemoryFormat::ChannelsLast;
   }
   return at::MemoryFormat::Contiguous;
@@ -137,20 +152,6 @@ MaskRatio mask_ratio_with_masked_input(const at::Tensor& input, const at::Tensor
   return mask_ratio_from_channel_sum(msum, g);
 }
 
-// Pixels per tile of the passes that change layout (see layout.cpp).
-constexpr int64_t kTile = 64;
-
-int64_t pixel_tile_count(int64_t batch, int64_t plane) {
-  return pixel_block_count(batch, plane, kTile);
-}
-
-// fn(tile, n, p0, p1) for every tile of kTile pixels [p0, p1) of every sample n, in
-// parallel; tile is the tile's index in [0, pixel_tile_count).
-template <typename Fn>
-void for_each_pixel_tile(int64_t batch, int64_t plane, const Fn& fn) {
-  for_each_pixel_block(batch, plane, kTile, /*grain=*/16, fn);
-}
-
 // y = (raw * r + b) * u with a bias, y = raw * r without; raw is read once and y written
 // once. raw and out are both NCHW-contiguous or both channels_last (out may alias raw), or
 // raw is channels_last and out NCHW.
@@ -175,18 +176,14 @@ void epilogue(const at::Tensor& raw, const MaskRatio& mr, const at::Tensor& bias
   const int64_t mask_stride = mr.batch == 1 ? 0 : plane;
 
   if (is_relayout(raw, at::MemoryFormat::Contiguous) && out.is_contiguous()) {
-    // channels_last raw (few channels) into an NCHW output, a tile of pixels at a time.
-    for_each_pixel_tile(g.batch, plane, [&](int64_t, int64_t n, int64_t p0, int64_t p1) {
-      const acc_t* r = ratio + n * mask_stride;
-      const acc_t* u = update + n * mask_stride;
-      for (int64_t c = 0; c < channels; ++c) {
-        const scalar_t* s = src + n * plane * channels + c;
-        scalar_t* d = dst + (n * channels + c) * plane;
-        for (int64_t p = p0; p < p1; ++p) {
-          const acc_t v = static_cast<acc_t>(s[p * channels]) * r[p];
-          d[p] = static_cast<scalar_t>(has_bias ? (v + b[c]) * u[p] : v);
-        }
-      }
+    // channels_last raw into an NCHW output, a tile at a time (tiles.h).
+    tiles::read_channels_last(src, g.batch, channels, plane, [&](int64_t, int64_t n, int64_t c,
+                                                                 int64_t p0, int64_t len,
+                                                                 const scalar_t* row) {
+      loops::renormalise_planes<scalar_t>(row, ratio + n * mask_stride + p0,
+                                          update + n * mask_stride + p0,
+                                          has_bias ? b.data() + c : nullptr,
+                                          dst + (n * channels + c) * plane + p0, 1, len);
     });
   } else if (raw.is_contiguous(at::MemoryFormat::ChannelsLast) && channels > 1) {
     // Runs of pixels that stay within one sample, whose r and u are contiguous.
@@ -238,24 +235,18 @@ void grad_prologue(const at::Tensor& grad_out, const MaskRatio& mr, bool has_bia
 
   if (need_graw && is_relayout(grad_out, at::MemoryFormat::ChannelsLast) &&
       grad_raw.is_contiguous(at::MemoryFormat::ChannelsLast)) {
-    // NCHW g_y into a channels_last g_raw (few channels), a tile of pixels at a time; each
-    // tile reduces its own bias-gradient row, so the sum does not depend on the threads.
-    const int64_t blocks = pixel_tile_count(g.batch, plane);
+    // NCHW g_y into a channels_last g_raw, a tile at a time (tiles.h); each tile reduces
+    // its own bias-gradient row, so the sum does not depend on the threads.
+    const int64_t blocks = tiles::count<scalar_t>(g.batch, plane);
     std::vector<acc_t> partial(need_db ? blocks * channels : 0, acc_t(0));
-    for_each_pixel_tile(g.batch, plane, [&](int64_t t, int64_t n, int64_t p0, int64_t p1) {
-      const acc_t* r = ratio + n * mask_stride;
-      const acc_t* u = update + n * mask_stride;
-      for (int64_t c = 0; c < channels; ++c) {
-        const scalar_t* s = gy + (n * channels + c) * plane;
-        scalar_t* d = gr + n * plane * channels + c;
-        acc_t sum = 0;
-        for (int64_t p = p0; p < p1; ++p) {
-          const acc_t v = static_cast<acc_t>(s[p]);
-          d[p * channels] = static_cast<scalar_t>(v * (has_bias ? r[p] * u[p] : r[p]));
-          sum += v * u[p];
-        }
-        if (need_db) partial[t * channels + c] = sum;
-      }
+    tiles::write_channels_last(gr, g.batch, channels, plane, [&](int64_t t, int64_t n, int64_t c,
+                                                                 int64_t p0, int64_t len,
+                                                                 scalar_t* row) {
+      loops::grad_planes<scalar_t>(gy + (n * channels + c) * plane + p0,
+                                   ratio + n * mask_stride + p0, update + n * mask_stride + p0,
+                                   has_bias, row, need_db ? partial.data() + t * channels + c
+                                                          : nullptr,
+                                   1, len);
     });
     if (need_db) {
       for (int64_t t = 0; t < blocks; ++t) {
