@@ -40,7 +40,7 @@ _MIN_PLANE_FOR_CHANNELS_LAST = 64 * 64
 _MIN_FLOAT_CHANNELS_FOR_CHANNELS_LAST = 8
 
 
-def _compute_format(input, weight, groups):
+def _compute_format(input, weight, stride, groups):
     # Mirrors compute_format of the CPU kernel (the layout x * m is kept in); on the GPU
     # x * m has the input's layout.
     fmt = suggest_memory_format(input)
@@ -52,7 +52,8 @@ def _compute_format(input, weight, groups):
         return fmt
     large_plane = (input.shape[2] * input.shape[3] >= _MIN_PLANE_FOR_CHANNELS_LAST
                    and (input.element_size() == 2
-                        or input.shape[1] >= _MIN_FLOAT_CHANNELS_FOR_CHANNELS_LAST))
+                        or (max(stride) > 1
+                            and input.shape[1] >= _MIN_FLOAT_CHANNELS_FOR_CHANNELS_LAST)))
     if groups == 1 and (weight.shape[0] <= _MAX_CHANNELS_FOR_CHANNELS_LAST or large_plane):
         return torch.channels_last
     return torch.contiguous_format
@@ -63,7 +64,7 @@ def _partial_conv2d_train_fake(input, mask, weight, bias, stride, padding, dilat
     out, update = _partial_conv2d_fake(input, mask, weight, bias, stride, padding, dilation,
                                        groups)
     masked = input.new_empty(input.shape).contiguous(
-        memory_format=_compute_format(input, weight, groups))
+        memory_format=_compute_format(input, weight, stride, groups))
     stats_shape = (mask.shape[0], 1, out.shape[2], out.shape[3])
     ratio = input.new_empty(stats_shape, dtype=_ratio_dtype(input.dtype))
     return out, update, masked, ratio, torch.empty_like(ratio)

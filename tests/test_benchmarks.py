@@ -205,6 +205,24 @@ def test_cpu_goals_are_geometric_means_and_no_slower_rows():
     assert "faster than reference at every shape: met" in text
 
 
+def test_skipped_reference_leaves_out_the_memory_column(tmp_path, capfd):
+    """Peak memory compares the fused op with the reference, so a run that skips the
+    reference measures none and still prints its table; the profiler behind the CPU peaks
+    leaves stderr alone."""
+    path = tmp_path / "bench.json"
+    assert run.main(["--smoke", "--quiet", "--no-model", "--skip", "reference", "lean",
+                     "compiled", "--json", str(path)]) == 0
+    rows = json.loads(path.read_text())["rows"]
+    assert rows and all(set(r["ms"]) == {"conv", "fused"} and "peak_mb" not in r for r in rows)
+    assert "peak MB" in capfd.readouterr().out
+
+    assert run.main(["--smoke", "--quiet", "--no-model", "--modes", "single", "--skip", "lean",
+                     "compiled", "--json", str(tmp_path / "peaks.json")]) == 0
+    rows = json.loads((tmp_path / "peaks.json").read_text())["rows"]
+    assert all(set(r["peak_mb"]) == {"fused", "reference"} for r in rows if r["pass_"] == "fwd+bwd")
+    assert "profiler_start" not in capfd.readouterr().err
+
+
 def test_rows_are_measured_steps_first_then_by_dtype_size_and_mode(tmp_path):
     """The order a run stopped by --max-minutes leaves complete: the training steps, then
     whole tables in the order of --dtypes, --sizes and --modes."""

@@ -425,24 +425,24 @@ def test_few_output_channels_run_channels_last_inside(mask_kind, layout):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("mask_kind", ["single", "multi"])
-@pytest.mark.parametrize("c_in,c_out", [(19, 35), (3, 16)])
-def test_large_planes_run_channels_last_inside(dtype, mask_kind, c_in, c_out):
+@pytest.mark.parametrize("c_in,c_out,stride", [(19, 35, 1), (19, 35, 2), (3, 16, 2)])
+def test_large_planes_run_channels_last_inside(dtype, mask_kind, c_in, c_out, stride):
     """From 64 x 64 pixels an NCHW layer convolves in channels_last (float32 and float64
-    only with 8 input channels or more). The layout changes happen in tiles of pixels x
-    channels inside the masking pass, the epilogue, the gradient prologue and the masking
-    of the input gradient; 64 x 65 pixels and 19, 35 channels leave partial tiles. Results
-    match the reference, outputs come back NCHW, and the fake kernel agrees with the
-    real one on the layout of the saved x * m."""
+    only when strided, with 8 input channels or more). The layout changes happen in tiles
+    of pixels x channels inside the masking pass, the epilogue, the gradient prologue and
+    the masking of the input gradient; 64 x 65 pixels and 19, 35 channels leave partial
+    tiles. Results match the reference, outputs come back NCHW, and the fake kernel agrees
+    with the real one on the layout of the saved x * m."""
     g = torch.Generator().manual_seed(23)
     x = torch.randn(2, c_in, 64, 65, generator=g).to(dtype).requires_grad_(True)
     m = (torch.rand(2, c_in if mask_kind == "multi" else 1, 64, 65, generator=g) > 0.4).to(dtype)
     w = torch.randn(c_out, c_in, 3, 3, generator=g).to(dtype).requires_grad_(True)
     b = torch.randn(c_out, generator=g).to(dtype).requires_grad_(True)
-    out, update = pconv_cuda.partial_conv2d(x, m, w, b, 1, 1)
+    out, update = pconv_cuda.partial_conv2d(x, m, w, b, stride, 1)
     gy = torch.randn(out.shape, generator=g).to(dtype)
     got = torch.autograd.grad(out, (x, w, b), gy)
     xr, wr, br = (t.detach().double().requires_grad_(True) for t in (x, w, b))
-    ref_out, ref_update = reference.partial_conv2d(xr, m.double(), wr, br, 1, 1)
+    ref_out, ref_update = reference.partial_conv2d(xr, m.double(), wr, br, stride, 1)
     want = torch.autograd.grad(ref_out, (xr, wr, br), gy.double())
     tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else None
     for name, a, e in zip(("output", "grad_input", "grad_weight", "grad_bias"),
@@ -453,8 +453,9 @@ def test_large_planes_run_channels_last_inside(dtype, mask_kind, c_in, c_out):
         assert a.is_contiguous(), name
     torch.testing.assert_close(update.double(), ref_update)
 
-    xm = TRAIN_OP(x.detach(), m, w.detach(), b.detach(), [1, 1], [1, 1], [1, 1], 1)[2]
-    channels_last = dtype.itemsize == 2 or c_in >= 8
+    args = ([stride, stride], [1, 1], [1, 1], 1)
+    xm = TRAIN_OP(x.detach(), m, w.detach(), b.detach(), *args)[2]
+    channels_last = dtype.itemsize == 2 or (stride > 1 and c_in >= 8)
     assert xm.is_contiguous(memory_format=torch.channels_last if channels_last
                             else torch.contiguous_format)
     bits = {2: torch.int16, 8: torch.int64}[dtype.itemsize]
@@ -462,7 +463,7 @@ def test_large_planes_run_channels_last_inside(dtype, mask_kind, c_in, c_out):
     from torch._subclasses.fake_tensor import FakeTensorMode
     real = (x.detach(), m, w.detach(), b.detach())
     with FakeTensorMode() as mode:
-        fake = TRAIN_OP(*(mode.from_tensor(t) for t in real), [1, 1], [1, 1], [1, 1], 1)[2]
+        fake = TRAIN_OP(*(mode.from_tensor(t) for t in real), *args)[2]
     assert fake.stride() == xm.stride()
 
 

@@ -41,12 +41,16 @@ namespace {
 //    last layers, C_out = 3): oneDNN's NCHW kernels for them run at half the speed of its
 //    channels_last ones, forward and backward (measured at 64->3 and 67->3 at 256x256, fp32
 //    and bf16).
-//  - channels_last for an NCHW input on planes of 64 x 64 pixels and more. There, on an
-//    Intel Xeon with AMX (2 threads, torch 2.13), oneDNN's channels_last convolutions took
-//    0.27-0.80x the time of its NCHW ones in bfloat16 forward and 0.50-0.91x backward (3->64
-//    at 256 x 256 to 128->256 at 64 x 64), 0.72-0.98x in float32 (1.0x and more from
-//    32 x 32 down: 1.25-1.7x at 16 x 16 and below). Not for float32 with fewer than 8 input
-//    channels, whose NCHW first-layer kernel is faster (3->64: channels_last 1.12x).
+//  - channels_last for an NCHW input on planes of 64 x 64 pixels and more, in 16-bit types.
+//    There, on an Intel Xeon with AMX (2 threads, torch 2.13), oneDNN's channels_last
+//    convolutions took 0.27-0.80x the time of its NCHW ones in bfloat16 forward and
+//    0.50-0.91x backward (3->64 at 256 x 256 to 128->256 at 64 x 64); from 32 x 32 down
+//    they were as slow or slower (1.25-1.7x at 16 x 16 and below). In float32 only strided
+//    layers with 8 input channels or more gain (64->128 k5 s2 at 128 x 128: the fused
+//    forward 0.82-0.92x the NCHW conv against 1.10x): at stride 1 the channels_last
+//    convolution ran no faster forward, so the layout changes made the fused forward
+//    1.15-1.19x at 64->64, 192->64 and 768->256 (modified UNet), and with few input
+//    channels the NCHW first-layer kernel is faster (3->64: channels_last 1.12x).
 // In both the layout changes fold into passes the op makes anyway: x * m on the way in,
 // the epilogue on the way out, and the same pair in the backward (tiles.h).
 // An input already in the compute layout stays there, so x * m keeps its layout and a
@@ -56,8 +60,9 @@ constexpr int64_t kMinPlaneForChannelsLast = 64 * 64;
 constexpr int64_t kMinFloatChannelsForChannelsLast = 8;
 
 bool is_large_plane_for_channels_last(const at::Tensor& input, const ConvGeometry& g) {
-  return g.in_h * g.in_w >= kMinPlaneForChannelsLast &&
-         (input.element_size() == 2 || g.in_channels >= kMinFloatChannelsForChannelsLast);
+  if (g.in_h * g.in_w < kMinPlaneForChannelsLast) return false;
+  return input.element_size() == 2 || ((g.stride_h > 1 || g.stride_w > 1) &&
+                                       g.in_channels >= kMinFloatChannelsForChannelsLast);
 }
 
 at::MemoryFormat compute_format(const at::Tensor& input, const ConvGeometry& g) {
