@@ -317,9 +317,13 @@ at::Tensor expand_update(const MaskRatio& mr, const at::Tensor& input, const Con
     const acc_t* src = mr.update.const_data_ptr<acc_t>();
     const int64_t src_batch_stride = mr.batch == 1 ? 0 : plane;
     scalar_t* dst = u.mutable_data_ptr<scalar_t>();
+    // Runs within one sample, so the loop is a plain conversion (no index arithmetic per
+    // value): at 256 x 256 the per-value form took 3% of a 67->3 layer's forward.
     at::parallel_for(0, g.batch * plane, 32768, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        dst[i] = static_cast<scalar_t>(src[i / plane * src_batch_stride + i % plane]);
+      for (int64_t i = begin; i < end;) {
+        const int64_t n = i / plane, p = i % plane, run = std::min(end - i, plane - p);
+        loops::narrow<scalar_t>(src + n * src_batch_stride + p, dst + i, run);
+        i += run;
       }
     });
   });

@@ -181,6 +181,12 @@ PCONV_CPU_CLONES void multiply_planes(const scalar_t* x, const scalar_t* m, scal
   for (int64_t k = 0; k < planes; ++k, x += len, out += len) multiply_run(x, m, out, len);
 }
 
+// d[i] = s[i] rounded to scalar_t.
+template <typename scalar_t>
+PCONV_CPU_CLONES void narrow(const acc_type<scalar_t>* s, scalar_t* d, int64_t len) {
+  for (int64_t i = 0; i < len; ++i) d[i] = static_cast<scalar_t>(s[i]);
+}
+
 // sum[i] = x[i] when first, else sum[i] += x[i].
 template <typename scalar_t, typename acc_t>
 PCONV_CPU_CLONES void accumulate(const scalar_t* x, acc_t* sum, int64_t len, bool first) {
