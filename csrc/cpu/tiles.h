@@ -33,8 +33,9 @@ struct Tile {
   static constexpr int64_t kChannels = sizeof(T) == 2 ? 16 : 32;
 };
 
-// How many tiles' worth of tasks the walks below run for one channel chunk: the index `t`
-// they pass to their row functions is in [0, count).
+// How many tasks the walks below run (one per sample and block of Tile<T>::kPixels pixels,
+// each through all channels): the index `t` they pass to their row functions is in
+// [0, count).
 template <typename T>
 int64_t count(int64_t batch, int64_t plane) {
   return pixel_block_count(batch, plane, Tile<T>::kPixels);
