@@ -603,6 +603,55 @@ def test_single_channel_mask_pass_equals_at_mul(dtype, mask_batch):
     assert (gx[holes] == 0).all() and (gx[~holes] != 0).any()
 
 
+# The float32 masking passes with x * m over 1 MiB, which they write by streaming stores:
+# (mask channels, input channels, H, W, pass). Odd plane sizes start and end most runs off
+# the alignment the stores need, so the scalar head and tail run too.
+STREAMING_PATHS = {"single": (1, 16, 97, 101, "pconv::mask_planes"),
+                   "one_read": (16, 16, 97, 101, "pconv::masked_input_with_channel_sum"),
+                   "small_planes": (96, 96, 39, 41, "pconv::mask_elements")}
+
+
+@pytest.mark.parametrize("path", list(STREAMING_PATHS))
+@pytest.mark.parametrize("op", ["train", "inference"])
+def test_large_float32_masking_streams_and_equals_at_mul(path, op):
+    """Over 1 MiB, float32 x * m is written by streaming stores. Every output must equal,
+    bit for bit, the result of a mask with other strides (at::mul and a separate channel
+    sum), x * m must equal at::mul (signed zeros, Inf, NaN, soft mask values), and the
+    same pass with a quarter of the channels (under 1 MiB) must not stream."""
+    mask_c, channels, h, w, pass_name = STREAMING_PATHS[path]
+    g = torch.Generator().manual_seed(83)
+
+    def call_with(c):
+        x = torch.randn(2, c, h, w, generator=g)
+        x[0, :, :3] = -0.0
+        special = torch.rand(x.shape, generator=g) < 0.001
+        x[special] = torch.tensor([float("inf"), float("-inf"), float("nan")])[
+            torch.randint(0, 3, (int(special.sum()),), generator=g)]
+        m = (torch.rand(2, min(mask_c, c), h, w, generator=g) > 0.3).float()
+        m[1, :, h // 2:] = torch.rand(m.shape[1], h - h // 2, w, generator=g)  # soft rows
+        wt = torch.randn(16, c, 3, 3, generator=g)
+        b = torch.randn(16, generator=g)
+        fn = TRAIN_OP if op == "train" else OP
+        run = lambda mask: fn(x, mask, wt, b, [1, 1], [1, 1], [1, 1], 1)
+        m_strided = m.transpose(2, 3).contiguous().transpose(2, 3)  # same values
+        return x, m, run, m_strided
+
+    x, m, run, m_strided = call_with(channels)
+    names = _pass_names(lambda: run(m))
+    assert pass_name in names and "pconv::streaming_stores" in names
+    assert "pconv::streaming_stores" not in _pass_names(lambda: run(m_strided))
+    got, want = run(m), run(m_strided)
+    for a, e in zip(got, want):
+        assert a.shape == e.shape and a.stride() == e.stride()
+        assert _same_bits(a, e)
+    if op == "train":
+        assert torch.isnan(got[2]).any() and _same_bits(got[2], x * m)
+
+    _, m_small, run_small, _ = call_with(channels // 4)
+    names = _pass_names(lambda: run_small(m_small))
+    assert pass_name in names and "pconv::streaming_stores" not in names
+
+
 # (C_in, C_out, H, W, kernel, stride, padding, dilation): one output column and a column
 # stride over 1, where torch 2.13's CPU bfloat16 convolution returns wrong values.
 ONE_COLUMN = [

@@ -1,5 +1,6 @@
 #include "layout.h"
 #include "pixel_blocks.h"
+#include "streaming.h"
 #include "tiles.h"
 #include "vector_loops.h"
 
@@ -14,6 +15,39 @@
 
 namespace pconv {
 namespace {
+
+// True when x * m of `numel` values goes to `out` by streaming stores (streaming.h):
+// float32, large, and not in place (an in-place pass reads every line it writes anyway).
+template <typename scalar_t>
+bool streams_into(const scalar_t* x, const scalar_t* out, int64_t numel) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return out != x && streaming::worth_streaming(numel * int64_t(sizeof(float)));
+  } else {
+    return false;
+  }
+}
+
+// A profiler range, "pconv::streaming_stores", inside a pass that streams its output, so
+// a profile (and the tests) show which passes do.
+class StreamingRange {
+ public:
+  explicit StreamingRange(bool streams) : guard_(at::RecordScope::FUNCTION) {
+    if (streams && guard_.isActive()) guard_.before("pconv::streaming_stores");
+  }
+
+ private:
+  at::RecordFunction guard_;
+};
+
+// out = x * m by streaming stores; only where streams_into holds.
+template <typename scalar_t>
+void stream_product(const scalar_t* x, const scalar_t* m, scalar_t* out, int64_t len) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    streaming::product(x, m, out, nullptr, len, streaming::Sum::kNone);
+  } else {
+    TORCH_INTERNAL_ASSERT(false, "streaming stores are float32 only");
+  }
+}
 
 // out = x * m (rounded once, as at::mul), or a copy of x without a mask.
 template <typename scalar_t, bool kMasked>
@@ -83,9 +117,25 @@ void masked_planes_with_sum(const scalar_t* x, const scalar_t* m, scalar_t* out,
       {plane, 4096, std::max<int64_t>(256, (per_task + 63) / 64 * 64)});
   // Below 32K values a parallel region costs more than it saves.
   const int64_t grain = std::max<int64_t>(1, 32768 / (block * channels));
+  bool stream = false;
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    stream = streaming::worth_streaming(batch * channels * plane * int64_t(sizeof(float)));
+  }
+  const StreamingRange range(stream);
   for_each_pixel_block(batch, plane, block, grain, [&](int64_t, int64_t n, int64_t p0,
                                                        int64_t p1) {
     const int64_t offset = n * channels * plane + p0;
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      if (stream) {
+        for (int64_t c = 0; c < channels; ++c) {
+          const int64_t at = offset + c * plane;
+          streaming::product(x + at, m + at, out + at, msum + n * plane + p0, p1 - p0,
+                             c == 0 ? streaming::Sum::kStart : streaming::Sum::kAdd);
+        }
+        streaming::end_of_writes();
+        return;
+      }
+    }
     loops::multiply_accumulate(x + offset, m + offset, out + offset, msum + n * plane + p0,
                                channels, plane, p1 - p0, /*first=*/true);
   });
@@ -109,7 +159,17 @@ void mask_planes(const at::Tensor& src, const at::Tensor& mask, at::Tensor& dst)
     const scalar_t* x = src.const_data_ptr<scalar_t>();
     const scalar_t* m = mask.const_data_ptr<scalar_t>();
     scalar_t* out = dst.data_ptr<scalar_t>();
+    const bool stream = streams_into(x, out, src.numel());
+    const StreamingRange range(stream);
     at::parallel_for(0, batch * channels, grain, [&](int64_t begin, int64_t end) {
+      if (stream) {
+        for (int64_t t = begin; t < end; ++t) {
+          stream_product(x + t * plane, m + t / channels * mask_batch_stride, out + t * plane,
+                         plane);
+        }
+        streaming::end_of_writes();
+        return;
+      }
       // Runs of planes within one sample share its mask plane.
       for (int64_t t = begin; t < end;) {
         const int64_t n = t / channels, stop = std::min(end, (n + 1) * channels);
@@ -135,7 +195,14 @@ void mask_elements(const at::Tensor& src, const at::Tensor& mask, at::Tensor& ds
     const scalar_t* x = src.const_data_ptr<scalar_t>();
     const scalar_t* m = mask.const_data_ptr<scalar_t>();
     scalar_t* out = dst.data_ptr<scalar_t>();
+    const bool stream = streams_into(x, out, numel);
+    const StreamingRange range(stream);
     at::parallel_for(0, numel, 32768, [&](int64_t begin, int64_t end) {
+      if (stream) {
+        stream_product(x + begin, m + begin, out + begin, end - begin);
+        streaming::end_of_writes();
+        return;
+      }
       for (int64_t i = begin; i < end; i += kRun) {
         loops::multiply(x + i, m + i, out + i, std::min(kRun, end - i));
       }
