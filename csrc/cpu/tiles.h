@@ -41,6 +41,15 @@ int64_t count(int64_t batch, int64_t plane) {
   return pixel_block_count(batch, plane, Tile<T>::kPixels);
 }
 
+// Asks for values [p, p + len) to come into the caches (nothing for len <= 0). The rows
+// callbacks below read NCHW rows a tile at a time; they ask for the next tile's piece of a
+// row while they use this one's (see relayout_kernel in layout.cpp).
+template <typename T>
+inline void prefetch(const T* p, int64_t len) {
+  const char* bytes = reinterpret_cast<const char*>(p);
+  for (int64_t b = 0; b < len * int64_t(sizeof(T)); b += 64) __builtin_prefetch(bytes + b);
+}
+
 #if defined(__SSE2__)
 inline __m128i load(const void* p) {
   return _mm_loadu_si128(static_cast<const __m128i*>(p));
