@@ -1,4 +1,8 @@
 """The registered op: gradcheck, opcheck, torch.compile, autocast, layouts, edge cases."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -650,6 +654,24 @@ def test_large_float32_masking_streams_and_equals_at_mul(path, op):
     _, m_small, run_small, _ = call_with(channels // 4)
     names = _pass_names(lambda: run_small(m_small))
     assert pass_name in names and "pconv::streaming_stores" not in names
+
+
+def test_streaming_stores_below_avx512_give_the_same_bits():
+    """With ATen held below AVX-512 (ATEN_CPU_CAPABILITY=avx2, as on a CPU without it) the
+    streaming stores take their SSE2 body: the streaming test above must pass there too."""
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        pytest.skip("needs an x86-64 CPU with AVX2")
+    env = dict(os.environ, ATEN_CPU_CAPABILITY="avx2")
+    check = subprocess.run(
+        [sys.executable, "-c", "import torch; print(torch.backends.cpu.get_cpu_capability())"],
+        env=env, capture_output=True, text=True, check=True)
+    assert check.stdout.strip() == "AVX2"
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
+         "test_large_float32_masking_streams_and_equals_at_mul"],
+        env=env, capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "6 passed" in run.stdout
 
 
 # (C_in, C_out, H, W, kernel, stride, padding, dilation): one output column and a column

@@ -1,5 +1,6 @@
 #include "streaming.h"
 
+#include <ATen/Version.h>
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
@@ -60,11 +61,13 @@ void product_sse2(const float* __restrict x, const float* __restrict m, float* _
   product_scalar(x, m, out, sum, i, len, mode);
 }
 
+// AVX-512 where the CPU has it and ATen uses it too: ATEN_CPU_CAPABILITY=avx2 (or default)
+// then sends these stores to their SSE2 body as well.
 bool has_avx512() {
   // __builtin_cpu_init first: this may run before libgcc's own initialiser has.
   static const bool yes = [] {
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") != 0;
+    return __builtin_cpu_supports("avx512f") != 0 && at::get_cpu_capability() == "AVX512";
   }();
   return yes;
 }
