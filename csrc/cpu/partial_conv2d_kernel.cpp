@@ -247,13 +247,12 @@ void grad_prologue(const at::Tensor& grad_out, const MaskRatio& mr, bool has_bia
     tiles::write_channels_last(gr, g.batch, channels, plane, [&](int64_t t, int64_t n, int64_t c,
                                                                  int64_t p0, int64_t len,
                                                                  scalar_t* row) {
-      tiles::prefetch(gy + (n * channels + c) * plane + p0 + len,
-                      std::min(len, plane - p0 - len));
-      loops::grad_planes<scalar_t>(gy + (n * channels + c) * plane + p0,
-                                   ratio + n * mask_stride + p0, update + n * mask_stride + p0,
-                                   has_bias, row, need_db ? partial.data() + t * channels + c
-                                                          : nullptr,
-                                   1, len);
+      const scalar_t* gy_row = gy + (n * channels + c) * plane + p0;
+      tiles::prefetch_next_piece(gy_row, p0, len, plane);
+      loops::grad_planes<scalar_t>(gy_row, ratio + n * mask_stride + p0,
+                                   update + n * mask_stride + p0, has_bias, row,
+                                   need_db ? partial.data() + t * channels + c : nullptr, 1,
+                                   len);
     });
     if (need_db) {
       for (int64_t t = 0; t < blocks; ++t) {

@@ -41,13 +41,16 @@ int64_t count(int64_t batch, int64_t plane) {
   return pixel_block_count(batch, plane, Tile<T>::kPixels);
 }
 
-// Asks for values [p, p + len) to come into the caches (nothing for len <= 0). The rows
-// callbacks below read NCHW rows a tile at a time; they ask for the next tile's piece of a
-// row while they use this one's (see relayout_kernel in layout.cpp).
+// Asks for the next tile's piece of an NCHW row to come into the caches: `row` is this
+// tile's piece, `len` pixels from p0 of a plane of `plane` pixels, and the next piece
+// follows it up to the plane's end. The rows callbacks below read NCHW rows this way, a
+// short piece of each channel a plane apart, too short for the hardware prefetcher; they
+// call this while they use this tile's piece (measured in relayout_kernel, layout.cpp).
 template <typename T>
-inline void prefetch(const T* p, int64_t len) {
-  const char* bytes = reinterpret_cast<const char*>(p);
-  for (int64_t b = 0; b < len * int64_t(sizeof(T)); b += 64) __builtin_prefetch(bytes + b);
+inline void prefetch_next_piece(const T* row, int64_t p0, int64_t len, int64_t plane) {
+  const char* bytes = reinterpret_cast<const char*>(row + len);
+  const int64_t next = std::min(len, plane - p0 - len) * int64_t(sizeof(T));
+  for (int64_t b = 0; b < next; b += 64) __builtin_prefetch(bytes + b);
 }
 
 #if defined(__SSE2__)
