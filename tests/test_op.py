@@ -621,7 +621,7 @@ def test_large_float32_masking_streams_and_equals_at_mul(path, op):
     """Over 1 MiB, float32 x * m is written by streaming stores. Every output must equal,
     bit for bit, the result of a mask with other strides (at::mul and a separate channel
     sum), x * m must equal at::mul (signed zeros, Inf, NaN, soft mask values), and the
-    same pass with a quarter of the channels (under 1 MiB) must not stream."""
+    same pass with a third of the channels (under 1 MiB) must not stream."""
     mask_c, channels, h, w, pass_name = STREAMING_PATHS[path]
     g = torch.Generator().manual_seed(83)
 
@@ -651,7 +651,7 @@ def test_large_float32_masking_streams_and_equals_at_mul(path, op):
     if op == "train":
         assert torch.isnan(got[2]).any() and _same_bits(got[2], x * m)
 
-    _, m_small, run_small, _ = call_with(channels // 4)
+    _, m_small, run_small, _ = call_with(channels // 3)  # 5 channels: not the implicit GEMM
     names = _pass_names(lambda: run_small(m_small))
     assert pass_name in names and "pconv::streaming_stores" not in names
 

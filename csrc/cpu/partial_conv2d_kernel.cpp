@@ -14,6 +14,7 @@
 // Backward mirrors it: one pass forms g_raw = g_y * r (* u) and reduces the bias gradient,
 // oneDNN computes both convolution gradients, and the input gradient is masked in place.
 #include "../pconv.h"
+#include "implicit_gemm.h"
 #include "layout.h"
 #include "mask_ratio.h"
 #include "tiles.h"
@@ -77,6 +78,15 @@ at::MemoryFormat compute_format(const at::Tensor& input, const ConvGeometry& g) 
     return at::MemoryFormat::ChannelsLast;
   }
   return at::MemoryFormat::Contiguous;
+}
+
+// True when the forward runs as an implicit GEMM (implicit_gemm.h): only where the
+// convolution would run NCHW, so that x * m kept for the backward has the layout it would
+// have had, and the training forward gives the inference forward's bits.
+bool takes_implicit_gemm(const at::Tensor& input, const c10::optional<at::Tensor>& mask,
+                         const ConvGeometry& g) {
+  return compute_format(input, g) == at::MemoryFormat::Contiguous &&
+         implicit_gemm_applies(input, mask, g);
 }
 
 // True when `from` is NCHW-contiguous and `format` channels_last, or the other way round,
@@ -370,6 +380,10 @@ std::tuple<at::Tensor, at::Tensor> partial_conv2d_cpu(
     c10::IntArrayRef dilation, int64_t groups) {
   const ConvGeometry g =
       check_partial_conv2d_args(input, mask, weight, bias, stride, padding, dilation, groups);
+  if (takes_implicit_gemm(input, mask, g)) {
+    const MaskRatio mr = mask_ratio_cpu(mask, g, input.scalar_type());
+    return {implicit_gemm_forward(input, mask, mr, weight, bias, g), expand_update(mr, input, g)};
+  }
   const at::MemoryFormat format = compute_format(input, g);
   MaskRatio mr;
   at::Tensor xm;
@@ -395,6 +409,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> partial_c
   const ConvGeometry g =
       check_partial_conv2d_args(input, mask, weight, bias, stride, padding, dilation, groups);
   const at::MemoryFormat format = compute_format(input, g);
+  const bool implicit_gemm = takes_implicit_gemm(input, mask, g);
   at::Tensor xm = cpu_cached_empty(input.sizes(), input.options(), format);
   MaskRatio mr;
   if (masks_with_channel_sum(input, mask, g, format)) {
@@ -404,6 +419,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> partial_c
     write_masked_input(input, mask, xm, format);
   }
   at::Tensor update = expand_update(mr, input, g);
+  if (implicit_gemm) {
+    return {implicit_gemm_forward(xm, c10::nullopt, mr, weight, bias, g), update, xm, mr.ratio,
+            mr.update};
+  }
   at::Tensor out = g.batch == 0 ? empty_output(input, g)
                                 : convolve_and_renormalise(xm, mr, weight, bias, stride, padding,
                                                            dilation, g,
