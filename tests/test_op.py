@@ -478,10 +478,10 @@ def _pass_names(fn):
 
 
 # (input layout, C_out, kernel, layout of x * m): the three layout paths of the one-read
-# pass: NCHW kept, NCHW into channels_last (few output channels), channels_last into NCHW
-# (1x1 kernel).
+# pass: NCHW kept, NCHW into channels_last (few output channels: 5, as up to 4 take the
+# direct convolution), channels_last into NCHW (1x1 kernel).
 ONE_READ_PATHS = {"nchw": ("nchw", 16, 3, torch.contiguous_format),
-                  "to_channels_last": ("nchw", 3, 3, torch.channels_last),
+                  "to_channels_last": ("nchw", 5, 3, torch.channels_last),
                   "from_channels_last": ("channels_last", 16, 1, torch.contiguous_format)}
 
 
@@ -730,8 +730,8 @@ def test_layout_change_of_x_times_m_is_exact(dtype, channels, mask_channels, dir
     x = torch.randn(2, channels, 23, 29, generator=g).to(dtype)
     m = (torch.rand(2, channels if mask_channels == "multi" else 1, 23, 29, generator=g) > 0.4)
     m = m.to(dtype)
-    if direction == "to_channels_last":  # few output channels: convolved in channels_last
-        c_out, k, fmt = 3, 3, torch.channels_last
+    if direction == "to_channels_last":  # 5 outputs: convolved in channels_last, not direct
+        c_out, k, fmt = 5, 3, torch.channels_last
     else:  # channels_last input, 1x1 kernel: convolved in NCHW
         x = x.contiguous(memory_format=torch.channels_last)
         c_out, k, fmt = 16, 1, torch.contiguous_format

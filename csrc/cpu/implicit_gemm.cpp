@@ -9,15 +9,14 @@
 #include "implicit_gemm.h"
 
 #include "vector_loops.h"
+#include "workspace.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/record_function.h>
 
 #include <algorithm>
-#include <cstdlib>
 #include <limits>
-#include <memory>
 #include <vector>
 
 // The Fortran BLAS of the process: ATen's CPU library exports the one it was built with
@@ -102,25 +101,6 @@ PCONV_CPU_CLONES void gather_row(const scalar_t* x, const scalar_t* m, scalar_t*
   for (int64_t ox = hi; ox < out_w; ++ox) dst[ox] = scalar_t(0);
 }
 
-// This thread's column buffer, 64-byte aligned so that the GEMM sees the same alignment on
-// every thread (MKL's kernels may round differently for differently aligned operands).
-template <typename scalar_t>
-scalar_t* column_buffer(int64_t numel) {
-  struct Free {
-    void operator()(scalar_t* p) const { std::free(p); }
-  };
-  thread_local std::unique_ptr<scalar_t, Free> buffer;
-  thread_local int64_t capacity = 0;
-  if (numel > capacity) {
-    const size_t bytes = ((numel * sizeof(scalar_t) + 63) / 64) * 64;
-    buffer.reset(static_cast<scalar_t*>(std::aligned_alloc(64, bytes)));
-    TORCH_CHECK(buffer != nullptr, "partial_conv2d: out of memory for ", bytes,
-                " bytes of window columns");
-    capacity = numel;
-  }
-  return buffer.get();
-}
-
 template <typename scalar_t>
 void implicit_gemm(const at::Tensor& input, const at::Tensor& mask, const MaskRatio& mr,
                    const at::Tensor& weight, const at::Tensor& bias, at::Tensor& out,
@@ -149,7 +129,8 @@ void implicit_gemm(const at::Tensor& input, const at::Tensor& mask, const MaskRa
   scalar_t* y = out.mutable_data_ptr<scalar_t>();
 
   at::parallel_for(0, g.batch * tiles_per_plane, 1, [&](int64_t begin, int64_t end) {
-    scalar_t* cols = column_buffer<scalar_t>(depth * tile_rows * g.out_w);
+    scalar_t* cols =
+        cpu_thread_buffer<scalar_t>(ThreadBuffer::kBand, depth * tile_rows * g.out_w);
     for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t n = tile / tiles_per_plane;
       const int64_t oy0 = (tile % tiles_per_plane) * tile_rows;

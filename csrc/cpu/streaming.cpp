@@ -1,6 +1,6 @@
 #include "streaming.h"
 
-#include <ATen/Version.h>
+#include "cpu_features.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
@@ -61,16 +61,6 @@ void product_sse2(const float* __restrict x, const float* __restrict m, float* _
   product_scalar(x, m, out, sum, i, len, mode);
 }
 
-// AVX-512 where the CPU has it and ATen uses it too: ATEN_CPU_CAPABILITY=avx2 (or default)
-// then sends these stores to their SSE2 body as well.
-bool has_avx512() {
-  // __builtin_cpu_init first: this may run before libgcc's own initialiser has.
-  static const bool yes = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") != 0 && at::get_cpu_capability() == "AVX512";
-  }();
-  return yes;
-}
 #endif
 
 // From 1 MiB up, measured on the UNet layers: at 512 x 32 x 32 float32 (2 MiB) the
@@ -90,7 +80,7 @@ bool worth_streaming(int64_t bytes) {
 
 void product(const float* x, const float* m, float* out, float* sum, int64_t len, Sum mode) {
 #if PCONV_STREAMING_X86
-  if (has_avx512()) {
+  if (avx512_enabled()) {
     product_avx512(x, m, out, sum, len, mode);
   } else {
     product_sse2(x, m, out, sum, len, mode);

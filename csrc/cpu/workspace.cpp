@@ -5,12 +5,23 @@
 #include <c10/core/impl/alloc_cpu.h>
 
 #include <array>
+#include <cstdlib>
+#include <memory>
 #include <mutex>
 #include <unordered_map>
 #include <vector>
 
 namespace pconv {
 namespace {
+
+struct AlignedFree {
+  void operator()(void* p) const { std::free(p); }
+};
+struct ThreadBufferSlot {
+  std::unique_ptr<void, AlignedFree> data;
+  int64_t bytes = 0;
+};
+thread_local std::array<ThreadBufferSlot, 2> thread_buffers;
 
 constexpr int64_t kMaxScratchBytes = int64_t(1) << 30;
 thread_local std::array<at::Tensor, 2> scratch_buffers;  // uint8 holders, one per slot
@@ -144,6 +155,18 @@ at::Tensor cpu_scratch(Scratch slot, c10::IntArrayRef sizes, const at::TensorOpt
   at::Tensor view = at::empty({0}, options);
   view.set_(holder.storage(), /*storage_offset=*/0, sizes, strides_for(sizes, format));
   return view;
+}
+
+void* cpu_thread_buffer_bytes(ThreadBuffer slot, int64_t bytes) {
+  ThreadBufferSlot& b = thread_buffers[static_cast<int>(slot)];
+  if (bytes > b.bytes) {
+    const int64_t rounded = (std::max<int64_t>(bytes, 1) + 63) / 64 * 64;
+    b.data.reset(std::aligned_alloc(64, static_cast<size_t>(rounded)));
+    TORCH_CHECK(b.data != nullptr, "partial_conv2d: out of memory for a ", rounded,
+                "-byte work buffer");
+    b.bytes = rounded;
+  }
+  return b.data.get();
 }
 
 }  // namespace pconv

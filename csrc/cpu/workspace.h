@@ -3,6 +3,8 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <cstdint>
+
 namespace pconv {
 
 // Slots of scratch memory: each holds one intermediate at a time.
@@ -15,6 +17,21 @@ enum class Scratch : int { kMaskedInput = 0, kGradRaw = 1 };
 // above a size cap are allocated normally.
 at::Tensor cpu_scratch(Scratch slot, c10::IntArrayRef sizes, const at::TensorOptions& options,
                        at::MemoryFormat format);
+
+// Per-thread work buffers of the direct kernels, which live only inside one task.
+enum class ThreadBuffer : int { kBand = 0, kAccumulators = 1 };
+
+// This thread's buffer `slot`, at least `bytes` long and 64-byte aligned, its contents
+// undefined. It grows as needed and is kept for the thread's next call: the kernels ask for
+// the same sizes on every call. Aligned the same on every thread, so that a BLAS call
+// rounds the same whichever thread makes it (MKL's kernels may round differently for
+// differently aligned operands).
+void* cpu_thread_buffer_bytes(ThreadBuffer slot, int64_t bytes);
+
+template <typename T>
+T* cpu_thread_buffer(ThreadBuffer slot, int64_t numel) {
+  return static_cast<T*>(cpu_thread_buffer_bytes(slot, numel * static_cast<int64_t>(sizeof(T))));
+}
 
 // An uninitialised tensor for a result that outlives the op (x * m kept for the backward):
 // its memory comes from a process-wide cache of freed blocks of the same byte size and goes

@@ -1,0 +1,28 @@
+// The forward of layers with few output channels (the UNets' last layers, C_out = 3) as a
+// direct convolution that masks on load and renormalises in registers.
+#pragma once
+
+#include "../pconv.h"
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
+
+namespace pconv {
+
+// True when direct_conv_forward takes this layer: groups 1, stride 1, 1 to 4 output
+// channels, an NCHW-contiguous input and mask, a non-empty batch and output.
+bool direct_conv_applies(const at::Tensor& input, const c10::optional<at::Tensor>& mask,
+                         const ConvGeometry& g);
+
+// y = (conv(x * m, W) * r + b) * u, [N, C_out, H', W'] NCHW-contiguous, for an input
+// [N, C_in, H, W] and a mask [N or 1, 1 or C_in, H, W] (1 = known, 0 = hole; absent: no
+// masking, as for an x * m formed already). r and u come from the mask pass. Each task
+// masks a band of input rows into a cache-resident buffer (x * m rounded as at::mul
+// rounds it, then widened to the opmath type), and accumulates every output channel of a
+// run of pixels in registers over all C_in k_h k_w taps, so the output is written once,
+// already renormalised, and never read back.
+at::Tensor direct_conv_forward(const at::Tensor& input, const c10::optional<at::Tensor>& mask,
+                               const MaskRatio& mr, const at::Tensor& weight,
+                               const c10::optional<at::Tensor>& bias, const ConvGeometry& g);
+
+}  // namespace pconv
