@@ -1,7 +1,8 @@
-"""The CPU forward that runs layers with at most 4 output channels as a direct convolution
-(a band of x * m in cache, every output channel of a run of pixels accumulated in
-registers, the epilogue on the accumulators): which layers take it, and that it gives the
-reference's values, gradients and stable bits, in its AVX-512 body and in the generic one."""
+"""The CPU kernel that runs convolutions with at most 4 outputs directly (a band of x * m in
+cache, every output channel of a run of pixels accumulated in registers, the epilogue on
+the accumulators): the forward of the last layers and the input gradient of the first.
+Which layers take it, and that it gives the reference's values, gradients and stable
+bits, in its AVX-512 body and in the generic one."""
 import dataclasses
 import os
 import subprocess
@@ -183,3 +184,57 @@ def test_other_layers_keep_onednn(change):
     y, _ = run()
     y_ref, _ = reference.partial_conv2d(x, m, w, b, *_geo(case))
     torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
+
+
+# The first layers' input gradient, a convolution with few outputs, takes the same kernel:
+# stride 1, up to 4 input channels, padding at most d (k - 1).
+INPUT_GRAD_CASES = [
+    Case(2, 3, 16, 13, 11, (3, 3), (1, 1), (1, 1), (1, 1), 1, True, "binary", False, 2),
+    Case(1, 4, 9, 10, 17, (5, 3), (1, 1), (2, 0), (1, 1), 1, True, "soft", True, 1),
+    Case(2, 1, 12, 9, 9, (7, 7), (1, 1), (6, 6), (1, 1), 1, False, "binary", False, 1),
+    Case(2, 2, 10, 12, 12, (3, 2), (1, 1), (0, 1), (2, 3), 1, True, "none", False, 1),
+    Case(1, 3, 64, 20, 70, (3, 3), (1, 1), (1, 1), (1, 1), 1, True, "binary", True, 1),
+]
+
+
+def _grads(fn, x, m, w, b, go, case):
+    leaves = [t.detach().clone().requires_grad_() for t in (x, w, b) if t is not None]
+    bias = leaves[2] if b is not None else None
+    out = fn(leaves[0], m, leaves[1], bias, *_geo(case))[0]
+    return torch.autograd.grad(out, leaves, go)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("case", INPUT_GRAD_CASES, ids=[c.ids() for c in INPUT_GRAD_CASES])
+def test_first_layer_input_gradient_is_direct_and_exact(case, dtype):
+    x, m, w, b = make_inputs(case, dtype, seed=13, requires_grad=False)
+    y = OP(x, m, w, b, *_geo(case))[0]
+    go = torch.randn(y.shape, generator=torch.Generator().manual_seed(14), dtype=dtype)
+    names = _passes(lambda: _grads(pconv_cuda.partial_conv2d, x, m, w, b, go, case))
+    assert "pconv::direct_input_grad" in names
+    got = _grads(pconv_cuda.partial_conv2d, x, m, w, b, go, case)
+    want = _grads(reference.partial_conv2d, *_double(x, m, w, b), go.double(), case)
+    tol = 1e-10 if dtype == torch.float64 else 1e-4
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a.double(), e, rtol=tol, atol=tol * max(1.0, e.abs().max().item()))
+    if m is not None:  # holes get no gradient
+        holes = (m == 0).expand_as(got[0])
+        assert (got[0][holes] == 0).all()
+
+
+@pytest.mark.parametrize("change", ["padding", "stride", "channels"])
+def test_other_input_gradients_keep_onednn(change):
+    """Padding over d (k - 1), strides and more than 4 input channels take oneDNN's
+    input gradient, and still match the reference."""
+    base = INPUT_GRAD_CASES[0]
+    case = {"padding": dataclasses.replace(base, padding=(3, 1)),
+            "stride": dataclasses.replace(base, stride=(2, 2)),
+            "channels": dataclasses.replace(base, c_in=5)}[change]
+    x, m, w, b = make_inputs(case, torch.float64, seed=15, requires_grad=False)
+    go = torch.randn(OP(x, m, w, b, *_geo(case))[0].shape, dtype=torch.float64)
+    assert "pconv::direct_input_grad" not in _passes(
+        lambda: _grads(pconv_cuda.partial_conv2d, x, m, w, b, go, case))
+    got = _grads(pconv_cuda.partial_conv2d, x, m, w, b, go, case)
+    want = _grads(reference.partial_conv2d, x, m, w, b, go, case)
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10)

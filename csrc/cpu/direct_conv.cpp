@@ -196,11 +196,14 @@ void convolve(const acc_t* band, int64_t band_w, int64_t band_rows, int64_t chan
                              raw_rows, raw);
 }
 
-// y = (raw * r + b) * u with a bias, raw * r without, rounded once to scalar_t.
+// y = (raw * r + b) * u with a bias, raw * r without, raw without r; rounded once to
+// scalar_t.
 template <typename scalar_t, typename acc_t>
 PCONV_CPU_CLONES void renormalise_row(const acc_t* raw, const acc_t* r, const acc_t* u,
                                       const acc_t* b, scalar_t* y, int64_t len) {
-  if (b != nullptr) {
+  if (r == nullptr) {
+    for (int64_t i = 0; i < len; ++i) y[i] = static_cast<scalar_t>(raw[i]);
+  } else if (b != nullptr) {
     const acc_t bias = *b;
     for (int64_t i = 0; i < len; ++i) y[i] = static_cast<scalar_t>((raw[i] * r[i] + bias) * u[i]);
   } else {
@@ -208,8 +211,9 @@ PCONV_CPU_CLONES void renormalise_row(const acc_t* raw, const acc_t* r, const ac
   }
 }
 
+// The whole convolution; with mr null, the plain convolution (no epilogue, no bias).
 template <typename scalar_t, int kOut>
-void direct_conv(const at::Tensor& input, const at::Tensor& mask, const MaskRatio& mr,
+void direct_conv(const at::Tensor& input, const at::Tensor& mask, const MaskRatio* mr,
                  const at::Tensor& weight, const at::Tensor& bias, at::Tensor& out,
                  const ConvGeometry& g) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -244,9 +248,9 @@ void direct_conv(const at::Tensor& input, const at::Tensor& mask, const MaskRati
   const scalar_t* m = mask.defined() ? mask.const_data_ptr<scalar_t>() : nullptr;
   const int64_t mask_sample = g.mask_batch == 1 ? 0 : g.mask_channels * in_plane;
   const int64_t mask_channel = g.mask_channels == 1 ? 0 : in_plane;
-  const acc_t* ratio = mr.ratio.const_data_ptr<acc_t>();
-  const acc_t* update = mr.update.const_data_ptr<acc_t>();
-  const int64_t ratio_sample = mr.batch == 1 ? 0 : plane;
+  const acc_t* ratio = mr != nullptr ? mr->ratio.const_data_ptr<acc_t>() : nullptr;
+  const acc_t* update = mr != nullptr ? mr->update.const_data_ptr<acc_t>() : nullptr;
+  const int64_t ratio_sample = mr != nullptr && mr->batch != 1 ? plane : 0;
   scalar_t* y = out.mutable_data_ptr<scalar_t>();
 
   at::parallel_for(0, g.batch * bands, 1, [&](int64_t begin, int64_t end) {
@@ -276,8 +280,10 @@ void direct_conv(const at::Tensor& input, const at::Tensor& mask, const MaskRati
         for (int64_t r = 0; r < rows; ++r) {
           const int64_t p = (oy0 + r) * g.out_w;
           renormalise_row<scalar_t, acc_t>(raw + (co * band + r) * raw_w,
-                                           ratio + n * ratio_sample + p,
-                                           update + n * ratio_sample + p,
+                                           ratio != nullptr ? ratio + n * ratio_sample + p
+                                                            : nullptr,
+                                           update != nullptr ? update + n * ratio_sample + p
+                                                             : nullptr,
                                            b.empty() ? nullptr : b.data() + co,
                                            y + (n * g.out_channels + co) * plane + p, g.out_w);
         }
@@ -296,24 +302,65 @@ bool direct_conv_applies(const at::Tensor& input, const c10::optional<at::Tensor
   return !(mask.has_value() && mask->defined() && !mask->is_contiguous());
 }
 
+namespace {
+
+at::Tensor run_direct_conv(const at::Tensor& input, const at::Tensor& mask, const MaskRatio* mr,
+                           const at::Tensor& weight, const at::Tensor& bias,
+                           const ConvGeometry& g) {
+  at::Tensor out = at::empty({g.batch, g.out_channels, g.out_h, g.out_w}, input.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(),
+                                  "partial_conv2d_direct", [&] {
+    switch (g.out_channels) {
+      case 1: direct_conv<scalar_t, 1>(input, mask, mr, weight, bias, out, g); break;
+      case 2: direct_conv<scalar_t, 2>(input, mask, mr, weight, bias, out, g); break;
+      case 3: direct_conv<scalar_t, 3>(input, mask, mr, weight, bias, out, g); break;
+      default: direct_conv<scalar_t, 4>(input, mask, mr, weight, bias, out, g); break;
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
 at::Tensor direct_conv_forward(const at::Tensor& input, const c10::optional<at::Tensor>& mask,
                                const MaskRatio& mr, const at::Tensor& weight,
                                const c10::optional<at::Tensor>& bias, const ConvGeometry& g) {
   RECORD_FUNCTION("pconv::direct_conv", c10::ArrayRef<c10::IValue>{});
   TORCH_INTERNAL_ASSERT(direct_conv_applies(input, mask, g));
-  at::Tensor out = at::empty({g.batch, g.out_channels, g.out_h, g.out_w}, input.options());
   const at::Tensor m = mask.has_value() && mask->defined() ? *mask : at::Tensor();
   const at::Tensor b = bias.has_value() && bias->defined() ? *bias : at::Tensor();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(),
-                                  "partial_conv2d_direct", [&] {
-    switch (g.out_channels) {
-      case 1: direct_conv<scalar_t, 1>(input, m, mr, weight, b, out, g); break;
-      case 2: direct_conv<scalar_t, 2>(input, m, mr, weight, b, out, g); break;
-      case 3: direct_conv<scalar_t, 3>(input, m, mr, weight, b, out, g); break;
-      default: direct_conv<scalar_t, 4>(input, m, mr, weight, b, out, g); break;
-    }
-  });
-  return out;
+  return run_direct_conv(input, m, &mr, weight, b, g);
+}
+
+bool direct_input_grad_applies(const at::Tensor& grad_raw, const ConvGeometry& g) {
+  if (g.groups != 1 || g.in_channels > kMaxDirectOutputs || g.batch == 0) return false;
+  if (g.stride_h != 1 || g.stride_w != 1 || g.in_h * g.in_w == 0) return false;
+  // The transposed convolution's padding, d (k - 1) - p, must not be negative.
+  if (g.pad_h > g.dil_h * (g.kernel_h - 1) || g.pad_w > g.dil_w * (g.kernel_w - 1)) return false;
+  return grad_raw.is_contiguous();
+}
+
+at::Tensor direct_input_grad(const at::Tensor& grad_raw, const at::Tensor& weight,
+                             const ConvGeometry& g) {
+  RECORD_FUNCTION("pconv::direct_input_grad", c10::ArrayRef<c10::IValue>{});
+  TORCH_INTERNAL_ASSERT(direct_input_grad_applies(grad_raw, g));
+  // dx[c] = sum over o, ky, kx of W[o, c, ky, kx] g[o, y + p - d ky, x + p - d kx]: the
+  // stride-1 convolution of g with the weight's channels swapped and taps reversed, under
+  // padding d (k - 1) - p; its output is the input's plane.
+  ConvGeometry t = g;
+  t.in_channels = g.out_channels;
+  t.out_channels = g.in_channels;
+  t.in_h = g.out_h;
+  t.in_w = g.out_w;
+  t.out_h = g.in_h;
+  t.out_w = g.in_w;
+  t.pad_h = g.dil_h * (g.kernel_h - 1) - g.pad_h;
+  t.pad_w = g.dil_w * (g.kernel_w - 1) - g.pad_w;
+  t.has_mask = false;
+  t.mask_batch = 1;
+  t.mask_channels = 1;
+  const at::Tensor w_t = weight.transpose(0, 1).flip({2, 3}).contiguous();
+  return run_direct_conv(grad_raw, at::Tensor(), nullptr, w_t, at::Tensor(), t);
 }
 
 }  // namespace pconv

@@ -25,4 +25,17 @@ at::Tensor direct_conv_forward(const at::Tensor& input, const c10::optional<at::
                                const MaskRatio& mr, const at::Tensor& weight,
                                const c10::optional<at::Tensor>& bias, const ConvGeometry& g);
 
+// True when direct_input_grad takes the input gradient of this layer: groups 1, stride 1,
+// 1 to 4 input channels (the UNets' first layers), padding at most d (k - 1) on each axis,
+// and an NCHW-contiguous g_raw.
+bool direct_input_grad_applies(const at::Tensor& grad_raw, const ConvGeometry& g);
+
+// The input gradient before masking, [N, C_in, H, W] NCHW-contiguous: the transposed
+// convolution of g_raw [N, C_out, H', W'] with weight [C_out, C_in, kh, kw], as the direct
+// convolution of g_raw with the weight's channels swapped and its taps reversed. oneDNN's
+// own kernel for it ran as slowly as its few-output forward (3->64, 3x3, 256 x 256,
+// float32).
+at::Tensor direct_input_grad(const at::Tensor& grad_raw, const at::Tensor& weight,
+                             const ConvGeometry& g);
+
 }  // namespace pconv

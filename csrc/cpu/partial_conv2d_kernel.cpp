@@ -503,11 +503,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_from(
                                           : at::empty(source.sizes(),
                                                       source.options().memory_format(format));
       }
-      auto grads = at::convolution_backward(grad_raw, xm, weight.contiguous(format), c10::nullopt,
-                                            stride, padding, dilation, false, {0, 0}, g.groups,
-                                            {need_dx, need_dw, false});
+      // The first layers' input gradient is a convolution with few outputs: the direct one.
+      const bool direct_dx = need_dx && direct_input_grad_applies(grad_raw, g);
+      std::tuple<at::Tensor, at::Tensor, at::Tensor> grads;
+      if (need_dw || (need_dx && !direct_dx)) {
+        grads = at::convolution_backward(grad_raw, xm, weight.contiguous(format), c10::nullopt,
+                                         stride, padding, dilation, false, {0, 0}, g.groups,
+                                         {need_dx && !direct_dx, need_dw, false});
+      }
       if (need_dx) {
-        at::Tensor dx = std::get<0>(grads);
+        at::Tensor dx = direct_dx ? direct_input_grad(grad_raw, weight, g) : std::get<0>(grads);
         if (is_relayout(dx, grad_input_format)) {
           // dx * m and the layout change in one pass.
           grad_input = at::empty(dx.sizes(), dx.options().memory_format(grad_input_format));
