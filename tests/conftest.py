@@ -95,6 +95,39 @@ def make_inputs(case: Case, dtype=torch.float64, device="cpu", seed=0, requires_
     return x, m, wt, b
 
 
+def pass_names(fn) -> set[str]:
+    """Names of the profiler ranges recorded while ``fn()`` runs: the op's passes show
+    there (``pconv::epilogue``, ``pconv::direct_conv``, ...), so a test can tell which path
+    a call took."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.name for e in prof.events()}
+
+
+def run_tests_below_avx512(test_file: str, select: str) -> str:
+    """Runs the tests of ``test_file`` that ``-k select`` picks in a subprocess whose ATen
+    is held below AVX-512 (ATEN_CPU_CAPABILITY=avx2, as on a CPU without it), so that the
+    op's narrower vector bodies run on an AVX-512 machine too; returns pytest's output
+    after asserting that it passed. Skips on CPUs without AVX2."""
+    import os
+    import subprocess
+    import sys
+
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        pytest.skip("needs an x86-64 CPU with AVX2")
+    env = dict(os.environ, ATEN_CPU_CAPABILITY="avx2")
+    check = subprocess.run(
+        [sys.executable, "-c", "import torch; print(torch.backends.cpu.get_cpu_capability())"],
+        env=env, capture_output=True, text=True, check=True)
+    assert check.stdout.strip() == "AVX2"
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test_file, "-k", select],
+        env=env, capture_output=True, text=True, timeout=900,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    return run.stdout
+
+
 TINY_MODEL = {"kind": "pconv", "layers": 3, "base_channels": 8}
 """The model of the application tests: randomly initialised, small enough for the CPU."""
 

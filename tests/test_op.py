@@ -1,7 +1,4 @@
 """The registered op: gradcheck, opcheck, torch.compile, autocast, layouts, edge cases."""
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -10,7 +7,7 @@ import torch.nn.functional as F
 import pconv_cuda
 from pconv_cuda import reference
 
-from conftest import Case, make_inputs, random_cases
+from conftest import Case, make_inputs, pass_names, random_cases, run_tests_below_avx512
 
 OP = torch.ops.pconv.partial_conv2d
 
@@ -471,10 +468,6 @@ def test_large_planes_run_channels_last_inside(dtype, mask_kind, c_in, c_out, st
     assert fake.stride() == xm.stride()
 
 
-def _pass_names(fn):
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        fn()
-    return {e.name for e in prof.events()}
 
 
 # (input layout, C_out, kernel, layout of x * m): the three layout paths of the one-read
@@ -508,8 +501,8 @@ def test_multi_channel_mask_read_once_gives_the_same_bits(path, dtype, op):
     call = (lambda mask: TRAIN_OP(x, mask, w, b, *args)) if op == "train" else (
         lambda mask: OP(x, mask, w, b, *args))
 
-    assert "pconv::masked_input_with_channel_sum" in _pass_names(lambda: call(m))
-    assert "pconv::masked_input_with_channel_sum" not in _pass_names(lambda: call(m_strided))
+    assert "pconv::masked_input_with_channel_sum" in pass_names(lambda: call(m))
+    assert "pconv::masked_input_with_channel_sum" not in pass_names(lambda: call(m_strided))
     got, want = call(m), call(m_strided)
     for a, e in zip(got, want):
         assert a.shape == e.shape and a.stride() == e.stride()
@@ -563,7 +556,7 @@ def test_zero_one_masks_mask_by_bits_exactly_as_at_mul(path, dtype):
     m = m.to(dtype)
     w = torch.randn(c_out, 12, k, k, generator=g).to(dtype)
     call = lambda: TRAIN_OP(x, m, w, None, [1, 1], [k // 2, k // 2], [1, 1], 1)
-    assert pass_name in _pass_names(call)
+    assert pass_name in pass_names(call)
     _, _, xm, _, _ = call()
     want = x * m
     assert torch.isnan(want).any() and (want == 0).any()
@@ -578,7 +571,7 @@ def test_zero_one_masks_mask_by_bits_exactly_as_at_mul(path, dtype):
         grads = [torch.ops.pconv.partial_conv2d_backward(
             gy, x.nan_to_num(0.0, 0.0, 0.0), mask, w, False, [1, 1], [k // 2, k // 2], [1, 1], 1,
             [True, False, False])[0] for mask in (m, m_strided)]
-        assert pass_name in _pass_names(lambda: torch.ops.pconv.partial_conv2d_backward(
+        assert pass_name in pass_names(lambda: torch.ops.pconv.partial_conv2d_backward(
             gy, x, m, w, False, [1, 1], [k // 2, k // 2], [1, 1], 1, [True, False, False]))
         assert (grads[0] == 0).any() and torch.signbit(grads[0][grads[0] == 0]).any()
         assert _same_bits(grads[0], grads[1])
@@ -595,7 +588,7 @@ def test_single_channel_mask_pass_equals_at_mul(dtype, mask_batch):
     m = torch.where(m < 0.3, torch.zeros_like(m), m).to(dtype)  # holes, and soft values
     w = torch.randn(16, 40, 3, 3, generator=g).to(dtype)
     call = lambda: TRAIN_OP(x, m, w, None, [1, 1], [1, 1], [1, 1], 1)
-    assert "pconv::mask_planes" in _pass_names(call)
+    assert "pconv::mask_planes" in pass_names(call)
     _, _, xm, _, _ = call()
     torch.testing.assert_close(xm, x * m, rtol=0, atol=0)
     # The input gradient is masked by the same loop, in place.
@@ -641,9 +634,9 @@ def test_large_float32_masking_streams_and_equals_at_mul(path, op):
         return x, m, run, m_strided
 
     x, m, run, m_strided = call_with(channels)
-    names = _pass_names(lambda: run(m))
+    names = pass_names(lambda: run(m))
     assert pass_name in names and "pconv::streaming_stores" in names
-    assert "pconv::streaming_stores" not in _pass_names(lambda: run(m_strided))
+    assert "pconv::streaming_stores" not in pass_names(lambda: run(m_strided))
     got, want = run(m), run(m_strided)
     for a, e in zip(got, want):
         assert a.shape == e.shape and a.stride() == e.stride()
@@ -652,26 +645,15 @@ def test_large_float32_masking_streams_and_equals_at_mul(path, op):
         assert torch.isnan(got[2]).any() and _same_bits(got[2], x * m)
 
     _, m_small, run_small, _ = call_with(channels // 3)  # 5 channels: not the implicit GEMM
-    names = _pass_names(lambda: run_small(m_small))
+    names = pass_names(lambda: run_small(m_small))
     assert pass_name in names and "pconv::streaming_stores" not in names
 
 
 def test_streaming_stores_below_avx512_give_the_same_bits():
-    """With ATen held below AVX-512 (ATEN_CPU_CAPABILITY=avx2, as on a CPU without it) the
-    streaming stores take their SSE2 body: the streaming test above must pass there too."""
-    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
-        pytest.skip("needs an x86-64 CPU with AVX2")
-    env = dict(os.environ, ATEN_CPU_CAPABILITY="avx2")
-    check = subprocess.run(
-        [sys.executable, "-c", "import torch; print(torch.backends.cpu.get_cpu_capability())"],
-        env=env, capture_output=True, text=True, check=True)
-    assert check.stdout.strip() == "AVX2"
-    run = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
-         "test_large_float32_masking_streams_and_equals_at_mul"],
-        env=env, capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert "6 passed" in run.stdout
+    """With ATen held below AVX-512 the streaming stores take their SSE2 body: the
+    streaming test above must pass there too."""
+    out = run_tests_below_avx512(__file__, "test_large_float32_masking_streams_and_equals_at_mul")
+    assert "6 passed" in out
 
 
 # (C_in, C_out, H, W, kernel, stride, padding, dilation): one output column and a column
