@@ -284,3 +284,24 @@ def test_other_input_gradients_keep_onednn(change):
     want = _grads(reference.partial_conv2d, x, m, w, b, go, case)
     for a, e in zip(got, want):
         torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("kernel", [IMPLICIT, DIRECT])
+def test_very_wide_rows_keep_onednn(kernel):
+    """Where one output row's window columns (implicit GEMM) or input band (direct
+    convolution) would pass 16 MiB, a buffer each thread keeps, the layer takes oneDNN."""
+    _check_kernel(kernel)
+    if kernel == IMPLICIT:  # 4 x 31 x 31 taps x 1170 output columns x 4 bytes = 18 MB
+        case = Case(1, 4, 16, 31, 1200, (31, 31), (1, 1), (0, 0), (1, 1), 1, True, "binary",
+                    False, 1)
+    else:  # 1024 channels x 3 rows x 1400+ columns x 4 bytes = 17 MB
+        case = Case(1, 1024, 3, 3, 1400, (3, 3), (1, 1), (1, 1), (1, 1), 1, True, "binary",
+                    False, 1)
+    x, m, w, b = make_inputs(case, torch.float32, seed=16, requires_grad=False)
+    run = lambda: OP(x, m, w, b, *_geo(case))
+    assert kernel not in pass_names(run)
+    narrower = dataclasses.replace(case, w=case.w // 2)
+    xs, ms, ws, bs = make_inputs(narrower, torch.float32, seed=16, requires_grad=False)
+    assert kernel in pass_names(lambda: OP(xs, ms, ws, bs, *_geo(narrower)))
+    y_ref, _ = reference.partial_conv2d(*_double(x, m, w, b), *_geo(case))
+    torch.testing.assert_close(run()[0].double(), y_ref, rtol=1e-4, atol=1e-3)

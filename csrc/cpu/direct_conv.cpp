@@ -37,6 +37,7 @@ constexpr int64_t kMaxDirectOutputs = 4;
 // Bytes of the masked input band a task keeps in one core's L2 (2 MiB on the Xeon
 // measured).
 constexpr int64_t kBandBytes = 1 << 20;
+constexpr int64_t kMaxBandBytes = 16 << 20;
 
 // 64-byte vectors of the opmath type (GCC lowers them to what each clone's ISA has), with
 // the element's alignment so that they load from any pixel.
@@ -55,6 +56,9 @@ constexpr int64_t kVecs = kOut <= 2 ? 6 : 4;
 
 template <typename acc_t, int kOut>
 constexpr int64_t kRun = kLanes<acc_t> * kVecs<kOut>;
+
+// The widest run: rows are padded to a multiple of it.
+constexpr int64_t kRunPixelsMax = kRun<float, 1>;
 
 // dst[q] = x[q - pad] * m[q - pad] (rounded to scalar_t, as at::mul rounds it) for
 // 0 <= q - pad < in_w, 0 elsewhere; q < len. m may be null (no masking).
@@ -294,10 +298,19 @@ void direct_conv(const at::Tensor& input, const at::Tensor& mask, const MaskRati
 
 }  // namespace
 
+// Bytes of the smallest band (one output row and its halo): above kMaxBandBytes it would
+// not fit the caches anyway, and each thread keeps its band buffer.
+bool band_fits(const ConvGeometry& g, int64_t element_size) {
+  const int64_t acc_size = element_size == 8 ? 8 : 4;
+  const int64_t band_w = g.out_w + kRunPixelsMax + (g.kernel_w - 1) * g.dil_w;
+  const int64_t rows = 1 + (g.kernel_h - 1) * g.dil_h;
+  return g.in_channels * band_w * rows * acc_size <= kMaxBandBytes;
+}
+
 bool direct_conv_applies(const at::Tensor& input, const c10::optional<at::Tensor>& mask,
                          const ConvGeometry& g) {
   if (g.groups != 1 || g.out_channels > kMaxDirectOutputs || g.batch == 0) return false;
-  if (g.stride_h != 1 || g.stride_w != 1) return false;
+  if (g.stride_h != 1 || g.stride_w != 1 || !band_fits(g, input.element_size())) return false;
   if (g.out_h * g.out_w == 0 || !input.is_contiguous()) return false;
   return !(mask.has_value() && mask->defined() && !mask->is_contiguous());
 }
@@ -337,7 +350,10 @@ bool direct_input_grad_applies(const at::Tensor& grad_raw, const ConvGeometry& g
   if (g.stride_h != 1 || g.stride_w != 1 || g.in_h * g.in_w == 0) return false;
   // The transposed convolution's padding, d (k - 1) - p, must not be negative.
   if (g.pad_h > g.dil_h * (g.kernel_h - 1) || g.pad_w > g.dil_w * (g.kernel_w - 1)) return false;
-  return grad_raw.is_contiguous();
+  ConvGeometry t = g;  // the band reads g_raw's C_out channels on the input's plane
+  t.in_channels = g.out_channels;
+  t.out_w = g.in_w;
+  return grad_raw.is_contiguous() && band_fits(t, grad_raw.element_size());
 }
 
 at::Tensor direct_input_grad(const at::Tensor& grad_raw, const at::Tensor& weight,

@@ -46,6 +46,9 @@ constexpr int64_t kMaxImplicitGemmChannels = 4;
 // (2 MiB on the Xeon measured; 256 KiB to 2 MiB gave the same times within 10%).
 constexpr int64_t kTileBytes = 512 << 10;
 
+// Above this a single output row's columns would not fit the caches anyway.
+constexpr int64_t kMaxRowBytes = 16 << 20;
+
 bool has_blas(at::ScalarType type) {
 #if PCONV_HAS_WEAK_BLAS
   return type == at::kFloat ? sgemm_ != nullptr : dgemm_ != nullptr;
@@ -182,6 +185,10 @@ bool implicit_gemm_applies(const at::Tensor& input, const c10::optional<at::Tens
   if (g.stride_h != 1 || g.stride_w != 1) return false;
   if (g.out_h * g.out_w == 0 || !input.is_contiguous()) return false;
   if (mask.has_value() && mask->defined() && !mask->is_contiguous()) return false;
+  // Very wide windows or rows would make one row of columns a buffer each thread keeps.
+  const int64_t row_bytes = g.in_channels * g.kernel_h * g.kernel_w * g.out_w *
+                            static_cast<int64_t>(input.element_size());
+  if (row_bytes > kMaxRowBytes) return false;
   // BLAS takes int dimensions; the leading dimension of the output is its plane.
   constexpr int64_t kIntMax = std::numeric_limits<int>::max();
   return g.out_h * g.out_w <= kIntMax && g.out_channels <= kIntMax;
