@@ -13,6 +13,9 @@
 //   3. epilogue    - one read-modify-write of the output: y = (raw * r + b) * u.
 // Backward mirrors it: one pass forms g_raw = g_y * r (* u) and reduces the bias gradient,
 // oneDNN computes both convolution gradients, and the input gradient is masked in place.
+// Stride-1 first and last layers fold passes 2 and 3 into kernels of their own: an
+// implicit GEMM for up to 4 input channels (implicit_gemm.h) and a direct convolution for
+// up to 4 outputs (direct_conv.h), which also computes the first layers' input gradient.
 #include "../pconv.h"
 #include "direct_conv.h"
 #include "implicit_gemm.h"
@@ -42,7 +45,8 @@ namespace {
 //  - channels_last for an NCHW input when the layer has few output channels (the UNets'
 //    last layers, C_out = 3): oneDNN's NCHW kernels for them run at half the speed of its
 //    channels_last ones, forward and backward (measured at 64->3 and 67->3 at 256x256, fp32
-//    and bf16).
+//    and bf16). Their stride-1 forward takes the direct convolution instead, but for
+//    16-bit training; this layout is their backward's.
 //  - channels_last for an NCHW input on planes of 64 x 64 pixels and more, in 16-bit types.
 //    There, on an Intel Xeon with AMX (2 threads, torch 2.13), oneDNN's channels_last
 //    convolutions took 0.27-0.80x the time of its NCHW ones in bfloat16 forward and
