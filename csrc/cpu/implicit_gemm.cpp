@@ -38,8 +38,9 @@ void dgemm_(const char* transa, const char* transb, const int* m, const int* n, 
 namespace pconv {
 namespace {
 
-// First layers only: from here up oneDNN is the faster convolution and the epilogue a
-// smaller share of the layer.
+// First layers only (measured at 3 and 4 channels). With more input channels the
+// epilogue is a small share of the layer: the UNets' middle layers run at 1.02-1.12x the
+// oneDNN convolution with the separate passes.
 constexpr int64_t kMaxImplicitGemmChannels = 4;
 
 // Bytes of the window columns plus the output tile, which should stay in one core's L2
