@@ -3,11 +3,13 @@
 // Why: with C_out = 3 a convolution is a GEMM three rows wide, which neither oneDNN nor a
 // BLAS runs well (64->3, 3x3, 256 x 256, float32, two threads of an Intel Xeon: 10 ms in
 // oneDNN for 0.23 GFLOP, on cores where an MKL sgemm reaches 109 GFLOP/s each), and the
-// op's own passes came on top: x * m written in full, and an epilogue. Here a run of pixels accumulates all of its output channels in vector
-// registers: each load of the masked input feeds C_out fused multiply-adds.
+// op's own passes came on top: x * m written in full, and an epilogue. Here a run of
+// pixels accumulates all of its output channels in vector registers: each load of the
+// masked input feeds C_out fused multiply-adds.
 #include "direct_conv.h"
 
 #include "cpu_features.h"
+#include "opmath_bias.h"
 #include "vector_loops.h"
 #include "workspace.h"
 
@@ -59,29 +61,6 @@ constexpr int64_t kRun = kLanes<acc_t> * kVecs<kOut>;
 
 // The widest run: rows are padded to a multiple of it.
 constexpr int64_t kRunPixelsMax = kRun<float, 1>;
-
-// dst[q] = x[q - pad] * m[q - pad] (rounded to scalar_t, as at::mul rounds it) for
-// 0 <= q - pad < in_w, 0 elsewhere; q < len. m may be null (no masking).
-template <typename scalar_t, typename acc_t>
-PCONV_CPU_CLONES void fill_row(const scalar_t* x, const scalar_t* m, acc_t* dst, int64_t in_w,
-                               int64_t pad, int64_t len) {
-  const int64_t lo = std::min(len, std::max<int64_t>(pad, 0));
-  const int64_t hi = std::max(lo, std::min(len, in_w + pad));
-  for (int64_t q = 0; q < lo; ++q) dst[q] = acc_t(0);
-  const scalar_t* xs = x + (lo - pad);
-  acc_t* d = dst + lo;
-  const int64_t n = hi - lo;
-  if (m != nullptr) {
-    const scalar_t* ms = m + (lo - pad);
-    for (int64_t i = 0; i < n; ++i) {
-      d[i] = static_cast<acc_t>(
-          static_cast<scalar_t>(static_cast<acc_t>(xs[i]) * static_cast<acc_t>(ms[i])));
-    }
-  } else {
-    for (int64_t i = 0; i < n; ++i) d[i] = static_cast<acc_t>(xs[i]);
-  }
-  for (int64_t q = hi; q < len; ++q) dst[q] = acc_t(0);
-}
 
 // raw[(co * raw_rows + r) * raw_w + ox] for r < rows and ox < raw_w (a multiple of the
 // run), from a band of masked input rows: band[(c * band_rows + t) * band_w + q] holds
@@ -241,12 +220,7 @@ void direct_conv(const at::Tensor& input, const at::Tensor& mask, const MaskRati
       for (int64_t t = 0; t < taps; ++t) w[t * kOut + co] = static_cast<acc_t>(src[co * taps + t]);
     }
   }
-  std::vector<acc_t> b;
-  if (bias.defined()) {
-    const at::Tensor b_c = bias.contiguous();
-    const scalar_t* bp = b_c.const_data_ptr<scalar_t>();
-    for (int64_t co = 0; co < kOut; ++co) b.push_back(static_cast<acc_t>(bp[co]));
-  }
+  const std::vector<acc_t> b = opmath_bias<scalar_t>(bias);
 
   const scalar_t* x = input.const_data_ptr<scalar_t>();
   const scalar_t* m = mask.defined() ? mask.const_data_ptr<scalar_t>() : nullptr;
@@ -273,8 +247,9 @@ void direct_conv(const at::Tensor& input, const at::Tensor& mask, const MaskRati
           if (iy < 0 || iy >= g.in_h) {
             std::fill(dst, dst + band_w, acc_t(0));
           } else {
-            fill_row<scalar_t, acc_t>(xc + iy * g.in_w, mc != nullptr ? mc + iy * g.in_w : nullptr,
-                                      dst, g.in_w, g.pad_w, band_w);
+            loops::padded_masked_row<scalar_t, acc_t>(
+                xc + iy * g.in_w, mc != nullptr ? mc + iy * g.in_w : nullptr, dst, g.in_w,
+                g.pad_w, band_w);
           }
         }
       }
@@ -345,24 +320,12 @@ at::Tensor direct_conv_forward(const at::Tensor& input, const c10::optional<at::
   return run_direct_conv(input, m, &mr, weight, b, g);
 }
 
-bool direct_input_grad_applies(const at::Tensor& grad_raw, const ConvGeometry& g) {
-  if (g.groups != 1 || g.in_channels > kMaxDirectOutputs || g.batch == 0) return false;
-  if (g.stride_h != 1 || g.stride_w != 1 || g.in_h * g.in_w == 0) return false;
-  // The transposed convolution's padding, d (k - 1) - p, must not be negative.
-  if (g.pad_h > g.dil_h * (g.kernel_h - 1) || g.pad_w > g.dil_w * (g.kernel_w - 1)) return false;
-  ConvGeometry t = g;  // the band reads g_raw's C_out channels on the input's plane
-  t.in_channels = g.out_channels;
-  t.out_w = g.in_w;
-  return grad_raw.is_contiguous() && band_fits(t, grad_raw.element_size());
-}
+namespace {
 
-at::Tensor direct_input_grad(const at::Tensor& grad_raw, const at::Tensor& weight,
-                             const ConvGeometry& g) {
-  RECORD_FUNCTION("pconv::direct_input_grad", c10::ArrayRef<c10::IValue>{});
-  TORCH_INTERNAL_ASSERT(direct_input_grad_applies(grad_raw, g));
-  // dx[c] = sum over o, ky, kx of W[o, c, ky, kx] g[o, y + p - d ky, x + p - d kx]: the
-  // stride-1 convolution of g with the weight's channels swapped and taps reversed, under
-  // padding d (k - 1) - p; its output is the input's plane.
+// dx[c] = sum over o, ky, kx of W[o, c, ky, kx] g[o, y + p - d ky, x + p - d kx]: the
+// stride-1 convolution of g with the weight's channels swapped and taps reversed, under
+// padding d (k - 1) - p; its output is the input's plane. Its geometry:
+ConvGeometry input_grad_geometry(const ConvGeometry& g) {
   ConvGeometry t = g;
   t.in_channels = g.out_channels;
   t.out_channels = g.in_channels;
@@ -375,8 +338,26 @@ at::Tensor direct_input_grad(const at::Tensor& grad_raw, const at::Tensor& weigh
   t.has_mask = false;
   t.mask_batch = 1;
   t.mask_channels = 1;
+  return t;
+}
+
+}  // namespace
+
+bool direct_input_grad_applies(const at::Tensor& grad_raw, const ConvGeometry& g) {
+  if (g.groups != 1 || g.in_channels > kMaxDirectOutputs || g.batch == 0) return false;
+  if (g.stride_h != 1 || g.stride_w != 1 || g.in_h * g.in_w == 0) return false;
+  // The transposed convolution's padding, d (k - 1) - p, must not be negative.
+  if (g.pad_h > g.dil_h * (g.kernel_h - 1) || g.pad_w > g.dil_w * (g.kernel_w - 1)) return false;
+  return grad_raw.is_contiguous() && band_fits(input_grad_geometry(g), grad_raw.element_size());
+}
+
+at::Tensor direct_input_grad(const at::Tensor& grad_raw, const at::Tensor& weight,
+                             const ConvGeometry& g) {
+  RECORD_FUNCTION("pconv::direct_input_grad", c10::ArrayRef<c10::IValue>{});
+  TORCH_INTERNAL_ASSERT(direct_input_grad_applies(grad_raw, g));
   const at::Tensor w_t = weight.transpose(0, 1).flip({2, 3}).contiguous();
-  return run_direct_conv(grad_raw, at::Tensor(), nullptr, w_t, at::Tensor(), t);
+  return run_direct_conv(grad_raw, at::Tensor(), nullptr, w_t, at::Tensor(),
+                         input_grad_geometry(g));
 }
 
 }  // namespace pconv

@@ -8,6 +8,7 @@
 // epilogue renormalises the tile while it is still in the core's cache.
 #include "implicit_gemm.h"
 
+#include "opmath_bias.h"
 #include "vector_loops.h"
 #include "workspace.h"
 
@@ -77,34 +78,6 @@ void gemm(int t, int c_out, int k, const scalar_t* cols, const scalar_t* w, scal
 #endif
 }
 
-// One row of window columns: dst[ox] = x[ix] * m[ix] with ix = ox * stride + offset for the
-// ox whose tap falls inside the row, 0 for the rest (the zero padding).
-template <typename scalar_t>
-PCONV_CPU_CLONES void gather_row(const scalar_t* x, const scalar_t* m, scalar_t* dst,
-                                 int64_t out_w, int64_t in_w, int64_t stride, int64_t offset) {
-  // The ox with 0 <= ox * stride + offset < in_w.
-  const int64_t lo = offset >= 0 ? 0 : std::min(out_w, (-offset + stride - 1) / stride);
-  const int64_t last = in_w - 1 - offset;
-  const int64_t hi = last < 0 ? lo : std::max(lo, std::min(out_w, last / stride + 1));
-  for (int64_t ox = 0; ox < lo; ++ox) dst[ox] = scalar_t(0);
-  if (stride == 1) {
-    const int64_t i0 = lo + offset;
-    if (m != nullptr) {
-      for (int64_t ox = lo; ox < hi; ++ox) dst[ox] = x[i0 + ox - lo] * m[i0 + ox - lo];
-    } else {
-      std::copy(x + i0, x + i0 + (hi - lo), dst + lo);
-    }
-  } else if (m != nullptr) {
-    for (int64_t ox = lo; ox < hi; ++ox) {
-      const int64_t i = ox * stride + offset;
-      dst[ox] = x[i] * m[i];
-    }
-  } else {
-    for (int64_t ox = lo; ox < hi; ++ox) dst[ox] = x[ox * stride + offset];
-  }
-  for (int64_t ox = hi; ox < out_w; ++ox) dst[ox] = scalar_t(0);
-}
-
 template <typename scalar_t>
 void implicit_gemm(const at::Tensor& input, const at::Tensor& mask, const MaskRatio& mr,
                    const at::Tensor& weight, const at::Tensor& bias, at::Tensor& out,
@@ -125,11 +98,7 @@ void implicit_gemm(const at::Tensor& input, const at::Tensor& mask, const MaskRa
   const scalar_t* ratio = mr.ratio.const_data_ptr<scalar_t>();
   const scalar_t* update = mr.update.const_data_ptr<scalar_t>();
   const int64_t ratio_sample = mr.batch == 1 ? 0 : plane;
-  std::vector<scalar_t> b;
-  if (bias.defined()) {
-    const at::Tensor b_c = bias.contiguous();
-    b.assign(b_c.const_data_ptr<scalar_t>(), b_c.const_data_ptr<scalar_t>() + g.out_channels);
-  }
+  const std::vector<scalar_t> b = opmath_bias<scalar_t>(bias);  // float or double: its own type
   scalar_t* y = out.mutable_data_ptr<scalar_t>();
 
   at::parallel_for(0, g.batch * tiles_per_plane, 1, [&](int64_t begin, int64_t end) {
@@ -147,15 +116,17 @@ void implicit_gemm(const at::Tensor& input, const at::Tensor& mask, const MaskRa
         for (int64_t ky = 0; ky < g.kernel_h; ++ky) {
           for (int64_t kx = 0; kx < g.kernel_w; ++kx) {
             scalar_t* dst = cols + ((c * g.kernel_h + ky) * g.kernel_w + kx) * len;
-            const int64_t offset = kx * g.dil_w - g.pad_w;
+            // Stride 1: column ox of this tap reads input column ox - (pad_w - kx d_w).
+            const int64_t shift = g.pad_w - kx * g.dil_w;
             for (int64_t r = 0; r < rows; ++r, dst += g.out_w) {
-              const int64_t iy = (oy0 + r) * g.stride_h - g.pad_h + ky * g.dil_h;
+              const int64_t iy = oy0 + r - g.pad_h + ky * g.dil_h;
               if (iy < 0 || iy >= g.in_h) {
                 std::fill(dst, dst + g.out_w, scalar_t(0));
                 continue;
               }
-              gather_row<scalar_t>(xc + iy * g.in_w, mc != nullptr ? mc + iy * g.in_w : nullptr,
-                                   dst, g.out_w, g.in_w, g.stride_w, offset);
+              loops::padded_masked_row<scalar_t, scalar_t>(
+                  xc + iy * g.in_w, mc != nullptr ? mc + iy * g.in_w : nullptr, dst, g.in_w,
+                  shift, g.out_w);
             }
           }
         }

@@ -21,6 +21,7 @@
 #include "implicit_gemm.h"
 #include "layout.h"
 #include "mask_ratio.h"
+#include "opmath_bias.h"
 #include "tiles.h"
 #include "vector_loops.h"
 #include "workspace.h"
@@ -187,12 +188,7 @@ void epilogue(const at::Tensor& raw, const MaskRatio& mr, const at::Tensor& bias
   const acc_t* ratio = mr.ratio.const_data_ptr<acc_t>();
   const acc_t* update = mr.update.const_data_ptr<acc_t>();
   const bool has_bias = bias.defined();
-  std::vector<acc_t> b(channels, acc_t(0));
-  if (has_bias) {
-    const at::Tensor bias_c = bias.contiguous();
-    const scalar_t* bp = bias_c.const_data_ptr<scalar_t>();
-    for (int64_t c = 0; c < channels; ++c) b[c] = static_cast<acc_t>(bp[c]);
-  }
+  const std::vector<acc_t> b = opmath_bias<scalar_t>(bias);
   const int64_t mask_stride = mr.batch == 1 ? 0 : plane;
 
   if (is_relayout(raw, at::MemoryFormat::Contiguous) && out.is_contiguous()) {
@@ -385,13 +381,12 @@ std::tuple<at::Tensor, at::Tensor> partial_conv2d_cpu(
     c10::IntArrayRef dilation, int64_t groups) {
   const ConvGeometry g =
       check_partial_conv2d_args(input, mask, weight, bias, stride, padding, dilation, groups);
-  if (takes_implicit_gemm(input, mask, g)) {
+  const bool implicit_gemm = takes_implicit_gemm(input, mask, g);
+  if (implicit_gemm || direct_conv_applies(input, mask, g)) {
     const MaskRatio mr = mask_ratio_cpu(mask, g, input.scalar_type());
-    return {implicit_gemm_forward(input, mask, mr, weight, bias, g), expand_update(mr, input, g)};
-  }
-  if (direct_conv_applies(input, mask, g)) {
-    const MaskRatio mr = mask_ratio_cpu(mask, g, input.scalar_type());
-    return {direct_conv_forward(input, mask, mr, weight, bias, g), expand_update(mr, input, g)};
+    at::Tensor out = implicit_gemm ? implicit_gemm_forward(input, mask, mr, weight, bias, g)
+                                   : direct_conv_forward(input, mask, mr, weight, bias, g);
+    return {out, expand_update(mr, input, g)};
   }
   const at::MemoryFormat format = compute_format(input, g);
   MaskRatio mr;

@@ -17,6 +17,7 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <type_traits>
 
@@ -179,6 +180,31 @@ PCONV_CPU_CLONES void multiply_planes(const scalar_t* x, const scalar_t* m, scal
     }
   }
   for (int64_t k = 0; k < planes; ++k, x += len, out += len) multiply_run(x, m, out, len);
+}
+
+// One zero-padded row of x * m: dst[q] = x[q - shift] * m[q - shift] for
+// 0 <= q - shift < in_w and 0 for the other q < len (shift may be negative). The product
+// rounds to scalar_t as at::mul rounds it, then widens to dst_t; m null copies x.
+template <typename scalar_t, typename dst_t>
+PCONV_CPU_CLONES void padded_masked_row(const scalar_t* x, const scalar_t* m, dst_t* dst,
+                                        int64_t in_w, int64_t shift, int64_t len) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t lo = std::min(len, std::max<int64_t>(shift, 0));
+  const int64_t hi = std::max(lo, std::min(len, in_w + shift));
+  for (int64_t q = 0; q < lo; ++q) dst[q] = dst_t(0);
+  const scalar_t* xs = x + (lo - shift);
+  dst_t* d = dst + lo;
+  const int64_t n = hi - lo;
+  if (m != nullptr) {
+    const scalar_t* ms = m + (lo - shift);
+    for (int64_t i = 0; i < n; ++i) {
+      d[i] = static_cast<dst_t>(
+          static_cast<scalar_t>(static_cast<acc_t>(xs[i]) * static_cast<acc_t>(ms[i])));
+    }
+  } else {
+    for (int64_t i = 0; i < n; ++i) d[i] = static_cast<dst_t>(xs[i]);
+  }
+  for (int64_t q = hi; q < len; ++q) dst[q] = dst_t(0);
 }
 
 // d[i] = s[i] rounded to scalar_t.
