@@ -59,12 +59,37 @@ def _compute_format(input, weight, stride, groups):
     return torch.contiguous_format
 
 
+_MAX_DIRECT_OUTPUTS = 4  # as in the CPU direct convolution
+_MAX_DIRECT_INPUTS = 4
+
+
+def _direct_conv_layer(input, mask, weight, stride, groups, out_plane):
+    # Mirrors direct_conv_takes_layer of the CPU kernel: the layers whose x * m the
+    # training forward keeps NCHW.
+    if groups != 1 or input.shape[0] == 0 or out_plane == 0:
+        return False
+    few_inputs = (input.shape[1] <= _MAX_DIRECT_INPUTS and max(stride) > 1
+                  and input.dtype in (torch.float32, torch.float64)
+                  and torch.backends.cpu.get_cpu_capability() == "AVX512")
+    if weight.shape[0] > _MAX_DIRECT_OUTPUTS and not few_inputs:
+        return False
+    return input.is_contiguous() and (mask is None or mask.is_contiguous())
+
+
+def _masked_input_format(input, mask, weight, stride, groups, out_plane):
+    """The layout the training forward keeps x * m in."""
+    if (input.device.type == "cpu" and input.element_size() >= 4
+            and _direct_conv_layer(input, mask, weight, stride, groups, out_plane)):
+        return torch.contiguous_format
+    return _compute_format(input, weight, stride, groups)
+
+
 @torch.library.register_fake("pconv::partial_conv2d_train")
 def _partial_conv2d_train_fake(input, mask, weight, bias, stride, padding, dilation, groups):
     out, update = _partial_conv2d_fake(input, mask, weight, bias, stride, padding, dilation,
                                        groups)
-    masked = input.new_empty(input.shape).contiguous(
-        memory_format=_compute_format(input, weight, stride, groups))
+    masked = input.new_empty(input.shape).contiguous(memory_format=_masked_input_format(
+        input, mask, weight, stride, groups, out.shape[2] * out.shape[3]))
     stats_shape = (mask.shape[0], 1, out.shape[2], out.shape[3])
     ratio = input.new_empty(stats_shape, dtype=_ratio_dtype(input.dtype))
     return out, update, masked, ratio, torch.empty_like(ratio)

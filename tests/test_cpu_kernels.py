@@ -1,11 +1,12 @@
 """The CPU kernels of the first and last layers, which replace oneDNN and the separate
-passes for stride-1 layers:
+passes:
 
-- the implicit GEMM (up to 4 input channels, forward): window columns of x * m a tile at a
-  time, a BLAS GEMM, the epilogue on the tile in cache;
-- the direct convolution (up to 4 outputs): the last layers' forward and the first
-  layers' input gradient, every output channel of a run of pixels accumulated in
-  registers.
+- the implicit GEMM (stride 1, up to 4 input channels, forward): window columns of x * m a
+  tile at a time, a BLAS GEMM, the epilogue on the tile in cache;
+- the direct convolution: the forward of layers with up to 4 outputs (the last layers) and
+  of strided layers with up to 4 inputs (where AVX-512 is there, float32 and float64), and
+  the first layers' input gradient. A run of pixels accumulates up to 4 output channels in
+  registers; the band of x * m it reads is split into stride phases.
 
 Which layers take them, and that they give the reference's values, gradients and stable
 bits, in the direct convolution's AVX-512 body and in its generic one."""
@@ -21,7 +22,24 @@ from conftest import Case, make_inputs, pass_names, run_tests_below_avx512
 
 OP = torch.ops.pconv.partial_conv2d
 TRAIN_OP = torch.ops.pconv.partial_conv2d_train
-IMPLICIT, DIRECT, DIRECT_DX = "pconv::implicit_gemm", "pconv::direct_conv", "pconv::direct_input_grad"
+DIRECT_DX = "pconv::direct_input_grad"
+AVX512 = torch.backends.cpu.get_cpu_capability() == "AVX512"
+
+
+@dataclasses.dataclass(frozen=True)
+class Kernel:
+    """A family of layers and the kernel that takes their forward."""
+
+    label: str  # in test ids
+    range: str  # the kernel's profiler range
+    low: tuple  # the dtypes below float64 it takes
+
+
+IMPLICIT = Kernel("implicit_gemm", "pconv::implicit_gemm", (torch.float32,))
+DIRECT = Kernel("direct_conv", "pconv::direct_conv", (torch.float32, torch.bfloat16, torch.float16))
+# Strided first layers: 4 outputs a run, AVX-512 only.
+STRIDED = Kernel("strided_direct_conv", "pconv::direct_conv", (torch.float32,))
+
 
 def _geo(case):
     return list(case.stride), list(case.padding), list(case.dilation), case.groups
@@ -52,24 +70,47 @@ def _variants(c_in, c_out):
     ]
 
 
-# The implicit GEMM: up to 4 inputs and more than 8 outputs (8 or fewer run channels_last).
-# The direct convolution: up to 4 outputs, any inputs.
+# Strides 2 and 3, equal and per axis; the PConv UNet's 7x7 stride-2 first layer; with
+# dilation, padding wider than the kernel, odd and single-column outputs, outputs wider
+# than a run, all mask kinds and both mask modes.
+def _strided_variants(c_in, c_out):
+    """Strided cases with input channels from c_in and output channels from c_out."""
+    ci, co = c_in, c_out
+    return [
+        Case(2, ci[0], co[0], 40, 45, (7, 7), (2, 2), (3, 3), (1, 1), 1, True, "binary", False, 2),
+        Case(2, ci[1], co[1], 13, 37, (3, 3), (2, 1), (1, 1), (1, 1), 1, False, "soft", True, 1),
+        Case(1, ci[2], co[2], 11, 150, (5, 3), (1, 2), (2, 1), (1, 1), 1, True, "binary", True, 1),
+        Case(3, ci[3], co[3], 17, 19, (3, 3), (3, 3), (4, 2), (1, 1), 1, True, "zeros", False, 3),
+        Case(2, ci[4], co[4], 14, 21, (4, 2), (2, 3), (1, 0), (1, 1), 1, True, "none", False, 1),
+        Case(2, ci[5], co[5], 16, 20, (3, 3), (2, 2), (2, 2), (2, 2), 1, True, "ones", False, 1),
+        Case(1, ci[6], co[6], 9, 4, (1, 1), (2, 2), (0, 0), (1, 1), 1, True, "binary", True, 1),
+    ]
+
+
+# The implicit GEMM: stride 1, up to 4 inputs and more than 8 outputs (8 or fewer run
+# channels_last). The direct convolution: up to 4 outputs, any inputs and stride; or
+# strided, up to 4 inputs, any outputs (not a multiple of 4 too).
 CASES = {
     IMPLICIT: _variants([3, 3, 4, 1, 2, 3, 3, 4, 3, 3], [16, 12, 9, 10, 11, 9, 10, 13, 9, 16]),
-    DIRECT: _variants([64, 67, 5, 6, 7, 9, 8, 16, 3, 12], [3, 3, 4, 1, 2, 3, 3, 2, 3, 4]),
+    DIRECT: _variants([64, 67, 5, 6, 7, 9, 8, 16, 3, 12], [3, 3, 4, 1, 2, 3, 3, 2, 3, 4])
+    + _strided_variants([64, 6, 5, 9, 7, 8, 12], [3, 4, 1, 2, 3, 4, 3]),
+    STRIDED: _strided_variants([3, 4, 3, 1, 2, 3, 4], [64, 13, 5, 9, 6, 16, 7]),
 }
 ALL = [(k, c) for k, cases in CASES.items() for c in cases]
-FEW = [(k, c) for k, cases in CASES.items() for c in cases[:4]]
+FEW = [(k, c) for k, cases in CASES.items() for c in cases[:4]] + [
+    (DIRECT, c) for c in CASES[DIRECT][10:13]]
 
 
 def _ids(rows):
-    """Test ids of (kernel, case, ...) rows: the kernel's name, the case, the rest."""
-    return ["-".join([r[0].split("::")[1], r[1].ids(), *map(str, r[2:])]) for r in rows]
+    """Test ids of (kernel, case, ...) rows: the kernel's label, the case, the rest."""
+    return ["-".join([r[0].label, r[1].ids(), *map(str, r[2:])]) for r in rows]
 
 
 def _check_kernel(kernel):
     if kernel == IMPLICIT and not torch.backends.mkl.is_available():
         pytest.skip("the implicit GEMM needs the BLAS ATen was built with")
+    if kernel == STRIDED and not AVX512:
+        pytest.skip("strided first layers take the direct convolution with AVX-512 only")
 
 
 @pytest.mark.parametrize("kernel,case", ALL, ids=_ids(ALL))
@@ -77,7 +118,7 @@ def test_kernel_matches_reference_float64(kernel, case):
     _check_kernel(kernel)
     x, m, w, b = make_inputs(case, torch.float64, seed=7, requires_grad=False)
     run = lambda: OP(x, m, w, b, *_geo(case))
-    assert kernel in pass_names(run)
+    assert kernel.range in pass_names(run)
     y, u = run()
     y_ref, u_ref = reference.partial_conv2d(x, m, w, b, *_geo(case))
     assert y.is_contiguous() and y.shape == y_ref.shape
@@ -85,21 +126,21 @@ def test_kernel_matches_reference_float64(kernel, case):
     torch.testing.assert_close(u, u_ref, rtol=0, atol=0)
 
 
-LOW = [(k, c, d) for k, c in FEW
-       for d in ([torch.float32] if k == IMPLICIT else [torch.float32, torch.bfloat16, torch.float16])]
+LOW = [(k, c, d) for k, c in FEW for d in k.low]
 
 
 @pytest.mark.parametrize("kernel,case,dtype", LOW, ids=_ids(LOW))
 def test_kernel_matches_reference_in_lower_precision(kernel, case, dtype):
     """Against a float64 reference on the same (rounded) inputs: float32 to 1e-5, 16-bit
-    types (direct convolution only) to their output rounding (the sums run in float32)."""
+    types (the last layers' direct convolution) to their output rounding (the sums run in
+    float32)."""
     _check_kernel(kernel)
     x, m, w, b = make_inputs(case, torch.float32, seed=8, requires_grad=False)
     x, w = x.to(dtype), w.to(dtype)
     m = None if m is None else m.to(dtype)
     b = None if b is None else b.to(dtype)
     run = lambda: OP(x, m, w, b, *_geo(case))
-    assert kernel in pass_names(run)
+    assert kernel.range in pass_names(run)
     y, u = run()
     y_ref, u_ref = reference.partial_conv2d(*_double(x, m, w, b), *_geo(case))
     assert y.dtype == dtype and u.dtype == dtype
@@ -108,7 +149,7 @@ def test_kernel_matches_reference_in_lower_precision(kernel, case, dtype):
     torch.testing.assert_close(u.double(), u_ref, rtol=0, atol=0)
 
 
-TRAIN = [(k, c, d) for k, c in FEW[:3] + FEW[4:7] for d in (torch.float64, torch.float32)]
+TRAIN = [(k, c, d) for k in CASES for c in CASES[k][:3] for d in (torch.float64, torch.float32)]
 
 
 @pytest.mark.parametrize("kernel,case,dtype", TRAIN, ids=_ids(TRAIN))
@@ -117,7 +158,7 @@ def test_training_forward_gives_the_inference_bits(kernel, case, dtype):
     x * m it keeps for the backward, so it gives the inference bits."""
     _check_kernel(kernel)
     x, m, w, b = make_inputs(case, dtype, seed=9, requires_grad=False)
-    assert kernel in pass_names(lambda: TRAIN_OP(x, m, w, b, *_geo(case)))
+    assert kernel.range in pass_names(lambda: TRAIN_OP(x, m, w, b, *_geo(case)))
     out, update, xm, _, _ = TRAIN_OP(x, m, w, b, *_geo(case))
     y, u = OP(x, m, w, b, *_geo(case))
     assert torch.equal(out, y) and torch.equal(update, u)
@@ -131,6 +172,9 @@ GRAD = [
     (DIRECT, Case(1, 6, 3, 5, 7, (3, 3), (1, 1), (1, 1), (1, 1), 1, True, "binary", False, 1)),
     (DIRECT, Case(2, 3, 2, 4, 6, (3, 2), (1, 1), (2, 0), (1, 2), 1, True, "soft", True, 1)),
     (DIRECT, Case(1, 4, 1, 5, 5, (2, 2), (1, 1), (0, 1), (1, 1), 1, False, "none", False, 1)),
+    (DIRECT, Case(1, 5, 2, 7, 6, (3, 3), (2, 1), (1, 1), (1, 1), 1, True, "binary", True, 1)),
+    (STRIDED, Case(1, 3, 6, 9, 8, (3, 3), (2, 2), (1, 1), (1, 1), 1, True, "binary", False, 1)),
+    (STRIDED, Case(2, 2, 5, 7, 9, (4, 3), (1, 2), (2, 1), (2, 1), 1, True, "soft", True, 1)),
 ]
 
 
@@ -141,7 +185,7 @@ def test_gradcheck_float64(kernel, case):
     channels_last from an NCHW x * m)."""
     _check_kernel(kernel)
     x, m, w, b = make_inputs(case, torch.float64, seed=9)
-    assert kernel in pass_names(lambda: pconv_cuda.partial_conv2d(x, m, w, b, *_geo(case)))
+    assert kernel.range in pass_names(lambda: pconv_cuda.partial_conv2d(x, m, w, b, *_geo(case)))
     params = tuple(t for t in (x, w, b) if t is not None)
 
     def f(*p):
@@ -154,7 +198,7 @@ def test_gradcheck_float64(kernel, case):
 def test_bfloat16_training_keeps_channels_last_and_stays_close_to_inference():
     case = CASES[DIRECT][0]
     x, m, w, b = make_inputs(case, torch.bfloat16, seed=12, requires_grad=False)
-    assert DIRECT not in pass_names(lambda: TRAIN_OP(x, m, w, b, *_geo(case)))
+    assert DIRECT.range not in pass_names(lambda: TRAIN_OP(x, m, w, b, *_geo(case)))
     out = TRAIN_OP(x, m, w, b, *_geo(case))[0]
     y = OP(x, m, w, b, *_geo(case))[0]
     y_ref, _ = reference.partial_conv2d(*_double(x, m, w, b), *_geo(case))
@@ -167,14 +211,16 @@ def test_bfloat16_training_keeps_channels_last_and_stays_close_to_inference():
 LARGE = [(IMPLICIT, Case(2, 3, 64, 101, 67, (3, 3), (1, 1), (1, 1), (1, 1), 1, True, "binary",
                          False, 2)),
          (DIRECT, Case(2, 64, 3, 91, 67, (3, 3), (1, 1), (1, 1), (1, 1), 1, True, "binary",
-                       False, 2))]
+                       False, 2)),
+         (STRIDED, Case(2, 3, 64, 101, 67, (7, 7), (2, 2), (3, 3), (1, 1), 1, True, "binary",
+                        True, 2))]
 
 
 @pytest.mark.parametrize("kernel,case", LARGE, ids=_ids(LARGE))
 def test_the_bits_do_not_depend_on_the_thread_count(kernel, case):
     _check_kernel(kernel)
     x, m, w, b = make_inputs(case, torch.float32, seed=10, requires_grad=False)
-    assert kernel in pass_names(lambda: OP(x, m, w, b, *_geo(case)))
+    assert kernel.range in pass_names(lambda: OP(x, m, w, b, *_geo(case)))
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
@@ -189,28 +235,47 @@ def test_the_bits_do_not_depend_on_the_thread_count(kernel, case):
 
 
 def test_direct_convolution_generic_body_below_avx512():
-    """Below AVX-512 float32 takes the direct convolution's generic vector body: the
-    lower-precision and thread-count tests must pass there too."""
-    out = run_tests_below_avx512(__file__, "direct_conv and (lower_precision or thread_count)")
-    assert "13 passed" in out
+    """Below AVX-512 float32 takes the direct convolution's generic vector body: the last
+    layers' lower-precision and thread-count tests must pass there too."""
+    out = run_tests_below_avx512(
+        __file__, "direct_conv and not strided and (lower_precision or thread_count)")
+    expected = sum(r[0] == DIRECT for r in LOW) + sum(r[0] == DIRECT for r in LARGE)
+    assert f"{expected} passed" in out
+
+
+@pytest.mark.parametrize("case", CASES[STRIDED][:3], ids=[c.ids() for c in CASES[STRIDED][:3]])
+def test_strided_first_layers_follow_the_cpu(case):
+    """Strided first layers take the direct convolution where ATen runs AVX-512 and oneDNN
+    below it (run so by the test after this one), with the reference's values in both."""
+    x, m, w, b = make_inputs(case, torch.float64, seed=17, requires_grad=False)
+    run = lambda: OP(x, m, w, b, *_geo(case))
+    assert (STRIDED.range in pass_names(run)) == AVX512
+    y_ref, _ = reference.partial_conv2d(x, m, w, b, *_geo(case))
+    torch.testing.assert_close(run()[0], y_ref, rtol=1e-10, atol=1e-10)
+
+
+def test_strided_first_layers_keep_onednn_below_avx512():
+    out = run_tests_below_avx512(__file__, "follow_the_cpu")
+    assert "3 passed" in out
 
 
 ONEDNN = {
-    IMPLICIT: {"stride": {"stride": (2, 1)}, "channels": {"c_in": 5},
-               "groups": {"groups": 3, "c_out": 15}, "few_outputs": {"c_out": 8}},
-    DIRECT: {"stride": {"stride": (1, 2)}, "outputs": {"c_out": 5},
-             "groups": {"groups": 2, "c_out": 4, "c_in": 64}},
+    IMPLICIT: {"channels": {"c_in": 5}, "groups": {"groups": 3, "c_out": 15},
+               "few_outputs": {"c_out": 8}},
+    DIRECT: {"outputs": {"c_out": 5}, "groups": {"groups": 2, "c_out": 4, "c_in": 64}},
+    STRIDED: {"channels": {"c_in": 5}, "groups": {"groups": 2, "c_in": 4, "c_out": 8}},
 }
 KEEP = [(k, change, changes) for k in ONEDNN
         for change, changes in list(ONEDNN[k].items()) + [("channels_last", {}), ("strided_mask", {})]]
 
 
 @pytest.mark.parametrize("kernel,change,changes", KEEP,
-                         ids=[f"{k.split('::')[1]}-{c}" for k, c, _ in KEEP])
+                         ids=[f"{k.label}-{c}" for k, c, _ in KEEP])
 def test_other_layers_keep_onednn(kernel, change, changes):
-    """Strided layers, too many input (implicit GEMM) or output channels, groups, 8 output
-    channels or fewer for the implicit GEMM (they run channels_last), and inputs or masks
-    that are not NCHW-contiguous take oneDNN, and still give the reference's values."""
+    """Too many input (implicit GEMM, strided first layers) or output channels, groups, 8
+    output channels or fewer for the implicit GEMM (they run channels_last), and inputs or
+    masks that are not NCHW-contiguous take oneDNN, and still give the reference's values."""
+    _check_kernel(kernel)
     case = dataclasses.replace(CASES[kernel][0], **changes)
     x, m, w, b = make_inputs(case, torch.float64, seed=11, requires_grad=False)
     if change == "channels_last":
@@ -218,19 +283,33 @@ def test_other_layers_keep_onednn(kernel, change, changes):
     if change == "strided_mask":
         m = m.transpose(2, 3).contiguous().transpose(2, 3)
     run = lambda: OP(x, m, w, b, *_geo(case))
-    assert kernel not in pass_names(run)
+    assert kernel.range not in pass_names(run)
     y, _ = run()
     y_ref, _ = reference.partial_conv2d(x, m, w, b, *_geo(case))
     torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
 
 
-def test_implicit_gemm_keeps_onednn_in_bfloat16():
-    case = CASES[IMPLICIT][0]
+def test_implicit_gemm_layers_take_the_direct_convolution_when_strided():
+    """A stride on either axis sends an implicit GEMM layer to the direct convolution."""
+    _check_kernel(STRIDED)
+    for stride in [(2, 1), (1, 2)]:
+        case = dataclasses.replace(CASES[IMPLICIT][0], stride=stride)
+        x, m, w, b = make_inputs(case, torch.float64, seed=11, requires_grad=False)
+        names = pass_names(lambda: OP(x, m, w, b, *_geo(case)))
+        assert STRIDED.range in names and IMPLICIT.range not in names
+
+
+@pytest.mark.parametrize("kernel", [IMPLICIT, STRIDED], ids=lambda k: k.label)
+def test_first_layers_keep_onednn_in_bfloat16(kernel):
+    """16-bit first layers convolve channels_last in oneDNN, faster on this path."""
+    _check_kernel(kernel)
+    case = CASES[kernel][0]
     x, m, w, b = make_inputs(case, torch.bfloat16, seed=11, requires_grad=False)
     run = lambda: OP(x, m, w, b, *_geo(case))
-    assert IMPLICIT not in pass_names(run)
+    assert kernel.range not in pass_names(run)
     y_ref, _ = reference.partial_conv2d(*_double(x, m, w, b), *_geo(case))
-    torch.testing.assert_close(run()[0].double(), y_ref, rtol=2e-2, atol=2e-2)
+    scale = y_ref.abs().max().item()
+    torch.testing.assert_close(run()[0].double(), y_ref, rtol=2e-2, atol=2e-2 * scale)
 
 
 # The first layers' input gradient: stride 1, up to 4 input channels, padding at most
@@ -299,9 +378,9 @@ def test_very_wide_rows_keep_onednn(kernel):
                     False, 1)
     x, m, w, b = make_inputs(case, torch.float32, seed=16, requires_grad=False)
     run = lambda: OP(x, m, w, b, *_geo(case))
-    assert kernel not in pass_names(run)
+    assert kernel.range not in pass_names(run)
     narrower = dataclasses.replace(case, w=case.w // 2)
     xs, ms, ws, bs = make_inputs(narrower, torch.float32, seed=16, requires_grad=False)
-    assert kernel in pass_names(lambda: OP(xs, ms, ws, bs, *_geo(narrower)))
+    assert kernel.range in pass_names(lambda: OP(xs, ms, ws, bs, *_geo(narrower)))
     y_ref, _ = reference.partial_conv2d(*_double(x, m, w, b), *_geo(case))
     torch.testing.assert_close(run()[0].double(), y_ref, rtol=1e-4, atol=1e-3)

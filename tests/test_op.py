@@ -266,6 +266,51 @@ def test_bfloat16_forward_close_to_float32():
 TRAIN_OP = torch.ops.pconv.partial_conv2d_train.default
 
 
+# The CPU kernels choose where x * m lives (channels_last inside for few outputs and large
+# 16-bit planes, NCHW for the direct convolution's layers), and the fake kernels must say
+# the same: inductor asserts every stride they give. Last layers, strided first layers, a
+# band too wide for the direct convolution, and random layers, in three dtypes and both
+# input layouts.
+FAKE_CASES = [
+    Case(2, 8, 3, 16, 16, (3, 3), (1, 1), (1, 1), (1, 1), 1, True, "binary", False, 2),
+    Case(1, 6, 4, 9, 11, (3, 3), (2, 2), (1, 1), (1, 1), 1, False, "soft", True, 1),
+    Case(2, 3, 16, 20, 18, (7, 7), (2, 2), (3, 3), (1, 1), 1, True, "binary", False, 1),
+    Case(1, 3, 8, 70, 66, (3, 3), (1, 2), (1, 1), (1, 1), 1, True, "binary", True, 1),
+    Case(1, 1024, 3, 3, 1400, (3, 3), (1, 1), (1, 1), (1, 1), 1, True, "binary", False, 1),
+] + random_cases(16, seed=23)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", FAKE_CASES, ids=[c.ids() for c in FAKE_CASES])
+def test_fake_kernels_describe_the_cpu_outputs(case, dtype, layout):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from pconv_cuda import ops as fakes
+
+    x, m, w, b = make_inputs(case, dtype, seed=21, requires_grad=False)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    if m is None:
+        m = torch.ones(case.n, 1, case.h, case.w, dtype=dtype)
+    geo = [list(case.stride), list(case.padding), list(case.dilation), case.groups]
+    real = torch.ops.pconv.partial_conv2d_train(x, m, w, b, *geo)
+    with FakeTensorMode() as mode:
+        fake = fakes._partial_conv2d_train_fake(
+            *(None if t is None else mode.from_tensor(t) for t in (x, m, w, b)), *geo)
+    for name, r, f in zip(("output", "updated mask", "x * m", "ratio", "update"), real, fake):
+        assert r.shape == f.shape and r.dtype == f.dtype, name
+        for dim, size in enumerate(r.shape):  # a layout fixes the strides of sizes over 1
+            if size > 1:
+                assert r.stride(dim) == f.stride(dim), (name, r.stride(), f.stride())
+
+
+def test_fake_kernels_describe_the_cpu_outputs_below_avx512():
+    """Below AVX-512 the strided first layers keep oneDNN's layout; the fakes follow."""
+    out = run_tests_below_avx512(__file__, "test_fake_kernels_describe_the_cpu_outputs and float32")
+    assert f"{2 * len(FAKE_CASES)} passed" in out
+
+
 @pytest.mark.parametrize("sample", list(_opcheck_samples())[:2], ids=["single", "multi"])
 def test_opcheck_train_op(sample):
     torch.library.opcheck(TRAIN_OP, sample)

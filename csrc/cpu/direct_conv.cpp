@@ -1,11 +1,16 @@
-// Direct convolution for layers with few output channels (see direct_conv.h).
+// Direct convolution for layers with few output channels, and strided ones with few input
+// channels (see direct_conv.h).
 //
 // Why: with C_out = 3 a convolution is a GEMM three rows wide, which neither oneDNN nor a
 // BLAS runs well (64->3, 3x3, 256 x 256, float32, two threads of an Intel Xeon: 10 ms in
 // oneDNN for 0.23 GFLOP, on cores where an MKL sgemm reaches 109 GFLOP/s each), and the
 // op's own passes came on top: x * m written in full, and an epilogue. Here a run of
 // pixels accumulates all of its output channels in vector registers: each load of the
-// masked input feeds C_out fused multiply-adds.
+// masked input feeds C_out fused multiply-adds. With C_in = 3 and stride 2 (the PConv
+// UNet's 7x7 first layer) oneDNN's convolution is fast, but the epilogue over its
+// 64-channel output made the fused layer 1.2x the conv; there the same registers hold 4
+// output channels at a time, the band's stride phases make each tap's pixels consecutive,
+// and each output row is renormalised while it is in L1.
 #include "direct_conv.h"
 
 #include "cpu_features.h"
@@ -20,6 +25,7 @@
 #include <ATen/record_function.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <type_traits>
 #include <vector>
@@ -34,12 +40,20 @@
 namespace pconv {
 namespace {
 
+// Few outputs: the last layers (C_out = 3). Few inputs: the first layers (C_in = 3 or 4),
+// whose output channels are taken kBlock at a time.
 constexpr int64_t kMaxDirectOutputs = 4;
+constexpr int64_t kMaxDirectInputs = 4;
+constexpr int64_t kBlock = 4;
 
 // Bytes of the masked input band a task keeps in one core's L2 (2 MiB on the Xeon
 // measured).
 constexpr int64_t kBandBytes = 1 << 20;
 constexpr int64_t kMaxBandBytes = 16 << 20;
+
+// Tasks per thread the bands aim for, so that a first layer's few wide rows still spread
+// over the threads.
+constexpr int64_t kTasksPerThread = 8;
 
 // 64-byte vectors of the opmath type (GCC lowers them to what each clone's ISA has), with
 // the element's alignment so that they load from any pixel.
@@ -53,58 +67,87 @@ constexpr int64_t kLanes = 64 / sizeof(acc_t);
 
 // Vectors of pixels per run: the kOut * kVecs accumulators (at most 16) and the loads must
 // fit AVX-512's 32 registers.
+constexpr int64_t vectors_per_run(int64_t outputs) { return outputs <= 2 ? 6 : 4; }
+
 template <int kOut>
-constexpr int64_t kVecs = kOut <= 2 ? 6 : 4;
+constexpr int64_t kVecs = vectors_per_run(kOut);
 
 template <typename acc_t, int kOut>
 constexpr int64_t kRun = kLanes<acc_t> * kVecs<kOut>;
 
-// The widest run: rows are padded to a multiple of it.
-constexpr int64_t kRunPixelsMax = kRun<float, 1>;
+// kRun for kOut = outputs and an opmath type of acc_size bytes.
+int64_t run_pixels(int64_t outputs, int64_t acc_size) {
+  return 64 / acc_size * vectors_per_run(outputs);
+}
 
-// raw[(co * raw_rows + r) * raw_w + ox] for r < rows and ox < raw_w (a multiple of the
-// run), from a band of masked input rows: band[(c * band_rows + t) * band_w + q] holds
-// x * m at input row oy0 - pad_h + t and column q - pad_w (zero outside the input).
-// w is [C_in][kh][kw][kOut].
+int64_t round_up(int64_t n, int64_t to) { return (n + to - 1) / to * to; }
+
+// Where the masked input lives while a task convolves it. The band holds rows of x * m
+// (zero outside the input) for `rows` output rows; a row is split into stride_w phases,
+// phase p holding the columns q = j stride_w + p at j, so that a tap's pixels of a run are
+// consecutive at every stride. Band column q is input column q - pad_w.
+struct BandLayout {
+  int64_t cols;     // output columns computed per row: a multiple of every run used
+  int64_t phase_w;  // values per phase of a band row
+  int64_t row_len;  // values per band row: stride_w phases
+  int64_t rows;     // output rows per band
+  int64_t in_rows;  // band rows of a full band
+};
+
+int64_t band_input_rows(const ConvGeometry& g, int64_t rows) {
+  return (rows - 1) * g.stride_h + (g.kernel_h - 1) * g.dil_h + 1;
+}
+
+BandLayout band_layout(const ConvGeometry& g, int64_t acc_size, int64_t max_rows) {
+  BandLayout b;
+  b.cols = 0;
+  if (g.out_channels >= kBlock) b.cols = round_up(g.out_w, run_pixels(kBlock, acc_size));
+  if (g.out_channels % kBlock != 0) {
+    b.cols = std::max(b.cols, round_up(g.out_w, run_pixels(g.out_channels % kBlock, acc_size)));
+  }
+  b.phase_w = b.cols + (g.kernel_w - 1) * g.dil_w / g.stride_w;
+  b.row_len = g.stride_w * b.phase_w;
+  const int64_t row_bytes = g.in_channels * b.row_len * acc_size;
+  const int64_t by_bytes =
+      (kBandBytes / row_bytes - band_input_rows(g, 1)) / g.stride_h + 1;
+  b.rows = std::clamp<int64_t>(std::min(by_bytes, max_rows), 1, g.out_h);
+  b.in_rows = band_input_rows(g, b.rows);
+  return b;
+}
+
+// raw[co * raw_w + ox] for ox < cols (a multiple of the run) and co < kOut: one output row
+// of kOut channels, from the band rows it reads. Tap t (in the weight's order, c, ky, kx)
+// reads run pixels from band + offsets[t]; w is [taps][kOut].
 template <typename acc_t, int kOut>
-PCONV_CPU_CLONES void convolve_band(const acc_t* band, int64_t band_w, int64_t band_rows,
-                                    int64_t channels, int64_t kh, int64_t kw, int64_t dh,
-                                    int64_t dw, const acc_t* w, int64_t rows, int64_t raw_w,
-                                    int64_t raw_rows, acc_t* raw) {
+PCONV_CPU_CLONES void convolve_row(const acc_t* band, const int64_t* offsets, int64_t taps,
+                                   const acc_t* w, int64_t cols, int64_t raw_w, acc_t* raw) {
   using vec = vec_t<acc_t>;
   constexpr int64_t lanes = kLanes<acc_t>, vecs = kVecs<kOut>;
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t ox0 = 0; ox0 < raw_w; ox0 += kRun<acc_t, kOut>) {
-      vec acc[kOut][vecs];
+  for (int64_t ox0 = 0; ox0 < cols; ox0 += kRun<acc_t, kOut>) {
+    vec acc[kOut][vecs];
+#pragma GCC unroll 8
+    for (int co = 0; co < kOut; ++co) {
+#pragma GCC unroll 8
+      for (int64_t v = 0; v < vecs; ++v) acc[co][v] = vec{} + acc_t(0);
+    }
+    const acc_t* wp = w;
+    for (int64_t t = 0; t < taps; ++t, wp += kOut) {
+      const acc_t* p = band + offsets[t] + ox0;
+      vec xv[vecs];
+#pragma GCC unroll 8
+      for (int64_t v = 0; v < vecs; ++v) std::memcpy(&xv[v], p + v * lanes, sizeof(vec));
 #pragma GCC unroll 8
       for (int co = 0; co < kOut; ++co) {
+        const acc_t wv = wp[co];
 #pragma GCC unroll 8
-        for (int64_t v = 0; v < vecs; ++v) acc[co][v] = vec{} + acc_t(0);
+        for (int64_t v = 0; v < vecs; ++v) acc[co][v] += xv[v] * wv;
       }
-      const acc_t* wp = w;
-      for (int64_t c = 0; c < channels; ++c) {
-        const acc_t* base = band + (c * band_rows + r) * band_w + ox0;
-        for (int64_t ky = 0; ky < kh; ++ky) {
-          const acc_t* row = base + ky * dh * band_w;
-          for (int64_t kx = 0; kx < kw; ++kx, wp += kOut) {
-            const acc_t* p = row + kx * dw;
-            vec xv[vecs];
+    }
 #pragma GCC unroll 8
-            for (int64_t v = 0; v < vecs; ++v) std::memcpy(&xv[v], p + v * lanes, sizeof(vec));
+    for (int co = 0; co < kOut; ++co) {
 #pragma GCC unroll 8
-            for (int co = 0; co < kOut; ++co) {
-              const acc_t wv = wp[co];
-#pragma GCC unroll 8
-              for (int64_t v = 0; v < vecs; ++v) acc[co][v] += xv[v] * wv;
-            }
-          }
-        }
-      }
-#pragma GCC unroll 8
-      for (int co = 0; co < kOut; ++co) {
-        acc_t* out = raw + (co * raw_rows + r) * raw_w + ox0;
-#pragma GCC unroll 8
-        for (int64_t v = 0; v < vecs; ++v) std::memcpy(out + v * lanes, &acc[co][v], sizeof(vec));
+      for (int64_t v = 0; v < vecs; ++v) {
+        std::memcpy(raw + co * raw_w + ox0 + v * lanes, &acc[co][v], sizeof(vec));
       }
     }
   }
@@ -117,66 +160,67 @@ PCONV_CPU_CLONES void convolve_band(const acc_t* band, int64_t band_w, int64_t b
 // loads split across cache lines; they bounded the loop. 64->3 at 256 x 256, float32: the
 // direct convolution took 4.0 ms with the generic body, 2.9 ms with this one.
 template <int kOut>
-__attribute__((target("avx512f"))) void convolve_band_avx512(
-    const float* band, int64_t band_w, int64_t band_rows, int64_t channels, int64_t kh,
-    int64_t kw, int64_t dh, int64_t dw, const float* w, int64_t rows, int64_t raw_w,
-    int64_t raw_rows, float* raw) {
+__attribute__((target("avx512f"))) void convolve_row_avx512(const float* band,
+                                                            const int64_t* offsets,
+                                                            int64_t taps, const float* w,
+                                                            int64_t cols, int64_t raw_w,
+                                                            float* raw) {
   constexpr int64_t vecs = kVecs<kOut>;
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t ox0 = 0; ox0 < raw_w; ox0 += 16 * vecs) {
-      __m512 acc[kOut][vecs];
-      for (int co = 0; co < kOut; ++co) {
-        for (int64_t v = 0; v < vecs; ++v) acc[co][v] = _mm512_setzero_ps();
-      }
-      const float* wp = w;
-      for (int64_t c = 0; c < channels; ++c) {
-        const float* base = band + (c * band_rows + r) * band_w + ox0;
-        for (int64_t ky = 0; ky < kh; ++ky) {
-          const float* row = base + ky * dh * band_w;
-          for (int64_t kx = 0; kx < kw; ++kx, wp += kOut) {
-            const float* p = row + kx * dw;
-            __m512 xv[vecs];
-            for (int64_t v = 0; v < vecs; ++v) {
-              xv[v] = _mm512_loadu_ps(p + 16 * v);
-              // Keeps the vector in a register: GCC otherwise folds the load into each of
-              // the kOut FMAs that use it.
-              asm("" : "+v"(xv[v]));
-            }
-            for (int co = 0; co < kOut; ++co) {
-              const __m512 wv = _mm512_set1_ps(wp[co]);
-              for (int64_t v = 0; v < vecs; ++v) {
-                acc[co][v] = _mm512_fmadd_ps(xv[v], wv, acc[co][v]);
-              }
-            }
-          }
-        }
+  for (int64_t ox0 = 0; ox0 < cols; ox0 += 16 * vecs) {
+    __m512 acc[kOut][vecs];
+    for (int co = 0; co < kOut; ++co) {
+      for (int64_t v = 0; v < vecs; ++v) acc[co][v] = _mm512_setzero_ps();
+    }
+    const float* wp = w;
+    for (int64_t t = 0; t < taps; ++t, wp += kOut) {
+      const float* p = band + offsets[t] + ox0;
+      __m512 xv[vecs];
+      for (int64_t v = 0; v < vecs; ++v) {
+        xv[v] = _mm512_loadu_ps(p + 16 * v);
+        // Keeps the vector in a register: GCC otherwise folds the load into each of the
+        // kOut FMAs that use it.
+        asm("" : "+v"(xv[v]));
       }
       for (int co = 0; co < kOut; ++co) {
-        float* out = raw + (co * raw_rows + r) * raw_w + ox0;
-        for (int64_t v = 0; v < vecs; ++v) _mm512_storeu_ps(out + 16 * v, acc[co][v]);
+        const __m512 wv = _mm512_set1_ps(wp[co]);
+        for (int64_t v = 0; v < vecs; ++v) acc[co][v] = _mm512_fmadd_ps(xv[v], wv, acc[co][v]);
       }
+    }
+    for (int co = 0; co < kOut; ++co) {
+      for (int64_t v = 0; v < vecs; ++v) _mm512_storeu_ps(raw + co * raw_w + ox0 + 16 * v, acc[co][v]);
     }
   }
 }
 
 #endif
 
-// convolve_band, in its AVX-512 body where there is one.
+// convolve_row, in its AVX-512 body where there is one.
 template <typename acc_t, int kOut>
-void convolve(const acc_t* band, int64_t band_w, int64_t band_rows, int64_t channels,
-              int64_t kh, int64_t kw, int64_t dh, int64_t dw, const acc_t* w, int64_t rows,
-              int64_t raw_w, int64_t raw_rows, acc_t* raw) {
+void convolve(const acc_t* band, const int64_t* offsets, int64_t taps, const acc_t* w,
+              int64_t cols, int64_t raw_w, acc_t* raw) {
 #if PCONV_DIRECT_X86
   if constexpr (std::is_same_v<acc_t, float>) {
     if (avx512_enabled()) {
-      convolve_band_avx512<kOut>(band, band_w, band_rows, channels, kh, kw, dh, dw, w, rows,
-                                 raw_w, raw_rows, raw);
+      convolve_row_avx512<kOut>(band, offsets, taps, w, cols, raw_w, raw);
       return;
     }
   }
 #endif
-  convolve_band<acc_t, kOut>(band, band_w, band_rows, channels, kh, kw, dh, dw, w, rows, raw_w,
-                             raw_rows, raw);
+  convolve_row<acc_t, kOut>(band, offsets, taps, w, cols, raw_w, raw);
+}
+
+// One output row of a block of k <= kBlock channels.
+template <typename acc_t>
+void convolve_block(int64_t k, const acc_t* band, const int64_t* offsets, int64_t taps,
+                    const acc_t* w, int64_t out_w, int64_t raw_w, acc_t* raw) {
+  const int64_t acc_size = sizeof(acc_t);
+  const int64_t cols = round_up(out_w, run_pixels(k, acc_size));
+  switch (k) {
+    case 1: convolve<acc_t, 1>(band, offsets, taps, w, cols, raw_w, raw); break;
+    case 2: convolve<acc_t, 2>(band, offsets, taps, w, cols, raw_w, raw); break;
+    case 3: convolve<acc_t, 3>(band, offsets, taps, w, cols, raw_w, raw); break;
+    default: convolve<acc_t, 4>(band, offsets, taps, w, cols, raw_w, raw); break;
+  }
 }
 
 // y = (raw * r + b) * u with a bias, raw * r without, raw without r; rounded once to
@@ -194,30 +238,65 @@ PCONV_CPU_CLONES void renormalise_row(const acc_t* raw, const acc_t* r, const ac
   }
 }
 
+// band[t * row_len + ...]: the phases of `rows` band rows of channel plane x (mask plane m
+// or none) from input row iy0 on; `staging` holds one unsplit row when stride_w > 1.
+template <typename scalar_t, typename acc_t>
+void fill_band(const scalar_t* x, const scalar_t* m, int64_t iy0, int64_t rows,
+               const ConvGeometry& g, const BandLayout& b, acc_t* staging, acc_t* band) {
+  for (int64_t t = 0; t < rows; ++t) {
+    acc_t* dst = band + t * b.row_len;
+    const int64_t iy = iy0 + t;
+    if (iy < 0 || iy >= g.in_h) {
+      std::fill(dst, dst + b.row_len, acc_t(0));
+      continue;
+    }
+    acc_t* row = g.stride_w == 1 ? dst : staging;
+    loops::padded_masked_row<scalar_t, acc_t>(x + iy * g.in_w,
+                                              m != nullptr ? m + iy * g.in_w : nullptr, row,
+                                              g.in_w, g.pad_w, b.row_len);
+    if (g.stride_w == 1) continue;
+    for (int64_t p = 0; p < g.stride_w; ++p) {
+      acc_t* phase = dst + p * b.phase_w;
+      for (int64_t j = 0; j < b.phase_w; ++j) phase[j] = row[j * g.stride_w + p];
+    }
+  }
+}
+
 // The whole convolution; with mr null, the plain convolution (no epilogue, no bias).
-template <typename scalar_t, int kOut>
+template <typename scalar_t>
 void direct_conv(const at::Tensor& input, const at::Tensor& mask, const MaskRatio* mr,
                  const at::Tensor& weight, const at::Tensor& bias, at::Tensor& out,
                  const ConvGeometry& g) {
   using acc_t = at::opmath_type<scalar_t>;
-  constexpr int64_t run = kRun<acc_t, kOut>;
-  const int64_t raw_w = (g.out_w + run - 1) / run * run;
-  const int64_t band_w = raw_w + (g.kernel_w - 1) * g.dil_w;
-  const int64_t halo = (g.kernel_h - 1) * g.dil_h;
-  const int64_t row_bytes = g.in_channels * band_w * static_cast<int64_t>(sizeof(acc_t));
-  const int64_t band = std::clamp<int64_t>(kBandBytes / row_bytes - halo, 1, g.out_h);
-  const int64_t band_rows = band + halo;
-  const int64_t bands = (g.out_h + band - 1) / band;
+  const int64_t acc_size = sizeof(acc_t);
+  const int64_t max_rows = (g.batch * g.out_h + kTasksPerThread * at::get_num_threads() - 1) /
+                           (kTasksPerThread * at::get_num_threads());
+  const BandLayout bl = band_layout(g, acc_size, max_rows);
+  const int64_t bands = (g.out_h + bl.rows - 1) / bl.rows;
   const int64_t in_plane = g.in_h * g.in_w, plane = g.out_h * g.out_w;
 
-  // The weight as [C_in][kh][kw][kOut] in the opmath type: a tap's C_out values together.
+  // The weight as [block][C_in][kh][kw][k] in the opmath type, k = kBlock but in the last
+  // block: a tap's k values together.
   const int64_t taps = g.in_channels * g.kernel_h * g.kernel_w;
-  std::vector<acc_t> w(taps * kOut);
+  std::vector<acc_t> w(taps * g.out_channels);
   {
     const at::Tensor w_c = weight.contiguous();
     const scalar_t* src = w_c.const_data_ptr<scalar_t>();
-    for (int64_t co = 0; co < kOut; ++co) {
-      for (int64_t t = 0; t < taps; ++t) w[t * kOut + co] = static_cast<acc_t>(src[co * taps + t]);
+    for (int64_t co = 0; co < g.out_channels; ++co) {
+      const int64_t block = co / kBlock, k = std::min(kBlock, g.out_channels - block * kBlock);
+      acc_t* dst = w.data() + block * kBlock * taps + co % kBlock;
+      for (int64_t t = 0; t < taps; ++t) dst[t * k] = static_cast<acc_t>(src[co * taps + t]);
+    }
+  }
+  // Where each tap's pixels start, from the band row of the output row's first tap.
+  std::vector<int64_t> offsets(taps);
+  for (int64_t c = 0, t = 0; c < g.in_channels; ++c) {
+    for (int64_t ky = 0; ky < g.kernel_h; ++ky) {
+      for (int64_t kx = 0; kx < g.kernel_w; ++kx, ++t) {
+        const int64_t q = kx * g.dil_w;
+        offsets[t] = (c * bl.in_rows + ky * g.dil_h) * bl.row_len +
+                     (q % g.stride_w) * bl.phase_w + q / g.stride_w;
+      }
     }
   }
   const std::vector<acc_t> b = opmath_bias<scalar_t>(bias);
@@ -231,40 +310,40 @@ void direct_conv(const at::Tensor& input, const at::Tensor& mask, const MaskRati
   const int64_t ratio_sample = mr != nullptr && mr->batch != 1 ? plane : 0;
   scalar_t* y = out.mutable_data_ptr<scalar_t>();
 
-  at::parallel_for(0, g.batch * bands, 1, [&](int64_t begin, int64_t end) {
-    acc_t* band_buf =
-        cpu_thread_buffer<acc_t>(ThreadBuffer::kBand, g.in_channels * band_rows * band_w);
-    acc_t* raw = cpu_thread_buffer<acc_t>(ThreadBuffer::kAccumulators, kOut * band * raw_w);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t n = task / bands, oy0 = (task % bands) * band;
-      const int64_t rows = std::min(band, g.out_h - oy0);
+  // Each thread takes the next task when it is done with one: a core slowed by another
+  // process then takes fewer, where a fixed split would keep the whole op waiting on it.
+  const int64_t tasks = g.batch * bands;
+  std::atomic<int64_t> next_task{0};
+  at::parallel_for(0, std::min<int64_t>(tasks, at::get_num_threads()), 1, [&](int64_t, int64_t) {
+    // The band, then one unsplit row for strided layers.
+    acc_t* band_buf = cpu_thread_buffer<acc_t>(ThreadBuffer::kBand,
+                                               (g.in_channels * bl.in_rows + 1) * bl.row_len);
+    acc_t* staging = band_buf + g.in_channels * bl.in_rows * bl.row_len;
+    acc_t* raw = cpu_thread_buffer<acc_t>(ThreadBuffer::kAccumulators, kBlock * bl.cols);
+    for (int64_t task = next_task++; task < tasks; task = next_task++) {
+      const int64_t n = task / bands, oy0 = (task % bands) * bl.rows;
+      const int64_t rows = std::min(bl.rows, g.out_h - oy0);
       for (int64_t c = 0; c < g.in_channels; ++c) {
-        const scalar_t* xc = x + (n * g.in_channels + c) * in_plane;
-        const scalar_t* mc = m != nullptr ? m + n * mask_sample + c * mask_channel : nullptr;
-        for (int64_t t = 0; t < rows + halo; ++t) {
-          acc_t* dst = band_buf + (c * band_rows + t) * band_w;
-          const int64_t iy = oy0 - g.pad_h + t;
-          if (iy < 0 || iy >= g.in_h) {
-            std::fill(dst, dst + band_w, acc_t(0));
-          } else {
-            loops::padded_masked_row<scalar_t, acc_t>(
-                xc + iy * g.in_w, mc != nullptr ? mc + iy * g.in_w : nullptr, dst, g.in_w,
-                g.pad_w, band_w);
-          }
-        }
+        fill_band<scalar_t, acc_t>(x + (n * g.in_channels + c) * in_plane,
+                                   m != nullptr ? m + n * mask_sample + c * mask_channel : nullptr,
+                                   oy0 * g.stride_h - g.pad_h, band_input_rows(g, rows), g, bl,
+                                   staging, band_buf + c * bl.in_rows * bl.row_len);
       }
-      convolve<acc_t, kOut>(band_buf, band_w, band_rows, g.in_channels, g.kernel_h, g.kernel_w,
-                            g.dil_h, g.dil_w, w.data(), rows, raw_w, band, raw);
-      for (int64_t co = 0; co < kOut; ++co) {
-        for (int64_t r = 0; r < rows; ++r) {
-          const int64_t p = (oy0 + r) * g.out_w;
-          renormalise_row<scalar_t, acc_t>(raw + (co * band + r) * raw_w,
-                                           ratio != nullptr ? ratio + n * ratio_sample + p
-                                                            : nullptr,
-                                           update != nullptr ? update + n * ratio_sample + p
-                                                             : nullptr,
-                                           b.empty() ? nullptr : b.data() + co,
-                                           y + (n * g.out_channels + co) * plane + p, g.out_w);
+      for (int64_t r = 0; r < rows; ++r) {
+        const acc_t* band_row = band_buf + r * g.stride_h * bl.row_len;
+        const int64_t p = (oy0 + r) * g.out_w;
+        for (int64_t co0 = 0; co0 < g.out_channels; co0 += kBlock) {
+          const int64_t k = std::min(kBlock, g.out_channels - co0);
+          convolve_block<acc_t>(k, band_row, offsets.data(), taps, w.data() + co0 * taps,
+                                g.out_w, bl.cols, raw);
+          for (int64_t co = 0; co < k; ++co) {
+            const acc_t* r_row = ratio != nullptr ? ratio + n * ratio_sample + p : nullptr;
+            const acc_t* u_row = update != nullptr ? update + n * ratio_sample + p : nullptr;
+            const acc_t* b_co = b.empty() ? nullptr : b.data() + co0 + co;
+            scalar_t* y_row = y + (n * g.out_channels + co0 + co) * plane + p;
+            renormalise_row<scalar_t, acc_t>(raw + co * bl.cols, r_row, u_row, b_co, y_row,
+                                             g.out_w);
+          }
         }
       }
     }
@@ -273,21 +352,34 @@ void direct_conv(const at::Tensor& input, const at::Tensor& mask, const MaskRati
 
 }  // namespace
 
-// Bytes of the smallest band (one output row and its halo): above kMaxBandBytes it would
-// not fit the caches anyway, and each thread keeps its band buffer.
+// The smallest band (one output row) must fit kMaxBandBytes: above it would not fit the
+// caches anyway, and each thread keeps its band buffer.
 bool band_fits(const ConvGeometry& g, int64_t element_size) {
   const int64_t acc_size = element_size == 8 ? 8 : 4;
-  const int64_t band_w = g.out_w + kRunPixelsMax + (g.kernel_w - 1) * g.dil_w;
-  const int64_t rows = 1 + (g.kernel_h - 1) * g.dil_h;
-  return g.in_channels * band_w * rows * acc_size <= kMaxBandBytes;
+  const BandLayout b = band_layout(g, acc_size, 1);
+  return (g.in_channels * b.in_rows + 1) * b.row_len * acc_size <= kMaxBandBytes;
+}
+
+bool direct_conv_takes_layer(const at::Tensor& input, const c10::optional<at::Tensor>& mask,
+                             const ConvGeometry& g) {
+  if (g.groups != 1 || g.batch == 0 || g.out_h * g.out_w == 0) return false;
+  const at::ScalarType type = input.scalar_type();
+  // Strided first layers: oneDNN ran 3->64, 7x7, stride 2 (256 x 256, float32) as fast as
+  // a GEMM, but its separate passes made the fused forward 1.2x the conv; this kernel is
+  // about even with the conv (one thread: 0.96-1.00x). At stride 1 the implicit GEMM runs
+  // as fast. The blocks of 4 outputs need AVX-512's 32 registers (16 accumulators of 64
+  // bytes); bfloat16 and float16 run their first layers channels_last, faster still.
+  const bool strided = g.stride_h > 1 || g.stride_w > 1;
+  const bool few_inputs = g.in_channels <= kMaxDirectInputs && strided &&
+                          (type == at::kFloat || type == at::kDouble) && avx512_enabled();
+  if (g.out_channels > kMaxDirectOutputs && !few_inputs) return false;
+  if (!input.is_contiguous()) return false;
+  return !(mask.has_value() && mask->defined() && !mask->is_contiguous());
 }
 
 bool direct_conv_applies(const at::Tensor& input, const c10::optional<at::Tensor>& mask,
                          const ConvGeometry& g) {
-  if (g.groups != 1 || g.out_channels > kMaxDirectOutputs || g.batch == 0) return false;
-  if (g.stride_h != 1 || g.stride_w != 1 || !band_fits(g, input.element_size())) return false;
-  if (g.out_h * g.out_w == 0 || !input.is_contiguous()) return false;
-  return !(mask.has_value() && mask->defined() && !mask->is_contiguous());
+  return direct_conv_takes_layer(input, mask, g) && band_fits(g, input.element_size());
 }
 
 namespace {
@@ -298,12 +390,7 @@ at::Tensor run_direct_conv(const at::Tensor& input, const at::Tensor& mask, cons
   at::Tensor out = at::empty({g.batch, g.out_channels, g.out_h, g.out_w}, input.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(),
                                   "partial_conv2d_direct", [&] {
-    switch (g.out_channels) {
-      case 1: direct_conv<scalar_t, 1>(input, mask, mr, weight, bias, out, g); break;
-      case 2: direct_conv<scalar_t, 2>(input, mask, mr, weight, bias, out, g); break;
-      case 3: direct_conv<scalar_t, 3>(input, mask, mr, weight, bias, out, g); break;
-      default: direct_conv<scalar_t, 4>(input, mask, mr, weight, bias, out, g); break;
-    }
+    direct_conv<scalar_t>(input, mask, mr, weight, bias, out, g);
   });
   return out;
 }

@@ -1,5 +1,6 @@
-// The forward of layers with few output channels (the UNets' last layers, C_out = 3) as a
-// direct convolution that masks on load and renormalises in registers.
+// The forward of layers with few output channels (the UNets' last layers, C_out = 3) and of
+// strided layers with few input channels (the PConv UNet's first, 3->64 7x7 stride 2) as a
+// direct convolution that masks on load and renormalises each row as it is made.
 #pragma once
 
 #include "../pconv.h"
@@ -9,8 +10,16 @@
 
 namespace pconv {
 
-// True when direct_conv_forward takes this layer: groups 1, stride 1, 1 to 4 output
-// channels, an NCHW-contiguous input and mask, a non-empty batch and output.
+// True for the layers the direct convolution is for: groups 1, a non-empty batch and
+// output, an NCHW-contiguous input and mask, and either 1 to 4 output channels (the last
+// layers) or, where AVX-512 is enabled, a stride over 1, 1 to 4 input channels and float32
+// or float64 (the strided first layers). The training forward keeps their x * m NCHW; the
+// fake kernel of partial_conv2d_train (pconv_cuda/ops.py) follows this rule.
+bool direct_conv_takes_layer(const at::Tensor& input, const c10::optional<at::Tensor>& mask,
+                             const ConvGeometry& g);
+
+// True when direct_conv_forward takes this layer: one of those above whose input band for
+// one output row fits 16 MiB (each thread keeps one).
 bool direct_conv_applies(const at::Tensor& input, const c10::optional<at::Tensor>& mask,
                          const ConvGeometry& g);
 
@@ -18,9 +27,10 @@ bool direct_conv_applies(const at::Tensor& input, const c10::optional<at::Tensor
 // [N, C_in, H, W] and a mask [N or 1, 1 or C_in, H, W] (1 = known, 0 = hole; absent: no
 // masking, as for an x * m formed already). r and u come from the mask pass. Each task
 // masks a band of input rows into a cache-resident buffer (x * m rounded as at::mul
-// rounds it, then widened to the opmath type), and accumulates every output channel of a
-// run of pixels in registers over all C_in k_h k_w taps, so the output is written once,
-// already renormalised, and never read back.
+// rounds it, then widened to the opmath type; each row split into stride phases), and
+// accumulates up to 4 output channels of a run of pixels in registers over all
+// C_in k_h k_w taps, so the output is written once, already renormalised, and never read
+// back.
 at::Tensor direct_conv_forward(const at::Tensor& input, const c10::optional<at::Tensor>& mask,
                                const MaskRatio& mr, const at::Tensor& weight,
                                const c10::optional<at::Tensor>& bias, const ConvGeometry& g);

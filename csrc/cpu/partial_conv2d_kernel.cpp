@@ -381,11 +381,11 @@ std::tuple<at::Tensor, at::Tensor> partial_conv2d_cpu(
     c10::IntArrayRef dilation, int64_t groups) {
   const ConvGeometry g =
       check_partial_conv2d_args(input, mask, weight, bias, stride, padding, dilation, groups);
-  const bool implicit_gemm = takes_implicit_gemm(input, mask, g);
-  if (implicit_gemm || direct_conv_applies(input, mask, g)) {
+  const bool direct = direct_conv_applies(input, mask, g);
+  if (direct || takes_implicit_gemm(input, mask, g)) {
     const MaskRatio mr = mask_ratio_cpu(mask, g, input.scalar_type());
-    at::Tensor out = implicit_gemm ? implicit_gemm_forward(input, mask, mr, weight, bias, g)
-                                   : direct_conv_forward(input, mask, mr, weight, bias, g);
+    at::Tensor out = direct ? direct_conv_forward(input, mask, mr, weight, bias, g)
+                            : implicit_gemm_forward(input, mask, mr, weight, bias, g);
     return {out, expand_update(mr, input, g)};
   }
   const at::MemoryFormat format = compute_format(input, g);
@@ -412,16 +412,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> partial_c
     c10::IntArrayRef dilation, int64_t groups) {
   const ConvGeometry g =
       check_partial_conv2d_args(input, mask, weight, bias, stride, padding, dilation, groups);
-  const bool implicit_gemm = takes_implicit_gemm(input, mask, g);
   // The direct convolution reads an NCHW x * m, which the backward of these layers (few
   // output channels: channels_last) must change layout. In float32 the forward saves more
   // than that costs (64->3 at 256 x 256: fwd + bwd 0.81x the conv against 0.85x); in
   // bfloat16 it does not (0.59x against 0.53x), so 16-bit training keeps the channels_last
   // convolution, and there the training forward rounds as oneDNN does, not as inference.
-  const bool direct =
-      !implicit_gemm && input.element_size() >= 4 && direct_conv_applies(input, mask, g);
+  // x * m stays NCHW for the direct convolution's layers even where a band would not fit
+  // and oneDNN convolves, so that its layout follows a rule of the shapes alone (which the
+  // fake kernel in pconv_cuda/ops.py mirrors).
+  const bool nchw_xm = input.element_size() >= 4 && direct_conv_takes_layer(input, mask, g);
+  const bool direct = nchw_xm && direct_conv_applies(input, mask, g);
+  const bool implicit_gemm = !direct && takes_implicit_gemm(input, mask, g);
   const at::MemoryFormat format =
-      direct ? at::MemoryFormat::Contiguous : compute_format(input, g);
+      nchw_xm ? at::MemoryFormat::Contiguous : compute_format(input, g);
   at::Tensor xm = cpu_cached_empty(input.sizes(), input.options(), format);
   MaskRatio mr;
   if (masks_with_channel_sum(input, mask, g, format)) {
@@ -432,8 +435,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> partial_c
   }
   at::Tensor update = expand_update(mr, input, g);
   if (implicit_gemm || direct) {
-    at::Tensor out = implicit_gemm ? implicit_gemm_forward(xm, c10::nullopt, mr, weight, bias, g)
-                                   : direct_conv_forward(xm, c10::nullopt, mr, weight, bias, g);
+    at::Tensor out = direct ? direct_conv_forward(xm, c10::nullopt, mr, weight, bias, g)
+                            : implicit_gemm_forward(xm, c10::nullopt, mr, weight, bias, g);
     return {out, update, xm, mr.ratio, mr.update};
   }
   at::Tensor out = g.batch == 0 ? empty_output(input, g)
