@@ -6,7 +6,8 @@ passes:
 - the direct convolution: the forward of layers with up to 4 outputs (the last layers) and
   of strided layers with up to 4 inputs (where AVX-512 is there, float32 and float64), and
   the first layers' input gradient. A run of pixels accumulates up to 4 output channels in
-  registers; the band of x * m it reads is split into stride phases.
+  registers; the band of x * m it reads is split into stride phases; a multi-channel mask
+  per sample is summed over its channels there too, for r and u.
 
 Which layers take them, and that they give the reference's values, gradients and stable
 bits, in the direct convolution's AVX-512 body and in its generic one."""
@@ -310,6 +311,44 @@ def test_first_layers_keep_onednn_in_bfloat16(kernel):
     y_ref, _ = reference.partial_conv2d(*_double(x, m, w, b), *_geo(case))
     scale = y_ref.abs().max().item()
     torch.testing.assert_close(run()[0].double(), y_ref, rtol=2e-2, atol=2e-2 * scale)
+
+
+# Multi-channel masks: many bands (and a last, shorter one), a stride and a dilation,
+# soft values so that the sums' order shows in the bits.
+RATIO = [
+    Case(2, 64, 3, 91, 67, (3, 3), (1, 1), (1, 1), (1, 1), 1, True, "soft", True, 2),
+    Case(1, 16, 4, 40, 33, (5, 3), (2, 1), (2, 1), (1, 2), 1, True, "soft", True, 1),
+    Case(3, 9, 2, 23, 19, (3, 3), (1, 1), (2, 2), (2, 2), 1, False, "binary", True, 3),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("case", RATIO, ids=[c.ids() for c in RATIO])
+def test_direct_convolution_forms_the_ratio_of_multi_channel_masks(case, dtype):
+    """A multi-channel mask per sample is read once: the direct convolution sums its
+    channels over each band as it masks them and forms r and u there, with no mask pass.
+    It gives the mask pass's bits: the training op, which takes the pass, gives the same
+    output and updated mask."""
+    x, m, w, b = make_inputs(case, dtype, seed=18, requires_grad=False)
+    names = pass_names(lambda: OP(x, m, w, b, *_geo(case)))
+    assert DIRECT.range in names and "pconv::mask_ratio" not in names
+    y, u = OP(x, m, w, b, *_geo(case))
+    out, update = TRAIN_OP(x, m, w, b, *_geo(case))[:2]
+    assert torch.equal(y, out) and torch.equal(u, update)
+    y_ref, u_ref = reference.partial_conv2d(*_double(x, m, w, b), *_geo(case))
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(y.double(), y_ref, rtol=tol, atol=tol * y_ref.abs().max().item())
+    torch.testing.assert_close(u.double(), u_ref, rtol=tol, atol=tol)
+
+
+def test_a_multi_channel_mask_shared_by_the_batch_keeps_the_mask_pass():
+    """One mask for the whole batch has one plane of r and u, which the pass forms once."""
+    case = dataclasses.replace(RATIO[0], mask_batch=1)
+    x, m, w, b = make_inputs(case, torch.float64, seed=18, requires_grad=False)
+    names = pass_names(lambda: OP(x, m, w, b, *_geo(case)))
+    assert DIRECT.range in names and "pconv::mask_ratio" in names
+    y_ref, _ = reference.partial_conv2d(x, m, w, b, *_geo(case))
+    torch.testing.assert_close(OP(x, m, w, b, *_geo(case))[0], y_ref, rtol=1e-10, atol=1e-10)
 
 
 # The first layers' input gradient: stride 1, up to 4 input channels, padding at most

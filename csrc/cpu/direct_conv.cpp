@@ -14,6 +14,7 @@
 #include "direct_conv.h"
 
 #include "cpu_features.h"
+#include "mask_ratio.h"
 #include "opmath_bias.h"
 #include "vector_loops.h"
 #include "workspace.h"
@@ -239,16 +240,22 @@ PCONV_CPU_CLONES void renormalise_row(const acc_t* raw, const acc_t* r, const ac
 }
 
 // band[t * row_len + ...]: the phases of `rows` band rows of channel plane x (mask plane m
-// or none) from input row iy0 on; `staging` holds one unsplit row when stride_w > 1.
+// or none) from input row iy0 on; `staging` holds one unsplit row when stride_w > 1. With
+// msum, the mask rows inside the input are also added to msum[t * in_w + ...] (set, for
+// the first channel), in channel order as the mask pass sums them.
 template <typename scalar_t, typename acc_t>
 void fill_band(const scalar_t* x, const scalar_t* m, int64_t iy0, int64_t rows,
-               const ConvGeometry& g, const BandLayout& b, acc_t* staging, acc_t* band) {
+               const ConvGeometry& g, const BandLayout& b, acc_t* staging, acc_t* band,
+               acc_t* msum, bool first_channel) {
   for (int64_t t = 0; t < rows; ++t) {
     acc_t* dst = band + t * b.row_len;
     const int64_t iy = iy0 + t;
     if (iy < 0 || iy >= g.in_h) {
       std::fill(dst, dst + b.row_len, acc_t(0));
       continue;
+    }
+    if (msum != nullptr) {
+      loops::accumulate(m + iy * g.in_w, msum + t * g.in_w, g.in_w, first_channel);
     }
     acc_t* row = g.stride_w == 1 ? dst : staging;
     loops::padded_masked_row<scalar_t, acc_t>(x + iy * g.in_w,
@@ -262,11 +269,13 @@ void fill_band(const scalar_t* x, const scalar_t* m, int64_t iy0, int64_t rows,
   }
 }
 
-// The whole convolution; with mr null, the plain convolution (no epilogue, no bias).
+// The whole convolution; with mr null, the plain convolution (no epilogue, no bias). With
+// make_ratio, each task also forms r and u of its rows in mr (allocated, [N, 1, H', W'])
+// from the channel sums of its band of a multi-channel mask.
 template <typename scalar_t>
 void direct_conv(const at::Tensor& input, const at::Tensor& mask, const MaskRatio* mr,
-                 const at::Tensor& weight, const at::Tensor& bias, at::Tensor& out,
-                 const ConvGeometry& g) {
+                 bool make_ratio, const at::Tensor& weight, const at::Tensor& bias,
+                 at::Tensor& out, const ConvGeometry& g) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t acc_size = sizeof(acc_t);
   const int64_t max_rows = (g.batch * g.out_h + kTasksPerThread * at::get_num_threads() - 1) /
@@ -320,14 +329,25 @@ void direct_conv(const at::Tensor& input, const at::Tensor& mask, const MaskRati
                                                (g.in_channels * bl.in_rows + 1) * bl.row_len);
     acc_t* staging = band_buf + g.in_channels * bl.in_rows * bl.row_len;
     acc_t* raw = cpu_thread_buffer<acc_t>(ThreadBuffer::kAccumulators, kBlock * bl.cols);
+    // The band's mask channel sums, then the mask pass's row scratch.
+    acc_t* msum = make_ratio ? cpu_thread_buffer<acc_t>(ThreadBuffer::kMaskSum,
+                                                        (bl.in_rows + 1) * g.in_w + g.out_w)
+                             : nullptr;
+    acc_t* msum_scratch = make_ratio ? msum + bl.in_rows * g.in_w : nullptr;
     for (int64_t task = next_task++; task < tasks; task = next_task++) {
       const int64_t n = task / bands, oy0 = (task % bands) * bl.rows;
       const int64_t rows = std::min(bl.rows, g.out_h - oy0);
+      const int64_t iy0 = oy0 * g.stride_h - g.pad_h;
       for (int64_t c = 0; c < g.in_channels; ++c) {
         fill_band<scalar_t, acc_t>(x + (n * g.in_channels + c) * in_plane,
                                    m != nullptr ? m + n * mask_sample + c * mask_channel : nullptr,
-                                   oy0 * g.stride_h - g.pad_h, band_input_rows(g, rows), g, bl,
-                                   staging, band_buf + c * bl.in_rows * bl.row_len);
+                                   iy0, band_input_rows(g, rows), g, bl, staging,
+                                   band_buf + c * bl.in_rows * bl.row_len, msum, c == 0);
+      }
+      if (make_ratio) {
+        acc_t* r_rows = mr->ratio.mutable_data_ptr<acc_t>() + n * plane + oy0 * g.out_w;
+        acc_t* u_rows = mr->update.mutable_data_ptr<acc_t>() + n * plane + oy0 * g.out_w;
+        mask_ratio_rows<acc_t>(msum, iy0, oy0, oy0 + rows, g, msum_scratch, r_rows, u_rows);
       }
       for (int64_t r = 0; r < rows; ++r) {
         const acc_t* band_row = band_buf + r * g.stride_h * bl.row_len;
@@ -385,12 +405,12 @@ bool direct_conv_applies(const at::Tensor& input, const c10::optional<at::Tensor
 namespace {
 
 at::Tensor run_direct_conv(const at::Tensor& input, const at::Tensor& mask, const MaskRatio* mr,
-                           const at::Tensor& weight, const at::Tensor& bias,
+                           bool make_ratio, const at::Tensor& weight, const at::Tensor& bias,
                            const ConvGeometry& g) {
   at::Tensor out = at::empty({g.batch, g.out_channels, g.out_h, g.out_w}, input.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(),
                                   "partial_conv2d_direct", [&] {
-    direct_conv<scalar_t>(input, mask, mr, weight, bias, out, g);
+    direct_conv<scalar_t>(input, mask, mr, make_ratio, weight, bias, out, g);
   });
   return out;
 }
@@ -404,7 +424,28 @@ at::Tensor direct_conv_forward(const at::Tensor& input, const c10::optional<at::
   TORCH_INTERNAL_ASSERT(direct_conv_applies(input, mask, g));
   const at::Tensor m = mask.has_value() && mask->defined() ? *mask : at::Tensor();
   const at::Tensor b = bias.has_value() && bias->defined() ? *bias : at::Tensor();
-  return run_direct_conv(input, m, &mr, weight, b, g);
+  return run_direct_conv(input, m, &mr, false, weight, b, g);
+}
+
+bool direct_conv_makes_mask_ratio(const c10::optional<at::Tensor>& mask, const ConvGeometry& g) {
+  // One sample's r and u per task: a mask shared by the batch has one plane of them.
+  return g.has_mask && g.mask_channels > 1 && (g.mask_batch == g.batch || g.batch == 1);
+}
+
+std::tuple<at::Tensor, MaskRatio> direct_conv_forward_with_mask_ratio(
+    const at::Tensor& input, const at::Tensor& mask, const at::Tensor& weight,
+    const c10::optional<at::Tensor>& bias, const ConvGeometry& g) {
+  RECORD_FUNCTION("pconv::direct_conv", c10::ArrayRef<c10::IValue>{});
+  TORCH_INTERNAL_ASSERT(direct_conv_applies(input, mask, g) &&
+                        direct_conv_makes_mask_ratio(mask, g));
+  const auto options = at::TensorOptions()
+                           .dtype(input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat)
+                           .device(at::kCPU);
+  MaskRatio mr{at::empty({g.batch, 1, g.out_h, g.out_w}, options),
+               at::empty({g.batch, 1, g.out_h, g.out_w}, options), g.batch};
+  const at::Tensor b = bias.has_value() && bias->defined() ? *bias : at::Tensor();
+  at::Tensor out = run_direct_conv(input, mask, &mr, true, weight, b, g);
+  return {out, mr};
 }
 
 namespace {
@@ -443,7 +484,7 @@ at::Tensor direct_input_grad(const at::Tensor& grad_raw, const at::Tensor& weigh
   RECORD_FUNCTION("pconv::direct_input_grad", c10::ArrayRef<c10::IValue>{});
   TORCH_INTERNAL_ASSERT(direct_input_grad_applies(grad_raw, g));
   const at::Tensor w_t = weight.transpose(0, 1).flip({2, 3}).contiguous();
-  return run_direct_conv(grad_raw, at::Tensor(), nullptr, w_t, at::Tensor(),
+  return run_direct_conv(grad_raw, at::Tensor(), nullptr, false, w_t, at::Tensor(),
                          input_grad_geometry(g));
 }
 

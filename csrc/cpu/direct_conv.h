@@ -35,6 +35,18 @@ at::Tensor direct_conv_forward(const at::Tensor& input, const c10::optional<at::
                                const MaskRatio& mr, const at::Tensor& weight,
                                const c10::optional<at::Tensor>& bias, const ConvGeometry& g);
 
+// True when direct_conv_forward_with_mask_ratio takes this layer's mask: multi-channel,
+// one per sample (or a batch of 1).
+bool direct_conv_makes_mask_ratio(const c10::optional<at::Tensor>& mask, const ConvGeometry& g);
+
+// As direct_conv_forward, with r and u [N, 1, H', W'] formed here too: each task sums the
+// mask's channels over its band rows while it masks them, and takes the window sums of its
+// output rows from those (mask_ratio_rows), so a multi-channel mask is read once, not also
+// by a mask pass. The same bits as the mask pass gives.
+std::tuple<at::Tensor, MaskRatio> direct_conv_forward_with_mask_ratio(
+    const at::Tensor& input, const at::Tensor& mask, const at::Tensor& weight,
+    const c10::optional<at::Tensor>& bias, const ConvGeometry& g);
+
 // True when direct_input_grad takes the input gradient of this layer: groups 1, stride 1,
 // 1 to 4 input channels (the UNets' first layers), padding at most d (k - 1) on each axis,
 // and an NCHW-contiguous g_raw.

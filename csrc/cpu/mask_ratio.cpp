@@ -19,29 +19,31 @@ struct TapRange {
   int64_t lo, hi;
 };
 
+TapRange tap_range(int64_t start, int64_t size, int64_t kernel, int64_t dil) {
+  int64_t lo = 0, hi = kernel;
+  while (lo < kernel && start + lo * dil < 0) ++lo;
+  while (hi > lo && start + (hi - 1) * dil >= size) --hi;
+  return {lo, hi};
+}
+
 std::vector<TapRange> tap_ranges(int64_t out, int64_t size, int64_t kernel, int64_t stride,
                                  int64_t pad, int64_t dil) {
   std::vector<TapRange> ranges(out);
-  for (int64_t o = 0; o < out; ++o) {
-    const int64_t start = o * stride - pad;
-    int64_t lo = 0, hi = kernel;
-    while (lo < kernel && start + lo * dil < 0) ++lo;
-    while (hi > lo && start + (hi - 1) * dil >= size) --hi;
-    ranges[o] = {lo, hi};
-  }
+  for (int64_t o = 0; o < out; ++o) ranges[o] = tap_range(o * stride - pad, size, kernel, dil);
   return ranges;
 }
 
-// s[ow] = the window sums of one output row over the mask plane, separably: first the
-// sum over the window's in-bounds rows for every input column (contiguous, vectorised),
-// then, tap by tap along the row, the sum of those column sums (vectorised along ow). A
-// 7x7 window costs 7 + 7 adds per output instead of 49.
+// s[ow] = the window sums of one output row over the mask's channel sum, whose input rows
+// from first_row on are at rows (in_w values each), separably: first the sum over the
+// window's in-bounds rows for every input column (contiguous, vectorised), then, tap by tap
+// along the row, the sum of those column sums (vectorised along ow). A 7x7 window costs
+// 7 + 7 adds per output instead of 49.
 template <typename acc_t>
-void row_window_sums(const acc_t* plane, TapRange rr, int64_t ih0, const ConvGeometry& g,
-                     acc_t* col, acc_t* s) {
+void row_window_sums(const acc_t* rows, int64_t first_row, TapRange rr, int64_t ih0,
+                     const ConvGeometry& g, acc_t* col, acc_t* s) {
   std::fill(col, col + g.in_w, acc_t(0));
   for (int64_t i = rr.lo; i < rr.hi; ++i) {
-    const acc_t* line = plane + (ih0 + i * g.dil_h) * g.in_w;
+    const acc_t* line = rows + (ih0 + i * g.dil_h - first_row) * g.in_w;
     for (int64_t iw = 0; iw < g.in_w; ++iw) col[iw] += line[iw];
   }
   std::fill(s, s + g.out_w, acc_t(0));
@@ -60,13 +62,23 @@ void row_window_sums(const acc_t* plane, TapRange rr, int64_t ih0, const ConvGeo
   }
 }
 
+// u = clamp(S, 0, 1) and r = k_h k_w C_in / (S + eps) * u for one row of window sums.
+template <typename acc_t>
+void ratio_row(const acc_t* s, const ConvGeometry& g, acc_t* r_row, acc_t* u_row) {
+  const acc_t win = static_cast<acc_t>(g.window_size());
+  const acc_t eps = static_cast<acc_t>(1e-8);
+  for (int64_t ow = 0; ow < g.out_w; ++ow) {
+    const acc_t u = std::min(std::max(s[ow], acc_t(0)), acc_t(1));
+    u_row[ow] = u;
+    r_row[ow] = win / (s[ow] + eps) * u;
+  }
+}
+
 template <typename acc_t>
 void ratio_kernel(const acc_t* msum, acc_t* ratio, acc_t* update, int64_t planes,
                   const ConvGeometry& g) {
   const auto rows = tap_ranges(g.out_h, g.in_h, g.kernel_h, g.stride_h, g.pad_h, g.dil_h);
   const auto cols = tap_ranges(g.out_w, g.in_w, g.kernel_w, g.stride_w, g.pad_w, g.dil_w);
-  const acc_t win = static_cast<acc_t>(g.window_size());
-  const acc_t eps = static_cast<acc_t>(1e-8);
   const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(g.out_w, 1));
   at::parallel_for(0, planes * g.out_h, grain, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> sums(g.out_w), columns(g.in_w);
@@ -75,7 +87,7 @@ void ratio_kernel(const acc_t* msum, acc_t* ratio, acc_t* update, int64_t planes
       const int64_t n = row / g.out_h, oh = row % g.out_h;
       const TapRange rr = rows[oh];
       if (msum) {
-        row_window_sums(msum + n * g.in_h * g.in_w, rr, oh * g.stride_h - g.pad_h, g,
+        row_window_sums(msum + n * g.in_h * g.in_w, 0, rr, oh * g.stride_h - g.pad_h, g,
                         columns.data(), s);
       } else {
         // No mask: S counts the window's in-bounds taps.
@@ -83,13 +95,7 @@ void ratio_kernel(const acc_t* msum, acc_t* ratio, acc_t* update, int64_t planes
           s[ow] = static_cast<acc_t>((rr.hi - rr.lo) * (cols[ow].hi - cols[ow].lo));
         }
       }
-      acc_t* u_row = update + row * g.out_w;
-      acc_t* r_row = ratio + row * g.out_w;
-      for (int64_t ow = 0; ow < g.out_w; ++ow) {
-        const acc_t u = std::min(std::max(s[ow], acc_t(0)), acc_t(1));
-        u_row[ow] = u;
-        r_row[ow] = win / (s[ow] + eps) * u;
-      }
+      ratio_row(s, g, ratio + row * g.out_w, update + row * g.out_w);
     }
   });
 }
@@ -177,6 +183,24 @@ MaskRatio mask_ratio_cpu(const c10::optional<at::Tensor>& mask, const ConvGeomet
   // The window sum over every mask channel equals the window sum of the channel sum.
   return ratio_from_sum(g.has_mask ? mask_channel_sum(*mask, acc) : at::Tensor(), acc, g);
 }
+
+template <typename acc_t>
+void mask_ratio_rows(const acc_t* rows, int64_t first_row, int64_t oh0, int64_t oh1,
+                     const ConvGeometry& g, acc_t* scratch, acc_t* ratio, acc_t* update) {
+  acc_t* col = scratch;
+  acc_t* s = scratch + g.in_w;
+  for (int64_t oh = oh0; oh < oh1; ++oh) {
+    const int64_t ih0 = oh * g.stride_h - g.pad_h;
+    row_window_sums(rows, first_row, tap_range(ih0, g.in_h, g.kernel_h, g.dil_h), ih0, g, col,
+                    s);
+    ratio_row(s, g, ratio + (oh - oh0) * g.out_w, update + (oh - oh0) * g.out_w);
+  }
+}
+
+template void mask_ratio_rows<float>(const float*, int64_t, int64_t, int64_t,
+                                     const ConvGeometry&, float*, float*, float*);
+template void mask_ratio_rows<double>(const double*, int64_t, int64_t, int64_t,
+                                      const ConvGeometry&, double*, double*, double*);
 
 MaskRatio mask_ratio_from_channel_sum(const at::Tensor& msum, const ConvGeometry& g) {
   TORCH_INTERNAL_ASSERT(msum.dim() == 3 && msum.is_contiguous() &&

@@ -382,6 +382,10 @@ std::tuple<at::Tensor, at::Tensor> partial_conv2d_cpu(
   const ConvGeometry g =
       check_partial_conv2d_args(input, mask, weight, bias, stride, padding, dilation, groups);
   const bool direct = direct_conv_applies(input, mask, g);
+  if (direct && direct_conv_makes_mask_ratio(mask, g)) {
+    auto [out, mr] = direct_conv_forward_with_mask_ratio(input, *mask, weight, bias, g);
+    return {out, expand_update(mr, input, g)};
+  }
   if (direct || takes_implicit_gemm(input, mask, g)) {
     const MaskRatio mr = mask_ratio_cpu(mask, g, input.scalar_type());
     at::Tensor out = direct ? direct_conv_forward(input, mask, mr, weight, bias, g)

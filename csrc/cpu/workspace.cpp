@@ -21,7 +21,7 @@ struct ThreadBufferSlot {
   std::unique_ptr<void, AlignedFree> data;
   int64_t bytes = 0;
 };
-thread_local std::array<ThreadBufferSlot, 2> thread_buffers;
+thread_local std::array<ThreadBufferSlot, 3> thread_buffers;
 
 constexpr int64_t kMaxScratchBytes = int64_t(1) << 30;
 thread_local std::array<at::Tensor, 2> scratch_buffers;  // uint8 holders, one per slot

@@ -19,7 +19,7 @@ at::Tensor cpu_scratch(Scratch slot, c10::IntArrayRef sizes, const at::TensorOpt
                        at::MemoryFormat format);
 
 // Per-thread work buffers of the direct kernels, which live only inside one task.
-enum class ThreadBuffer : int { kBand = 0, kAccumulators = 1 };
+enum class ThreadBuffer : int { kBand = 0, kAccumulators = 1, kMaskSum = 2 };
 
 // This thread's buffer `slot`, at least `bytes` long and 64-byte aligned, its contents
 // undefined. It grows as needed and is kept for the thread's next call: the kernels ask for
