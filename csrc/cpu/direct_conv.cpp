@@ -438,11 +438,7 @@ std::tuple<at::Tensor, MaskRatio> direct_conv_forward_with_mask_ratio(
   RECORD_FUNCTION("pconv::direct_conv", c10::ArrayRef<c10::IValue>{});
   TORCH_INTERNAL_ASSERT(direct_conv_applies(input, mask, g) &&
                         direct_conv_makes_mask_ratio(mask, g));
-  const auto options = at::TensorOptions()
-                           .dtype(input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat)
-                           .device(at::kCPU);
-  MaskRatio mr{at::empty({g.batch, 1, g.out_h, g.out_w}, options),
-               at::empty({g.batch, 1, g.out_h, g.out_w}, options), g.batch};
+  MaskRatio mr = empty_mask_ratio(g.batch, mask_ratio_dtype(input.scalar_type()), g);
   const at::Tensor b = bias.has_value() && bias->defined() ? *bias : at::Tensor();
   at::Tensor out = run_direct_conv(input, mask, &mr, true, weight, b, g);
   return {out, mr};

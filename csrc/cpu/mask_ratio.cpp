@@ -160,9 +160,7 @@ at::Tensor mask_channel_sum(const at::Tensor& mask, at::ScalarType acc) {
 MaskRatio ratio_from_sum(const at::Tensor& msum, at::ScalarType acc, const ConvGeometry& g) {
   RECORD_FUNCTION("pconv::mask_ratio", c10::ArrayRef<c10::IValue>{});
   const int64_t planes = msum.defined() ? msum.size(0) : 1;
-  const auto options = at::TensorOptions().dtype(acc).device(at::kCPU);
-  MaskRatio mr{at::empty({planes, 1, g.out_h, g.out_w}, options),
-               at::empty({planes, 1, g.out_h, g.out_w}, options), planes};
+  MaskRatio mr = empty_mask_ratio(planes, acc, g);
   if (acc == at::kDouble) {
     ratio_kernel<double>(msum.defined() ? msum.const_data_ptr<double>() : nullptr,
                          mr.ratio.mutable_data_ptr<double>(), mr.update.mutable_data_ptr<double>(),
@@ -177,9 +175,15 @@ MaskRatio ratio_from_sum(const at::Tensor& msum, at::ScalarType acc, const ConvG
 
 }  // namespace
 
+MaskRatio empty_mask_ratio(int64_t planes, at::ScalarType acc, const ConvGeometry& g) {
+  const auto options = at::TensorOptions().dtype(acc).device(at::kCPU);
+  return {at::empty({planes, 1, g.out_h, g.out_w}, options),
+          at::empty({planes, 1, g.out_h, g.out_w}, options), planes};
+}
+
 MaskRatio mask_ratio_cpu(const c10::optional<at::Tensor>& mask, const ConvGeometry& g,
                          at::ScalarType input_dtype) {
-  const at::ScalarType acc = input_dtype == at::kDouble ? at::kDouble : at::kFloat;
+  const at::ScalarType acc = mask_ratio_dtype(input_dtype);
   // The window sum over every mask channel equals the window sum of the channel sum.
   return ratio_from_sum(g.has_mask ? mask_channel_sum(*mask, acc) : at::Tensor(), acc, g);
 }

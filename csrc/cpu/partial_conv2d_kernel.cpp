@@ -167,7 +167,7 @@ bool masks_with_channel_sum(const at::Tensor& input, const c10::optional<at::Ten
 // pass that sums the mask's channels. Only where masks_with_channel_sum holds.
 MaskRatio mask_ratio_with_masked_input(const at::Tensor& input, const at::Tensor& mask,
                                        at::Tensor& xm, const ConvGeometry& g) {
-  const at::ScalarType acc = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::ScalarType acc = mask_ratio_dtype(input.scalar_type());
   at::Tensor msum = at::empty({g.batch, g.in_h, g.in_w}, input.options().dtype(acc));
   masked_input_with_channel_sum(input, mask, xm, msum);
   return mask_ratio_from_channel_sum(msum, g);
