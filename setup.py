@@ -4,9 +4,16 @@ CPU kernels are always built. CUDA kernels are added when the installed torch ha
 a toolkit is found, or when FORCE_CUDA=1 (then TORCH_CUDA_ARCH_LIST picks the targets, as
 in torch.utils.cpp_extension). Build with `pip install --no-build-isolation .` so that the
 extension is compiled against the torch already installed.
+
+The library uses only CPython's stable ABI (the ops are reached through the dispatcher,
+torch.ops.pconv; the module itself has two plain C functions), so one build, named
+`_C.abi3.so`, loads in every Python from 3.10 on that has the same torch.
 """
 import glob
 import os
+
+# The oldest CPython the stable-ABI build must load in (requires-python in pyproject.toml).
+MIN_PYTHON = "cp310"
 
 from setuptools import setup
 
@@ -51,10 +58,11 @@ def make_extension():
             cpu_sources + _sources("csrc/cuda/*.cu"),
             extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
             extra_link_args=link_flags,
+            py_limited_api=True,
         )
     return cpp_extension.CppExtension(
         "pconv_cuda._C", cpu_sources, extra_compile_args={"cxx": cxx_flags},
-        extra_link_args=link_flags,
+        extra_link_args=link_flags, py_limited_api=True,
     )
 
 
@@ -64,4 +72,5 @@ if __name__ == "__main__":
     setup(
         ext_modules=[make_extension()],
         cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+        options={"bdist_wheel": {"py_limited_api": MIN_PYTHON}},
     )

@@ -1,6 +1,7 @@
 """The build switch of setup.py and the loaded library."""
 import importlib.util
 import pathlib
+import subprocess
 
 import pytest
 import torch
@@ -63,3 +64,40 @@ def test_library_registers_both_ops_for_cpu():
         assert not pconv_cuda.has_cuda_kernels()
     if torch.cuda.is_available():
         assert pconv_cuda.has_cuda_kernels()
+
+
+def test_library_uses_only_the_stable_abi(monkeypatch):
+    # One build loads in every Python from 3.10 on: the GPU machine's Python may differ
+    # from the one that built it (tools/prebuild_device.sh).
+    monkeypatch.delenv("FORCE_CUDA", raising=False)
+    assert _load_setup().make_extension().py_limited_api
+    assert pconv_cuda._C.__file__.endswith("_C.abi3.so")
+
+
+def _prebuilt(tmp_path, *args):
+    script = f'source "{ROOT}/tools/prebuilt.sh"; ' + " ".join(args)
+    return subprocess.run(["bash", "-c", script], cwd=tmp_path, capture_output=True, text=True)
+
+
+def test_prebuilt_library_matches_only_its_sources_and_torch(tmp_path):
+    (tmp_path / "csrc" / "cpu").mkdir(parents=True)
+    (tmp_path / "csrc" / "cpu" / "kernel.cpp").write_text("int f() { return 1; }\n")
+    (tmp_path / "setup.py").write_text("# setup\n")
+    digest = _prebuilt(tmp_path, "source_hash .").stdout.strip()
+    assert len(digest) == 16
+    (tmp_path / "prebuilt").mkdir()
+    (tmp_path / "prebuilt" / "_C.abi3.so").write_bytes(b"\x7fELF")
+    (tmp_path / "prebuilt" / "STAMP").write_text(f"torch=2.11.0+cu130\nsources={digest}\n")
+
+    def matches(version):
+        return _prebuilt(tmp_path, "prebuilt_matches .", version).returncode == 0
+
+    assert matches("2.11.0+cu130")
+    assert not matches("2.11.0")  # another build of torch: its ABI may differ
+    (tmp_path / "csrc" / "cpu" / "kernel.cpp").write_text("int f() { return 2; }\n")
+    assert not matches("2.11.0+cu130")
+    # A new source file changes the hash too.
+    (tmp_path / "csrc" / "cpu" / "kernel.cpp").write_text("int f() { return 1; }\n")
+    assert matches("2.11.0+cu130")
+    (tmp_path / "csrc" / "extra.h").write_text("\n")
+    assert not matches("2.11.0+cu130")

@@ -2,7 +2,9 @@
 # Everything that needs a GPU, in one call that ends inside a time budget (BUDGET_MINUTES,
 # default 9: a device command may run 10 minutes), most important first:
 #
-#   build     the extension with its CUDA kernels (sm_90 unless TORCH_CUDA_ARCH_LIST says)
+#   build     the extension with its CUDA kernels (sm_90 unless TORCH_CUDA_ARCH_LIST says),
+#             or, when prebuilt/ holds one made for these sources and this torch by
+#             tools/prebuild_device.sh (carry "prebuilt" with the call), that one
 #   tests     every GPU test: pytest -m gpu (the CPU tests are CI's; the CUDA code's logic
 #             is also tested without a GPU there, by the host build in test_cuda_host.py)
 #   memcheck  compute-sanitizer memcheck on tools/memcheck_case.py (every kernel path, small)
@@ -14,6 +16,7 @@
 #             the default steps: the host build's tests check barriers and thread order)
 #   profile   the kernels behind the fused op's time at five layer shapes (benchmarks.profile)
 #
+#   bash tools/prebuild_device.sh                       # here, first: prebuilt/ (optional)
 #   OUT=$OUT bash tools/gpu_check.sh                    # build tests memcheck bench
 #   STEPS="build bench" BUDGET_MINUTES=9 bash tools/gpu_check.sh
 #
@@ -42,13 +45,40 @@ cap() {
 }
 note() { echo "== $1 (at ${SECONDS} s of ${BUDGET} s)"; }
 
+# The library loads, its CUDA kernels are registered, and one call runs on the GPU (a build
+# for another architecture fails here, not in the middle of the tests).
+check_library() {
+  $PY - <<'PY'
+import torch
+import pconv_cuda
+assert pconv_cuda.has_cuda_kernels(), "CUDA kernels not registered"
+x = torch.rand(1, 2, 8, 8, device="cuda")
+m = (torch.rand(1, 1, 8, 8, device="cuda") > 0.5).float()
+out, upd = torch.ops.pconv.partial_conv2d(x, m, torch.rand(3, 2, 3, 3, device="cuda"), None,
+                                          [1, 1], [1, 1], [1, 1], 1)
+torch.cuda.synchronize()
+assert out.shape == (1, 3, 8, 8) and torch.isfinite(out).all()
+print("CUDA kernels:", torch.cuda.get_device_name(), "|", pconv_cuda._C.__file__)
+PY
+}
+
 build() {
+  source tools/prebuilt.sh
+  local torch_version
+  torch_version=$($PY -c "import torch; print(torch.__version__)")
+  if prebuilt_matches . "$torch_version"; then
+    note "build: $PREBUILT_DIR/_C.abi3.so ($(tr '\n' ' ' <"$PREBUILT_DIR/STAMP"))"
+    rm -f pconv_cuda/_C*.so && cp "$PREBUILT_DIR/_C.abi3.so" pconv_cuda/
+    check_library && return
+    echo "the prebuilt library failed its check; building here"
+  fi
   export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
   note "build (TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST)"
+  rm -f pconv_cuda/_C*.so
   if ! $PY -m pip install --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1; then
     tail -40 "$OUT/build.log"; exit 1
   fi
-  $PY -c "import pconv_cuda, torch; assert pconv_cuda.has_cuda_kernels(); print('CUDA kernels:', torch.cuda.get_device_name())" || exit 1
+  check_library || exit 1
 }
 
 sanitizer() {
