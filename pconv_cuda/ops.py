@@ -40,7 +40,7 @@ _MIN_PLANE_FOR_CHANNELS_LAST = 64 * 64
 _MIN_FLOAT_CHANNELS_FOR_CHANNELS_LAST = 8
 
 
-def _compute_format(input, weight, stride, groups):
+def _compute_format(input, weight, stride, groups, out_plane):
     # Mirrors compute_format of the CPU kernel (the layout x * m is kept in); on the GPU
     # x * m has the input's layout.
     fmt = suggest_memory_format(input)
@@ -50,6 +50,10 @@ def _compute_format(input, weight, stride, groups):
         return torch.contiguous_format
     if fmt == torch.channels_last:
         return fmt
+    n, c, h, w = input.shape
+    if (suggest_memory_format(weight) == torch.channels_last
+            and weight.numel() >= n * (c * h * w + weight.shape[0] * out_plane)):
+        return torch.channels_last
     large_plane = (input.shape[2] * input.shape[3] >= _MIN_PLANE_FOR_CHANNELS_LAST
                    and (input.element_size() == 2
                         or (max(stride) > 1
@@ -81,7 +85,7 @@ def _masked_input_format(input, mask, weight, stride, groups, out_plane):
     if (input.device.type == "cpu" and input.element_size() >= 4
             and _direct_conv_layer(input, mask, weight, stride, groups, out_plane)):
         return torch.contiguous_format
-    return _compute_format(input, weight, stride, groups)
+    return _compute_format(input, weight, stride, groups, out_plane)
 
 
 @torch.library.register_fake("pconv::partial_conv2d_train")

@@ -277,13 +277,18 @@ FAKE_CASES = [
     Case(2, 3, 16, 20, 18, (7, 7), (2, 2), (3, 3), (1, 1), 1, True, "binary", False, 1),
     Case(1, 3, 8, 70, 66, (3, 3), (1, 2), (1, 1), (1, 1), 1, True, "binary", True, 1),
     Case(1, 1024, 3, 3, 1400, (3, 3), (1, 1), (1, 1), (1, 1), 1, True, "binary", False, 1),
+    # deep layers, whose channels_last weight sets the layout (and one whose does not)
+    Case(1, 48, 40, 6, 7, (3, 3), (1, 1), (1, 1), (1, 1), 1, True, "binary", True, 1),
+    Case(2, 32, 64, 9, 9, (3, 3), (2, 2), (1, 1), (1, 1), 1, True, "soft", False, 2),
+    Case(2, 32, 64, 12, 12, (3, 3), (1, 1), (1, 1), (1, 1), 1, True, "soft", False, 2),
 ] + random_cases(16, seed=23)
 
 
+@pytest.mark.parametrize("weight_layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", FAKE_CASES, ids=[c.ids() for c in FAKE_CASES])
-def test_fake_kernels_describe_the_cpu_outputs(case, dtype, layout):
+def test_fake_kernels_describe_the_cpu_outputs(case, dtype, layout, weight_layout):
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from pconv_cuda import ops as fakes
@@ -291,6 +296,8 @@ def test_fake_kernels_describe_the_cpu_outputs(case, dtype, layout):
     x, m, w, b = make_inputs(case, dtype, seed=21, requires_grad=False)
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
+    if weight_layout == "channels_last":
+        w = w.contiguous(memory_format=torch.channels_last)
     if m is None:
         m = torch.ones(case.n, 1, case.h, case.w, dtype=dtype)
     geo = [list(case.stride), list(case.padding), list(case.dilation), case.groups]
@@ -308,7 +315,7 @@ def test_fake_kernels_describe_the_cpu_outputs(case, dtype, layout):
 def test_fake_kernels_describe_the_cpu_outputs_below_avx512():
     """Below AVX-512 the strided first layers keep oneDNN's layout; the fakes follow."""
     out = run_tests_below_avx512(__file__, "test_fake_kernels_describe_the_cpu_outputs and float32")
-    assert f"{2 * len(FAKE_CASES)} passed" in out
+    assert f"{4 * len(FAKE_CASES)} passed" in out
 
 
 @pytest.mark.parametrize("sample", list(_opcheck_samples())[:2], ids=["single", "multi"])
@@ -513,6 +520,49 @@ def test_large_planes_run_channels_last_inside(dtype, mask_kind, c_in, c_out, st
     assert fake.stride() == xm.stride()
 
 
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("channels,plane,stride", [(64, 8, 1), (40, 9, 2), (16, 32, 1)])
+def test_channels_last_weight_sets_the_layout_where_it_is_the_larger(dtype, channels, plane,
+                                                                      stride):
+    """A channels_last weight (module.to(memory_format=torch.channels_last)) makes an NCHW
+    layer convolve channels_last when the weight has at least as many elements as x * m
+    and the output together (deep layers: copying the weight to NCHW on every call cost
+    more), and NCHW otherwise. Either way the results match the reference, the output and
+    the input gradient keep the input's layout and the weight gradient the weight's."""
+    g = torch.Generator().manual_seed(29)
+    n, c = 1, channels
+    x = torch.randn(n, c, plane, plane, generator=g).to(dtype).requires_grad_(True)
+    m = (torch.rand(n, c, plane, plane, generator=g) > 0.4).to(dtype)
+    w = torch.randn(c, c, 3, 3, generator=g).to(dtype).contiguous(
+        memory_format=torch.channels_last).requires_grad_(True)
+    b = torch.randn(c, generator=g).to(dtype).requires_grad_(True)
+    out, update = pconv_cuda.partial_conv2d(x, m, w, b, stride, 1)
+    gy = torch.randn(out.shape, generator=g).to(dtype)
+    got = torch.autograd.grad(out, (x, w, b), gy)
+    xr, wr, br = (t.detach().double().requires_grad_(True) for t in (x, w, b))
+    ref_out, ref_update = reference.partial_conv2d(xr, m.double(), wr, br, stride, 1)
+    want = torch.autograd.grad(ref_out, (xr, wr, br), gy.double())
+    tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else None
+    for name, a, e in zip(("output", "grad_input", "grad_weight", "grad_bias"),
+                          (out,) + got, (ref_out,) + want):
+        scale = max(1.0, e.abs().max().item())
+        kw = tol or dict(rtol=2e-2 if dtype == torch.bfloat16 else 1e-4,
+                         atol=(2e-2 if dtype == torch.bfloat16 else 1e-4) * scale)
+        torch.testing.assert_close(a.double(), e, **kw, msg=lambda s: f"{name}: {s}")
+    assert out.is_contiguous() and got[0].is_contiguous()
+    assert got[1].is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(update.double(), ref_update)
+
+    args = ([stride, stride], [1, 1], [1, 1], 1)
+    xm = TRAIN_OP(x.detach(), m, w.detach(), b.detach(), *args)[2]
+    activations = n * (c * plane * plane + c * out.shape[2] * out.shape[3])
+    expected = (torch.channels_last if w.numel() >= activations else torch.contiguous_format)
+    assert (w.numel() >= activations) == (plane < 32)  # both sides of the rule are tested
+    assert xm.is_contiguous(memory_format=expected)
+    assert not xm.is_contiguous(memory_format=torch.channels_last if expected ==
+                                torch.contiguous_format else torch.contiguous_format)
 
 
 # (input layout, C_out, kernel, layout of x * m): the three layout paths of the one-read
