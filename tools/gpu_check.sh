@@ -96,8 +96,11 @@ fi
 if step tests; then
   # At most 4 minutes, leaving 2 for memcheck and the table when they follow.
   limit=$(cap 240 $( (step memcheck || step bench) && echo 120 || echo 0))
-  note "tests (limit ${limit} s)"
-  timeout "$limit" $PY -m pytest -q -p no:cacheprovider -m gpu -rs --durations=15 tests 2>&1 |
+  # Four processes share the GPU where pytest-xdist is installed: most GPU tests are
+  # small calls whose time is Python's and the compiler's, not the GPU's.
+  workers=$($PY -c "import xdist" 2>/dev/null && echo "-n ${TEST_WORKERS:-4}")
+  note "tests (limit ${limit} s${workers:+, $workers})"
+  timeout "$limit" $PY -m pytest -q -p no:cacheprovider -m gpu -rs --durations=15 $workers tests 2>&1 |
       tee "$OUT/tests.log" | tail -30
   rc=${PIPESTATUS[0]}
   [ "$rc" -eq 124 ] && echo "tests: stopped at the time limit"
