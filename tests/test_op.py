@@ -476,6 +476,26 @@ def test_few_output_channels_run_channels_last_inside(mask_kind, layout):
         torch.testing.assert_close(xm, xb * mb, rtol=0, atol=0)
 
 
+def _forward_backward_match_reference(x, m, w, b, stride, g):
+    """Runs the op forward and backward (a random g_y drawn from ``g``) and checks output,
+    updated mask and the three gradients against the float64 reference, with tolerances by
+    dtype; returns (output, grad_input, grad_weight, grad_bias)."""
+    out, update = pconv_cuda.partial_conv2d(x, m, w, b, stride, 1)
+    gy = torch.randn(out.shape, generator=g).to(x.dtype)
+    got = torch.autograd.grad(out, (x, w, b), gy)
+    xr, wr, br = (t.detach().double().requires_grad_(True) for t in (x, w, b))
+    ref_out, ref_update = reference.partial_conv2d(xr, m.double(), wr, br, stride, 1)
+    want = torch.autograd.grad(ref_out, (xr, wr, br), gy.double())
+    rel = {torch.float64: 1e-10, torch.float32: 1e-4}.get(x.dtype, 2e-2)
+    for name, a, e in zip(("output", "grad_input", "grad_weight", "grad_bias"),
+                          (out,) + got, (ref_out,) + want):
+        atol = rel * (1.0 if x.dtype == torch.float64 else max(1.0, e.abs().max().item()))
+        torch.testing.assert_close(a.double(), e, rtol=rel, atol=atol,
+                                   msg=lambda s: f"{name}: {s}")
+    torch.testing.assert_close(update.double(), ref_update)
+    return (out,) + got
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("mask_kind", ["single", "multi"])
 @pytest.mark.parametrize("c_in,c_out,stride", [(19, 35, 1), (19, 35, 2), (3, 16, 2)])
@@ -491,20 +511,8 @@ def test_large_planes_run_channels_last_inside(dtype, mask_kind, c_in, c_out, st
     m = (torch.rand(2, c_in if mask_kind == "multi" else 1, 64, 65, generator=g) > 0.4).to(dtype)
     w = torch.randn(c_out, c_in, 3, 3, generator=g).to(dtype).requires_grad_(True)
     b = torch.randn(c_out, generator=g).to(dtype).requires_grad_(True)
-    out, update = pconv_cuda.partial_conv2d(x, m, w, b, stride, 1)
-    gy = torch.randn(out.shape, generator=g).to(dtype)
-    got = torch.autograd.grad(out, (x, w, b), gy)
-    xr, wr, br = (t.detach().double().requires_grad_(True) for t in (x, w, b))
-    ref_out, ref_update = reference.partial_conv2d(xr, m.double(), wr, br, stride, 1)
-    want = torch.autograd.grad(ref_out, (xr, wr, br), gy.double())
-    tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else None
-    for name, a, e in zip(("output", "grad_input", "grad_weight", "grad_bias"),
-                          (out,) + got, (ref_out,) + want):
-        scale = max(1.0, e.abs().max().item())
-        kw = tol or dict(rtol=2e-2, atol=2e-2 * scale)
-        torch.testing.assert_close(a.double(), e, **kw, msg=lambda s: f"{name}: {s}")
-        assert a.is_contiguous(), name
-    torch.testing.assert_close(update.double(), ref_update)
+    results = _forward_backward_match_reference(x, m, w, b, stride, g)
+    assert all(t.is_contiguous() for t in results)
 
     args = ([stride, stride], [1, 1], [1, 1], 1)
     xm = TRAIN_OP(x.detach(), m, w.detach(), b.detach(), *args)[2]
@@ -538,22 +546,9 @@ def test_channels_last_weight_sets_the_layout_where_it_is_the_larger(dtype, chan
     w = torch.randn(c, c, 3, 3, generator=g).to(dtype).contiguous(
         memory_format=torch.channels_last).requires_grad_(True)
     b = torch.randn(c, generator=g).to(dtype).requires_grad_(True)
-    out, update = pconv_cuda.partial_conv2d(x, m, w, b, stride, 1)
-    gy = torch.randn(out.shape, generator=g).to(dtype)
-    got = torch.autograd.grad(out, (x, w, b), gy)
-    xr, wr, br = (t.detach().double().requires_grad_(True) for t in (x, w, b))
-    ref_out, ref_update = reference.partial_conv2d(xr, m.double(), wr, br, stride, 1)
-    want = torch.autograd.grad(ref_out, (xr, wr, br), gy.double())
-    tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else None
-    for name, a, e in zip(("output", "grad_input", "grad_weight", "grad_bias"),
-                          (out,) + got, (ref_out,) + want):
-        scale = max(1.0, e.abs().max().item())
-        kw = tol or dict(rtol=2e-2 if dtype == torch.bfloat16 else 1e-4,
-                         atol=(2e-2 if dtype == torch.bfloat16 else 1e-4) * scale)
-        torch.testing.assert_close(a.double(), e, **kw, msg=lambda s: f"{name}: {s}")
-    assert out.is_contiguous() and got[0].is_contiguous()
-    assert got[1].is_contiguous(memory_format=torch.channels_last)
-    torch.testing.assert_close(update.double(), ref_update)
+    out, grad_input, grad_weight, _ = _forward_backward_match_reference(x, m, w, b, stride, g)
+    assert out.is_contiguous() and grad_input.is_contiguous()
+    assert grad_weight.is_contiguous(memory_format=torch.channels_last)
 
     args = ([stride, stride], [1, 1], [1, 1], 1)
     xm = TRAIN_OP(x.detach(), m, w.detach(), b.detach(), *args)[2]
