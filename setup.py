@@ -12,12 +12,11 @@ torch.ops.pconv; the module itself has two plain C functions), so one build, nam
 import glob
 import os
 
-# The oldest CPython the stable-ABI build must load in (requires-python in pyproject.toml).
-MIN_PYTHON = "cp310"
-
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+# The oldest CPython the stable-ABI build must load in (requires-python in pyproject.toml).
+MIN_PYTHON = "cp310"
 
 
 def _sources(pattern):
