@@ -69,12 +69,19 @@ def make_inputs(shape: LayerShape, batch: int, mode: str, dtype, device, count: 
     return sets
 
 
-def make_params(shape: LayerShape, dtype, device, seed: int = 1):
+WEIGHT_FORMATS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
+
+
+def make_params(shape: LayerShape, dtype, device, seed: int = 1, weights: str = "nchw"):
+    """(weight, bias) of one layer, leaves that require grad; ``weights`` is the weight's
+    memory format (``channels_last``: what ``model.to(memory_format=torch.channels_last)``
+    leaves), the same values either way."""
     g = torch.Generator(device="cpu").manual_seed(seed)
     fan_in = shape.c_in * shape.kernel ** 2
     w = torch.randn(shape.c_out, shape.c_in, shape.kernel, shape.kernel, generator=g) / fan_in ** 0.5
     b = torch.randn(shape.c_out, generator=g) if shape.bias else None
-    w = w.to(device=device, dtype=dtype).requires_grad_(True)
+    w = w.to(device=device, dtype=dtype, memory_format=WEIGHT_FORMATS[weights])
+    w.requires_grad_(True)
     if b is not None:
         b = b.to(device=device, dtype=dtype).requires_grad_(True)
     return w, b
@@ -102,10 +109,12 @@ def train_call(impl: Impl, shape: LayerShape, w, b):
 
 
 def unet_train_step(conv_layer, size: int, batch: int, device, dtype, *, layers=None,
-                    base_channels: int = 64, multi_channel: bool = False, seed: int = 0):
+                    base_channels: int = 64, multi_channel: bool = False, seed: int = 0,
+                    weights: str = "nchw"):
     """One training step (forward, loss, backward, Adam) of the PConv UNet built on
     ``conv_layer``; returns a zero-argument callable. The loss is the full inpainting loss
-    with a randomly initialised VGG16 (timing does not depend on its weights)."""
+    with a randomly initialised VGG16 (timing does not depend on its weights). ``weights``
+    is the memory format of the UNet's weights; images and masks stay NCHW."""
     import warnings
 
     from train.losses import InpaintingLoss
@@ -115,7 +124,8 @@ def unet_train_step(conv_layer, size: int, batch: int, device, dtype, *, layers=
     torch.manual_seed(seed)
     levels = layers if layers is not None else (8 if size >= 512 else 7)
     model = PConvUNet(levels, base_channels=base_channels, conv_layer=conv_layer,
-                      multi_channel=multi_channel).to(device)
+                      multi_channel=multi_channel).to(device,
+                                                      memory_format=WEIGHT_FORMATS[weights])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         vgg = VGG16Features.from_pretrained("/nonexistent", allow_random=True)

@@ -90,7 +90,7 @@ def format_markdown(rows, env) -> str:
     impls = _present(layers)
     out = [f"Device: {env['device']}; torch {env['torch']}; CUDA {env['cuda']}; "
            f"cuDNN {env['cudnn']}; TF32 matmul={env['tf32_matmul']} cudnn={env['tf32_cudnn']}; "
-           f"malloc: {env.get('malloc', 'default')}.", ""]
+           f"malloc: {env.get('malloc', 'default')}; weights: {env.get('weights', 'nchw')}.", ""]
     for dtype in dict.fromkeys(r["dtype"] for r in layers):
         out += [f"{dtype}:", ""] + _dtype_table(layers, dtype, impls) + [""]
     out += ["Geometric means of the ratio to the plain conv:", "",

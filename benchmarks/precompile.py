@@ -24,10 +24,11 @@ from typing import Callable
 from .shapes import LayerShape
 
 
-def task(shape: LayerShape, batch: int, mode: str, dtype: str, pass_: str, device: str) -> dict:
+def task(shape: LayerShape, batch: int, mode: str, dtype: str, pass_: str, device: str,
+         weights: str = "nchw") -> dict:
     """One graph to compile: the compiled reference's call of one benchmark row."""
     return dict(shape=dataclasses.asdict(shape), batch=batch, mode=mode, dtype=dtype,
-                pass_=pass_, device=device)
+                pass_=pass_, device=device, weights=weights)
 
 
 def default_jobs() -> int:
@@ -97,7 +98,7 @@ def _compile_one(t: dict) -> None:
     shape = LayerShape(**t["shape"])
     dtype = DTYPES[t["dtype"]]
     (inputs,) = cases.make_inputs(shape, t["batch"], t["mode"], dtype, t["device"], 1)
-    w, b = cases.make_params(shape, dtype, t["device"])
+    w, b = cases.make_params(shape, dtype, t["device"], weights=t["weights"])
     make_call = {"fwd": cases.forward_call, "fwd+bwd": cases.train_call}[t["pass_"]]
     make_call(cases.implementations(["compiled"])["compiled"], shape, w, b)(inputs)
     if t["device"] == "cuda":

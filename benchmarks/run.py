@@ -75,8 +75,9 @@ class RowStore:
         if resume and path and os.path.exists(path):
             with open(path) as f:
                 data = json.load(f)
-            old = data.get("environment", {})
-            for key in ("device", "torch"):
+            # Files written before --weights existed hold NCHW-weight rows.
+            old = {"weights": "nchw", **data.get("environment", {})}
+            for key in ("device", "torch", "weights"):
                 if old.get(key) != env.get(key):
                     raise SystemExit(f"benchmarks: {path} holds rows from {key} "
                                      f"{old.get(key)!r}, this run has {env.get(key)!r}; "
@@ -129,7 +130,7 @@ def layer_rows(args, device, log, store, out_of_time):
         if "compiled" in impls and args.precompile_jobs and (dtype_name, size) not in compiled_for:
             compiled_for.add((dtype_name, size))
             precompile.precompile(
-                [precompile.task(sh, args.batch, md, dt, p, device)
+                [precompile.task(sh, args.batch, md, dt, p, device, args.weights)
                  for dt, md, sz, mo, sh in plan if (dt, sz) == (dtype_name, size)
                  for p, _ in passes if not store.get((sz, mo, sh.label, md, dt, p))],
                 args.precompile_jobs, log, out_of_time)
@@ -139,7 +140,7 @@ def layer_rows(args, device, log, store, out_of_time):
         log(f"[{done}/{len(plan)}] {dtype_name} {mode} {model} {shape.label}")
         dtype = DTYPES[dtype_name]
         inputs = cases.make_inputs(shape, args.batch, mode, dtype, device, args.rotate)
-        w, b = cases.make_params(shape, dtype, device)
+        w, b = cases.make_params(shape, dtype, device, weights=args.weights)
         for (pass_name, make_call), key in zip(passes, keys):
             row = dict(size=size, model=model, layer=shape.label, mode=mode,
                        dtype=dtype_name, pass_=pass_name, ms={})
@@ -165,7 +166,7 @@ def layer_rows(args, device, log, store, out_of_time):
         shape = next(s for _, s in shapes[row["size"]] if s.label == row["layer"])
         inputs = cases.make_inputs(shape, args.batch, row["mode"], DTYPES[row["dtype"]],
                                    device, 1)
-        w, b = cases.make_params(shape, DTYPES[row["dtype"]], device)
+        w, b = cases.make_params(shape, DTYPES[row["dtype"]], device, weights=args.weights)
         row["peak_mb"] = {
             name: timing.peak_memory_mb(
                 lambda: cases.train_call(impls[name], shape, w, b)(inputs[0]), device)
@@ -195,7 +196,8 @@ def model_rows(args, device, log, store, out_of_time):
         log(f"training step {dtype_name} {mode}")
         kwargs = dict(layers=4, base_channels=8) if args.smoke else {}
         steps = {name: cases.unet_train_step(layer, args.model_size, args.model_batch, device,
-                                             dtype, multi_channel=mode == "multi", **kwargs)
+                                             dtype, multi_channel=mode == "multi",
+                                             weights=args.weights, **kwargs)
                  for name, layer in (("fused", pconv_cuda.PartialConv2d),
                                      ("reference", pconv_cuda.ReferencePartialConv2d))}
         record_times(row, timing.interleaved_times_ms(
@@ -215,7 +217,7 @@ def _cell(row, impl, base):
 def format_table(rows, env) -> str:
     head = (f"device: {env['device']} | torch {env['torch']} | CUDA {env['cuda']} | "
             f"cuDNN {env['cudnn']} | TF32 matmul={env['tf32_matmul']} cudnn={env['tf32_cudnn']} | "
-            f"malloc: {env.get('malloc', 'default')}")
+            f"malloc: {env.get('malloc', 'default')}; weights: {env.get('weights', 'nchw')}")
     cols = ["size", "model", "layer", "mode", "dtype", "pass"] + list(IMPLS) + ["peak MB fused/ref"]
     lines = [head, "times in ms, (ratio to the plain conv); step rows: ratio to the fused step",
              " | ".join(cols)]
@@ -253,6 +255,10 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int)
     p.add_argument("--repeats", type=int)
     p.add_argument("--rotate", type=int, default=3, help="input sets cycled through")
+    p.add_argument("--weights", choices=sorted(cases.WEIGHT_FORMATS), default="nchw",
+                   help="memory format of every implementation's weights, and of the "
+                        "UNet's in the training step (channels_last: what "
+                        "model.to(memory_format=torch.channels_last) leaves)")
     p.add_argument("--skip", nargs="*", choices=IMPLS[1:],
                    help="implementations to leave out (e.g. compiled)")
     p.add_argument("--precompile-jobs", type=int,
@@ -307,6 +313,7 @@ def main(argv=None) -> int:
 
     env = timing.environment(device)
     env["malloc"] = "glibc, freed memory retained" if retained else "default"
+    env["weights"] = args.weights
     store = RowStore(args.json, env, args, resume=args.resume)
 
     def out_of_time():

@@ -10,7 +10,8 @@ import sys
 import pytest
 import torch
 
-from benchmarks import precompile, profile, run
+import pconv_cuda
+from benchmarks import cases, precompile, profile, run
 from benchmarks.shapes import unet_layer_shapes
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -277,3 +278,36 @@ def test_bounds_count_every_pass_of_the_cuda_op(tmp_path, capsys):
     assert "fwd+bwd rows whose floor alone is over 1.15: 1 of 1" in out
     with pytest.raises(SystemExit):
         bounds.main([])  # no run and no bandwidth: nothing to compute from
+
+
+def test_channels_last_weights_reach_every_implementation(tmp_path, monkeypatch):
+    """--weights channels_last gives every column the same channels_last weight, says so
+    in the table, and never resumes from rows measured with the other format."""
+    seen = []
+    real = cases.implementations
+
+    def spying(names):
+        def spy(impl):
+            def call(x, m, w, b, stride, padding):
+                seen.append(w.is_contiguous(memory_format=torch.channels_last)
+                            and not w.is_contiguous())
+                return impl(x, m, w, b, stride, padding)
+            return call
+        return {n: spy(f) for n, f in real(names).items()}
+
+    monkeypatch.setattr(cases, "implementations", spying)
+    path, md = tmp_path / "cl.json", tmp_path / "cl.md"
+    common = ["--smoke", "--quiet", "--no-model", "--skip", "compiled", "--json", str(path)]
+    assert run.main(common + ["--weights", "channels_last", "--markdown", str(md)]) == 0
+    assert seen and all(seen)
+    assert json.loads(path.read_text())["environment"]["weights"] == "channels_last"
+    assert "weights: channels_last" in md.read_text()
+    with pytest.raises(SystemExit, match="weights"):
+        run.main(common + ["--resume"])  # NCHW weights this time
+
+    seen.clear()
+    assert run.main(["--smoke", "--quiet", "--no-model", "--skip", "compiled"]) == 0
+    assert seen and not any(seen)
+    step = cases.unet_train_step(pconv_cuda.PartialConv2d, 64, 1, "cpu", torch.float32,
+                                 layers=4, base_channels=8, weights="channels_last")
+    step()
