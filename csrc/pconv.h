@@ -97,6 +97,11 @@ ConvGeometry check_partial_conv2d_backward_args(
 MaskRatio check_saved_mask_ratio(const at::Tensor& ratio, const at::Tensor& update,
                                  const at::Tensor& input, const ConvGeometry& g);
 
+// The layout of the op's output, ATen's rule for convolutions: channels_last when the
+// input or the weight is (a channels_last model given an NCHW image turns channels_last at
+// its first layer, as with nn.Conv2d), NCHW otherwise.
+at::MemoryFormat conv_output_format(const at::Tensor& input, const at::Tensor& weight);
+
 // at::convolution without bias, with the way around a bug of torch 2.13's CPU bfloat16
 // convolution (oneDNN): with one output column and a column stride over 1, about half the
 // calls return wrong values, some NaN (forward only; float32, float16 and the gradients are

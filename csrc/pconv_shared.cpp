@@ -169,6 +169,13 @@ MaskRatio check_saved_mask_ratio(const at::Tensor& ratio, const at::Tensor& upda
   return MaskRatio{ratio, update, expected[0]};
 }
 
+at::MemoryFormat conv_output_format(const at::Tensor& input, const at::Tensor& weight) {
+  return input.suggest_memory_format() == at::MemoryFormat::ChannelsLast ||
+                 weight.suggest_memory_format() == at::MemoryFormat::ChannelsLast
+             ? at::MemoryFormat::ChannelsLast
+             : at::MemoryFormat::Contiguous;
+}
+
 at::Tensor convolution_without_bias(const at::Tensor& input, const at::Tensor& weight,
                                     c10::IntArrayRef stride, c10::IntArrayRef padding,
                                     c10::IntArrayRef dilation, int64_t groups) {

@@ -35,9 +35,11 @@ def partial_conv2d(
         groups: as in ``torch.nn.functional.conv2d``.
 
     Returns:
-        ``(output, updated_mask)``: output ``[N, C_out, H', W']`` in the input's dtype and
-        memory format; updated_mask ``[N, 1, H', W']``, 1 where the window saw any known
-        pixel (between 0 and 1 for soft masks).
+        ``(output, updated_mask)``: output ``[N, C_out, H', W']`` in the input's dtype, in
+        ``torch.nn.functional.conv2d``'s memory format (channels_last when the input or the
+        weight is, else NCHW; the input's gradient comes back in the input's);
+        updated_mask ``[N, 1, H', W']``, 1 where the window saw any known pixel (between 0
+        and 1 for soft masks).
     """
     if mask is not None and mask.dtype == torch.bool:
         mask = mask.to(input.dtype)

@@ -14,6 +14,14 @@ def _out_size(size, kernel, stride, padding, dilation):
     return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
 
 
+def _output_format(input, weight):
+    # conv_output_format of the C++ op, ATen's rule for convolutions: channels_last when the
+    # input or the weight is.
+    if torch.channels_last in (suggest_memory_format(input), suggest_memory_format(weight)):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 @torch.library.register_fake("pconv::partial_conv2d")
 def _partial_conv2d_fake(input, mask, weight, bias, stride, padding, dilation, groups):
     # Shape and dtype checks live in the C++ op alone (a traced graph reports them when it
@@ -25,7 +33,7 @@ def _partial_conv2d_fake(input, mask, weight, bias, stride, padding, dilation, g
     n, _, h, w = input.shape
     out_h = _out_size(h, weight.shape[2], stride[0], padding[0], dilation[0])
     out_w = _out_size(w, weight.shape[3], stride[1], padding[1], dilation[1])
-    fmt = suggest_memory_format(input)
+    fmt = _output_format(input, weight)
     out = input.new_empty((n, weight.shape[0], out_h, out_w)).contiguous(memory_format=fmt)
     update = input.new_empty((n, 1, out_h, out_w))
     return out, update
@@ -40,20 +48,16 @@ _MIN_PLANE_FOR_CHANNELS_LAST = 64 * 64
 _MIN_FLOAT_CHANNELS_FOR_CHANNELS_LAST = 8
 
 
-def _compute_format(input, weight, stride, groups, out_plane):
+def _compute_format(input, weight, stride, groups):
     # Mirrors compute_format of the CPU kernel (the layout x * m is kept in); on the GPU
-    # x * m has the input's layout.
-    fmt = suggest_memory_format(input)
+    # x * m has the output's layout.
+    fmt = _output_format(input, weight)
     if input.device.type != "cpu":
         return fmt
     if input.shape[1] == 1 or tuple(weight.shape[2:]) == (1, 1):
         return torch.contiguous_format
     if fmt == torch.channels_last:
         return fmt
-    n, c, h, w = input.shape
-    if (suggest_memory_format(weight) == torch.channels_last
-            and weight.numel() >= n * (c * h * w + weight.shape[0] * out_plane)):
-        return torch.channels_last
     large_plane = (input.shape[2] * input.shape[3] >= _MIN_PLANE_FOR_CHANNELS_LAST
                    and (input.element_size() == 2
                         or (max(stride) > 1
@@ -74,7 +78,8 @@ def _direct_conv_layer(input, mask, weight, stride, groups, out_plane):
         return False
     few_inputs = (input.shape[1] <= _MAX_DIRECT_INPUTS and max(stride) > 1
                   and input.dtype in (torch.float32, torch.float64)
-                  and torch.backends.cpu.get_cpu_capability() == "AVX512")
+                  and torch.backends.cpu.get_cpu_capability() == "AVX512"
+                  and _output_format(input, weight) == torch.contiguous_format)
     if weight.shape[0] > _MAX_DIRECT_OUTPUTS and not few_inputs:
         return False
     return input.is_contiguous() and (mask is None or mask.is_contiguous())
@@ -85,7 +90,7 @@ def _masked_input_format(input, mask, weight, stride, groups, out_plane):
     if (input.device.type == "cpu" and input.element_size() >= 4
             and _direct_conv_layer(input, mask, weight, stride, groups, out_plane)):
         return torch.contiguous_format
-    return _compute_format(input, weight, stride, groups, out_plane)
+    return _compute_format(input, weight, stride, groups)
 
 
 @torch.library.register_fake("pconv::partial_conv2d_train")

@@ -13,6 +13,7 @@ import dataclasses
 import random
 
 import torch
+from torch._prims_common import suggest_memory_format
 
 from pconv_cuda import reference
 
@@ -21,6 +22,8 @@ CL = torch.channels_last
 
 MASK_KINDS = ("binary", "soft", "holes", "zeros", "ones", "none")
 LAYOUTS = ("nchw", "channels_last", "mixed", "noncontig")
+# Besides those the random draw takes: "weight_cl", an NCHW input for a channels_last weight
+# (the first layer of a model moved to channels_last, given NCHW images).
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,11 +107,15 @@ EDGE_CONFIGS = [
     make_cfg(3, 4, 6, 11, 13, (2, 5), (2, 3), (0, 2), (1, 2), 2, "soft", multi=True, bias=False),
     make_cfg(2, 3, 64, 32, 32, 7, 2, 3, 1, 1, "holes", layout="mixed"),
     make_cfg(2, 6, 6, 10, 10, 3, 1, 1, 2, 3, "zeros", multi=True, layout="noncontig"),
+    make_cfg(2, 8, 16, 12, 12, 3, 1, 1, 1, 1, "holes", layout="weight_cl"),
+    make_cfg(2, 3, 64, 32, 32, 7, 2, 3, 1, 1, "binary", multi=True, layout="weight_cl"),
+    make_cfg(2, 16, 24, 9, 9, 1, 2, 0, 1, 1, "soft", mb1=True, layout="weight_cl"),
 ]
 
 F64_CONFIGS = random_configs(1, 36) + EDGE_CONFIGS
 F32_CONFIGS = random_configs(2, 36) + EDGE_CONFIGS
-LOWP_CONFIGS = random_configs(3, 12) + EDGE_CONFIGS[:6]
+LOWP_CONFIGS = random_configs(3, 12) + EDGE_CONFIGS[:6] + [
+    c for c in EDGE_CONFIGS if c.layout == "weight_cl"]
 CPU_CONFIGS = random_configs(4, 12)
 
 
@@ -132,9 +139,11 @@ def make_mask(kind, shape, gen):
     raise ValueError(kind)
 
 
-def apply_layout(t, layout, is_mask=False):
+def apply_layout(t, layout, is_mask=False, is_weight=False):
     if t is None or layout == "nchw":
         return t
+    if layout == "weight_cl":
+        return t.contiguous(memory_format=CL) if is_weight else t
     if layout == "channels_last" or (layout == "mixed" and not is_mask):
         return t.contiguous(memory_format=CL)
     if layout == "noncontig":  # same values, permuted strides
@@ -158,7 +167,7 @@ def make_inputs(cfg: Cfg, dtype, device, seed=0):
     x, m, w, b, go = map(conv, (x, m, w, b, go))
     x = apply_layout(x, cfg.layout)
     m = apply_layout(m, cfg.layout, is_mask=True)
-    w = apply_layout(w, cfg.layout)
+    w = apply_layout(w, cfg.layout, is_weight=True)
     if cfg.layout in ("channels_last", "mixed"):
         go = go.contiguous(memory_format=CL)
     return x, m, w, b, go
@@ -191,14 +200,20 @@ def expected_f64(cfg, x, m, w, b, go):
     return run_with_grads(reference.partial_conv2d, cfg, d(x), d(m), d(w), d(b), d(go))
 
 
-def check_layouts(cfg, x, out, upd, gx):
+def check_layouts(cfg, x, w, out, upd, gx):
+    """The updated mask is [N, 1, H', W'] contiguous; the output has nn.Conv2d's layout
+    (channels_last when the input or the weight is); the input gradient keeps the input's."""
     assert upd.shape == (cfg.n, 1, out.shape[2], out.shape[3])
     assert upd.is_contiguous()
     assert upd.dtype == x.dtype
-    fmt = CL if x.is_contiguous(memory_format=CL) and not x.is_contiguous() else None
-    if fmt is not None:
-        assert out.is_contiguous(memory_format=CL), "output must keep the input's channels_last"
+    if CL in (suggest_memory_format(x), suggest_memory_format(w)):
+        assert out.is_contiguous(memory_format=CL), "output must be channels_last, as nn.Conv2d's"
+    else:
+        assert out.is_contiguous(), "output must be NCHW, as nn.Conv2d's"
+    if x.is_contiguous(memory_format=CL) and not x.is_contiguous():
         assert gx.is_contiguous(memory_format=CL), "grad_input must keep the input's channels_last"
+    elif x.is_contiguous():
+        assert gx.is_contiguous(), "grad_input must keep the input's NCHW"
 
 
 LOWP_ATOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}

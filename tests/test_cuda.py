@@ -60,7 +60,7 @@ def test_parity_float64(cfg):
     out, upd, grads = run_with_grads(pconv_cuda.partial_conv2d, cfg, x, m, w, b, go)
     assert out.dtype == torch.float64
     assert_matches((out, upd, grads), expected_f64(cfg, x, m, w, b, go), 1e-10)
-    check_layouts(cfg, x, out, upd, grads[0])
+    check_layouts(cfg, x, w, out, upd, grads[0])
     assert torch.isfinite(out).all()
 
 
@@ -70,7 +70,7 @@ def test_parity_float32(cfg):
     out, upd, grads = run_with_grads(pconv_cuda.partial_conv2d, cfg, x, m, w, b, go)
     assert out.dtype == torch.float32 and upd.dtype == torch.float32
     assert_matches((out, upd, grads), expected_f64(cfg, x, m, w, b, go), 1e-5, update_tol=1e-6)
-    check_layouts(cfg, x, out, upd, grads[0])
+    check_layouts(cfg, x, w, out, upd, grads[0])
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)

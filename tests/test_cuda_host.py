@@ -106,7 +106,7 @@ def test_parity_float64(host, cfg, train):
     out, upd, grads = host_run(cfg, x, m, w, b, go, train)
     assert out.dtype == torch.float64
     assert_matches((out, upd, grads), expected(cfg, x, m, w, b, go), 1e-10)
-    check_layouts(cfg, x, out, upd, grads[0])
+    check_layouts(cfg, x, w, out, upd, grads[0])
 
 
 @pytest.mark.parametrize("cfg", F32_CONFIGS, ids=str)
@@ -115,7 +115,7 @@ def test_parity_float32(host, cfg):
     out, upd, grads = host_run(cfg, x, m, w, b, go, train=True)
     assert out.dtype == torch.float32 and upd.dtype == torch.float32
     assert_matches((out, upd, grads), expected(cfg, x, m, w, b, go), 1e-5, update_tol=1e-6)
-    check_layouts(cfg, x, out, upd, grads[0])
+    check_layouts(cfg, x, w, out, upd, grads[0])
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)

@@ -476,15 +476,15 @@ def test_few_output_channels_run_channels_last_inside(mask_kind, layout):
         torch.testing.assert_close(xm, xb * mb, rtol=0, atol=0)
 
 
-def _forward_backward_match_reference(x, m, w, b, stride, g):
+def _forward_backward_match_reference(x, m, w, b, stride, g, padding=1):
     """Runs the op forward and backward (a random g_y drawn from ``g``) and checks output,
     updated mask and the three gradients against the float64 reference, with tolerances by
     dtype; returns (output, grad_input, grad_weight, grad_bias)."""
-    out, update = pconv_cuda.partial_conv2d(x, m, w, b, stride, 1)
+    out, update = pconv_cuda.partial_conv2d(x, m, w, b, stride, padding)
     gy = torch.randn(out.shape, generator=g).to(x.dtype)
     got = torch.autograd.grad(out, (x, w, b), gy)
     xr, wr, br = (t.detach().double().requires_grad_(True) for t in (x, w, b))
-    ref_out, ref_update = reference.partial_conv2d(xr, m.double(), wr, br, stride, 1)
+    ref_out, ref_update = reference.partial_conv2d(xr, m.double(), wr, br, stride, padding)
     want = torch.autograd.grad(ref_out, (xr, wr, br), gy.double())
     rel = {torch.float64: 1e-10, torch.float32: 1e-4}.get(x.dtype, 2e-2)
     for name, a, e in zip(("output", "grad_input", "grad_weight", "grad_bias"),
@@ -530,34 +530,52 @@ def test_large_planes_run_channels_last_inside(dtype, mask_kind, c_in, c_out, st
 
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("channels,plane,stride", [(64, 8, 1), (40, 9, 2), (16, 32, 1)])
-def test_channels_last_weight_sets_the_layout_where_it_is_the_larger(dtype, channels, plane,
-                                                                      stride):
-    """A channels_last weight (module.to(memory_format=torch.channels_last)) makes an NCHW
-    layer convolve channels_last when the weight has at least as many elements as x * m
-    and the output together (deep layers: copying the weight to NCHW on every call cost
-    more), and NCHW otherwise. Either way the results match the reference, the output and
-    the input gradient keep the input's layout and the weight gradient the weight's."""
-    g = torch.Generator().manual_seed(29)
-    n, c = 1, channels
-    x = torch.randn(n, c, plane, plane, generator=g).to(dtype).requires_grad_(True)
-    m = (torch.rand(n, c, plane, plane, generator=g) > 0.4).to(dtype)
-    w = torch.randn(c, c, 3, 3, generator=g).to(dtype).contiguous(
-        memory_format=torch.channels_last).requires_grad_(True)
-    b = torch.randn(c, generator=g).to(dtype).requires_grad_(True)
-    out, grad_input, grad_weight, _ = _forward_backward_match_reference(x, m, w, b, stride, g)
-    assert out.is_contiguous() and grad_input.is_contiguous()
-    assert grad_weight.is_contiguous(memory_format=torch.channels_last)
+# (C_in, C_out, kernel, stride, plane): layers that take each path of the CPU kernel: deep
+# and large-plane layers (oneDNN), one input channel and 1x1 kernels (NCHW inside), few
+# outputs (the direct convolution, up to 4; channels_last inside, up to 8), the strided RGB
+# first layer (direct convolution in float32 with NCHW weights) and the stride-1 one
+# (implicit GEMM).
+OUTPUT_LAYOUT_LAYERS = [(40, 40, 3, 2, 9), (16, 16, 3, 1, 64), (1, 8, 3, 1, 12), (16, 24, 1, 2, 10),
+                        (16, 3, 3, 1, 20), (16, 6, 3, 1, 12), (3, 16, 7, 2, 24), (3, 16, 3, 1, 20)]
 
-    args = ([stride, stride], [1, 1], [1, 1], 1)
-    xm = TRAIN_OP(x.detach(), m, w.detach(), b.detach(), *args)[2]
-    activations = n * (c * plane * plane + c * out.shape[2] * out.shape[3])
-    expected = (torch.channels_last if w.numel() >= activations else torch.contiguous_format)
-    assert (w.numel() >= activations) == (plane < 32)  # both sides of the rule are tested
-    assert xm.is_contiguous(memory_format=expected)
-    assert not xm.is_contiguous(memory_format=torch.channels_last if expected ==
-                                torch.contiguous_format else torch.contiguous_format)
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("weight_layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("layer", OUTPUT_LAYOUT_LAYERS, ids=lambda l: "{}-{}-k{}-s{}-@{}".format(*l))
+def test_output_takes_the_layout_of_nn_conv2d(layer, layout, weight_layout, dtype):
+    """The output has nn.Conv2d's layout for the same input and weight: channels_last when
+    either is (a channels_last model given an NCHW image turns channels_last at its first
+    layer), NCHW otherwise; in inference and in training. The input gradient keeps the
+    input's layout and the weight gradient the weight's, and the results match the
+    reference."""
+    c_in, c_out, k, stride, plane = layer
+    g = torch.Generator().manual_seed(29)
+    cl = torch.channels_last
+    x = torch.randn(2, c_in, plane, plane, generator=g).to(dtype)
+    m = (torch.rand(2, c_in, plane, plane, generator=g) > 0.4).to(dtype)
+    w = torch.randn(c_out, c_in, k, k, generator=g).to(dtype)
+    b = torch.randn(c_out, generator=g).to(dtype)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=cl)
+    if weight_layout == "channels_last":
+        w = w.contiguous(memory_format=cl)
+    want = F.conv2d(x, w, b, stride, k // 2)
+
+    def same_layout(t, like):
+        assert t.shape == like.shape
+        assert all(t.stride(d) == like.stride(d) for d in range(4) if t.shape[d] > 1), (
+            t.stride(), like.stride())
+
+    args = ([stride, stride], [k // 2, k // 2], [1, 1], 1)
+    same_layout(OP(x, m, w, b, *args)[0], want)
+    same_layout(TRAIN_OP(x, m, w, b, *args)[0], want)
+    x, w, b = (t.requires_grad_(True) for t in (x, w, b))
+    out, grad_input, grad_weight, _ = _forward_backward_match_reference(x, m, w, b, stride, g,
+                                                                        k // 2)
+    same_layout(out, want)
+    same_layout(grad_input, x)
+    same_layout(grad_weight, w)
 
 
 # (input layout, C_out, kernel, layout of x * m): the three layout paths of the one-read

@@ -381,7 +381,7 @@ bool band_fits(const ConvGeometry& g, int64_t element_size) {
 }
 
 bool direct_conv_takes_layer(const at::Tensor& input, const c10::optional<at::Tensor>& mask,
-                             const ConvGeometry& g) {
+                             const at::Tensor& weight, const ConvGeometry& g) {
   if (g.groups != 1 || g.batch == 0 || g.out_h * g.out_w == 0) return false;
   const at::ScalarType type = input.scalar_type();
   // Strided first layers: oneDNN ran 3->64, 7x7, stride 2 (256 x 256, float32) as fast as
@@ -391,15 +391,16 @@ bool direct_conv_takes_layer(const at::Tensor& input, const c10::optional<at::Te
   // bytes); bfloat16 and float16 run their first layers channels_last, faster still.
   const bool strided = g.stride_h > 1 || g.stride_w > 1;
   const bool few_inputs = g.in_channels <= kMaxDirectInputs && strided &&
-                          (type == at::kFloat || type == at::kDouble) && avx512_enabled();
+                          (type == at::kFloat || type == at::kDouble) && avx512_enabled() &&
+                          conv_output_format(input, weight) == at::MemoryFormat::Contiguous;
   if (g.out_channels > kMaxDirectOutputs && !few_inputs) return false;
   if (!input.is_contiguous()) return false;
   return !(mask.has_value() && mask->defined() && !mask->is_contiguous());
 }
 
 bool direct_conv_applies(const at::Tensor& input, const c10::optional<at::Tensor>& mask,
-                         const ConvGeometry& g) {
-  return direct_conv_takes_layer(input, mask, g) && band_fits(g, input.element_size());
+                         const at::Tensor& weight, const ConvGeometry& g) {
+  return direct_conv_takes_layer(input, mask, weight, g) && band_fits(g, input.element_size());
 }
 
 namespace {
@@ -421,7 +422,7 @@ at::Tensor direct_conv_forward(const at::Tensor& input, const c10::optional<at::
                                const MaskRatio& mr, const at::Tensor& weight,
                                const c10::optional<at::Tensor>& bias, const ConvGeometry& g) {
   RECORD_FUNCTION("pconv::direct_conv", c10::ArrayRef<c10::IValue>{});
-  TORCH_INTERNAL_ASSERT(direct_conv_applies(input, mask, g));
+  TORCH_INTERNAL_ASSERT(direct_conv_applies(input, mask, weight, g));
   const at::Tensor m = mask.has_value() && mask->defined() ? *mask : at::Tensor();
   const at::Tensor b = bias.has_value() && bias->defined() ? *bias : at::Tensor();
   return run_direct_conv(input, m, &mr, false, weight, b, g);
@@ -436,7 +437,7 @@ std::tuple<at::Tensor, MaskRatio> direct_conv_forward_with_mask_ratio(
     const at::Tensor& input, const at::Tensor& mask, const at::Tensor& weight,
     const c10::optional<at::Tensor>& bias, const ConvGeometry& g) {
   RECORD_FUNCTION("pconv::direct_conv", c10::ArrayRef<c10::IValue>{});
-  TORCH_INTERNAL_ASSERT(direct_conv_applies(input, mask, g) &&
+  TORCH_INTERNAL_ASSERT(direct_conv_applies(input, mask, weight, g) &&
                         direct_conv_makes_mask_ratio(mask, g));
   MaskRatio mr = empty_mask_ratio(g.batch, mask_ratio_dtype(input.scalar_type()), g);
   const at::Tensor b = bias.has_value() && bias->defined() ? *bias : at::Tensor();

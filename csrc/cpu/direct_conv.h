@@ -13,15 +13,17 @@ namespace pconv {
 // True for the layers the direct convolution is for: groups 1, a non-empty batch and
 // output, an NCHW-contiguous input and mask, and either 1 to 4 output channels (the last
 // layers) or, where AVX-512 is enabled, a stride over 1, 1 to 4 input channels and float32
-// or float64 (the strided first layers). The training forward keeps their x * m NCHW; the
+// or float64 (the strided first layers) and an NCHW weight (a channels_last one makes their
+// output channels_last: oneDNN's channels_last convolution writes it so, where this kernel's
+// NCHW output would need another pass). The training forward keeps their x * m NCHW; the
 // fake kernel of partial_conv2d_train (pconv_cuda/ops.py) follows this rule.
 bool direct_conv_takes_layer(const at::Tensor& input, const c10::optional<at::Tensor>& mask,
-                             const ConvGeometry& g);
+                             const at::Tensor& weight, const ConvGeometry& g);
 
 // True when direct_conv_forward takes this layer: one of those above whose input band for
 // one output row fits 16 MiB (each thread keeps one).
 bool direct_conv_applies(const at::Tensor& input, const c10::optional<at::Tensor>& mask,
-                         const ConvGeometry& g);
+                         const at::Tensor& weight, const ConvGeometry& g);
 
 // y = (conv(x * m, W) * r + b) * u, [N, C_out, H', W'] NCHW-contiguous, for an input
 // [N, C_in, H, W] and a mask [N or 1, 1 or C_in, H, W] (1 = known, 0 = hole; absent: no

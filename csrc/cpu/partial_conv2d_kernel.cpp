@@ -38,17 +38,18 @@
 namespace pconv {
 namespace {
 
-// The layout the convolution runs in. Mostly the input's, with three exceptions:
+// The layout the convolution runs in. Mostly the output's (conv_output_format: channels_last
+// when the input or the weight is), with three exceptions:
 //  - NCHW where oneDNN (torch 2.13, CPU) is unsafe in channels_last. With one input
 //    channel both layouts hold the same bytes, but strided convolutions given the
 //    channels_last strides of a C=1 tensor return wrong values; and the channels_last 1x1
 //    weight-gradient kernel corrupts the heap for strided shapes with few channels.
-//  - channels_last for an NCHW input when the layer has few output channels (the UNets'
-//    last layers, C_out = 3): oneDNN's NCHW kernels for them run at half the speed of its
+//  - channels_last for an NCHW layer when it has few output channels (the UNets' last
+//    layers, C_out = 3): oneDNN's NCHW kernels for them run at half the speed of its
 //    channels_last ones, forward and backward (measured at 64->3 and 67->3 at 256x256, fp32
 //    and bf16). Their stride-1 forward takes the direct convolution instead, but for
 //    16-bit training; this layout is their backward's.
-//  - channels_last for an NCHW input on planes of 64 x 64 pixels and more, in 16-bit types.
+//  - channels_last for an NCHW layer on planes of 64 x 64 pixels and more, in 16-bit types.
 //    There, on an Intel Xeon with AMX (2 threads, torch 2.13), oneDNN's channels_last
 //    convolutions took 0.27-0.80x the time of its NCHW ones in bfloat16 forward and
 //    0.50-0.91x backward (3->64 at 256 x 256 to 128->256 at 64 x 64); from 32 x 32 down
@@ -60,16 +61,9 @@ namespace {
 //    channels the NCHW first-layer kernel is faster (3->64: channels_last 1.12x).
 // In both the layout changes fold into passes the op makes anyway: x * m on the way in,
 // the epilogue on the way out, and the same pair in the backward (tiles.h).
-// An input already in the compute layout stays there, so x * m keeps its layout and a
-// backward that gets x * m back finds the same layout again.
-// A channels_last weight (what module.to(memory_format=torch.channels_last) leaves) makes
-// the convolution channels_last too where copying the weight to NCHW would move more data
-// than changing the activations' layout: x * m and the output (the batch's pixels times
-// C_in, and times C_out). That is the deep layers, where the weight is the largest tensor:
-// there the per-call copy made the fused forward up to 2.5x (bfloat16) and 5.0x (float32,
-// 512->512 k3 s2 @4) the conv given the same weight, and channels_last brings those rows
-// to 1.0-1.16x. On large planes the copy is the cheaper change (float32 64->64 @256:
-// 1.13x against 1.20x in channels_last).
+// A channels_last layer (input or weight) convolves channels_last, as ATen's conv does: its
+// output is channels_last, and an NCHW weight would otherwise be copied on every call (at
+// 512->512 k3 s2 @4 that copy made the fused forward 5x the conv given the same weight).
 constexpr int64_t kMaxChannelsForChannelsLast = 8;
 constexpr int64_t kMinPlaneForChannelsLast = 64 * 64;
 constexpr int64_t kMinFloatChannelsForChannelsLast = 8;
@@ -85,12 +79,7 @@ at::MemoryFormat compute_format(const at::Tensor& input, const at::Tensor& weigh
   if (g.in_channels == 1 || (g.kernel_h == 1 && g.kernel_w == 1)) {
     return at::MemoryFormat::Contiguous;
   }
-  if (input.suggest_memory_format() == at::MemoryFormat::ChannelsLast) {
-    return at::MemoryFormat::ChannelsLast;
-  }
-  if (weight.suggest_memory_format() == at::MemoryFormat::ChannelsLast &&
-      weight.numel() >= g.batch * (g.in_channels * g.in_h * g.in_w +
-                                   g.out_channels * g.out_h * g.out_w)) {
+  if (conv_output_format(input, weight) == at::MemoryFormat::ChannelsLast) {
     return at::MemoryFormat::ChannelsLast;
   }
   if (g.groups == 1 && (g.out_channels <= kMaxChannelsForChannelsLast ||
@@ -384,9 +373,9 @@ at::Tensor convolve_and_renormalise(const at::Tensor& xm, const MaskRatio& mr,
   return out.contiguous(out_format);
 }
 
-at::Tensor empty_output(const at::Tensor& input, const ConvGeometry& g) {
+at::Tensor empty_output(const at::Tensor& input, const at::Tensor& weight, const ConvGeometry& g) {
   return at::empty({0, g.out_channels, g.out_h, g.out_w},
-                   input.options().memory_format(input.suggest_memory_format()));
+                   input.options().memory_format(conv_output_format(input, weight)));
 }
 
 std::tuple<at::Tensor, at::Tensor> partial_conv2d_cpu(
@@ -395,16 +384,19 @@ std::tuple<at::Tensor, at::Tensor> partial_conv2d_cpu(
     c10::IntArrayRef dilation, int64_t groups) {
   const ConvGeometry g =
       check_partial_conv2d_args(input, mask, weight, bias, stride, padding, dilation, groups);
-  const bool direct = direct_conv_applies(input, mask, g);
+  const at::MemoryFormat out_format = conv_output_format(input, weight);
+  // The direct convolution and the implicit GEMM write NCHW: a channels_last output of
+  // theirs (the last layers of a channels_last model, up to 4 channels) changes layout after.
+  const bool direct = direct_conv_applies(input, mask, weight, g);
   if (direct && direct_conv_makes_mask_ratio(mask, g)) {
     auto [out, mr] = direct_conv_forward_with_mask_ratio(input, *mask, weight, bias, g);
-    return {out, expand_update(mr, input, g)};
+    return {out.contiguous(out_format), expand_update(mr, input, g)};
   }
   if (direct || takes_implicit_gemm(input, mask, weight, g)) {
     const MaskRatio mr = mask_ratio_cpu(mask, g, input.scalar_type());
     at::Tensor out = direct ? direct_conv_forward(input, mask, mr, weight, bias, g)
                             : implicit_gemm_forward(input, mask, mr, weight, bias, g);
-    return {out, expand_update(mr, input, g)};
+    return {out.contiguous(out_format), expand_update(mr, input, g)};
   }
   const at::MemoryFormat format = compute_format(input, weight, g);
   MaskRatio mr;
@@ -414,11 +406,11 @@ std::tuple<at::Tensor, at::Tensor> partial_conv2d_cpu(
     mr = mask_ratio_with_masked_input(input, *mask, xm, g);
   } else {
     mr = mask_ratio_cpu(mask, g, input.scalar_type());
-    if (g.batch == 0) return {empty_output(input, g), expand_update(mr, input, g)};
+    if (g.batch == 0) return {empty_output(input, weight, g), expand_update(mr, input, g)};
     xm = cpu_masked_input(input, mask, format);
   }
   return {convolve_and_renormalise(xm, mr, weight, bias, stride, padding, dilation, g,
-                                   input.suggest_memory_format()),
+                                   out_format),
           expand_update(mr, input, g)};
 }
 
@@ -438,8 +430,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> partial_c
   // x * m stays NCHW for the direct convolution's layers even where a band would not fit
   // and oneDNN convolves, so that its layout follows a rule of the shapes alone (which the
   // fake kernel in pconv_cuda/ops.py mirrors).
-  const bool nchw_xm = input.element_size() >= 4 && direct_conv_takes_layer(input, mask, g);
-  const bool direct = nchw_xm && direct_conv_applies(input, mask, g);
+  const bool nchw_xm =
+      input.element_size() >= 4 && direct_conv_takes_layer(input, mask, weight, g);
+  const bool direct = nchw_xm && direct_conv_applies(input, mask, weight, g);
+  const at::MemoryFormat out_format = conv_output_format(input, weight);
   const bool implicit_gemm = !direct && takes_implicit_gemm(input, mask, weight, g);
   const at::MemoryFormat format =
       nchw_xm ? at::MemoryFormat::Contiguous : compute_format(input, weight, g);
@@ -455,12 +449,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> partial_c
   if (implicit_gemm || direct) {
     at::Tensor out = direct ? direct_conv_forward(xm, c10::nullopt, mr, weight, bias, g)
                             : implicit_gemm_forward(xm, c10::nullopt, mr, weight, bias, g);
-    return {out, update, xm, mr.ratio, mr.update};
+    return {out.contiguous(out_format), update, xm, mr.ratio, mr.update};
   }
-  at::Tensor out = g.batch == 0 ? empty_output(input, g)
+  at::Tensor out = g.batch == 0 ? empty_output(input, weight, g)
                                 : convolve_and_renormalise(xm, mr, weight, bias, stride, padding,
-                                                           dilation, g,
-                                                           input.suggest_memory_format());
+                                                           dilation, g, out_format);
   return {out, update, xm, mr.ratio, mr.update};
 }
 

@@ -216,7 +216,9 @@ ForwardResult forward_cuda(const at::Tensor& input, const c10::optional<at::Tens
                            const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                            c10::IntArrayRef stride, c10::IntArrayRef padding,
                            c10::IntArrayRef dilation, const ConvGeometry& g) {
-  const at::MemoryFormat format = input.suggest_memory_format();
+  // The output's layout, ATen's: with a channels_last weight and an NCHW input, x * m is
+  // written channels_last, so cuDNN reads the weight as it is (no copy per call).
+  const at::MemoryFormat format = conv_output_format(input, weight);
   ForwardResult res;
   res.mr = mask_ratio_cuda(mask, g, input, &res.update);
   if (res.mr.batch != g.batch) {
@@ -282,7 +284,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
     return {grad_input, grad_weight, grad_bias};
   }
 
-  const at::MemoryFormat format = source.suggest_memory_format();
+  const at::MemoryFormat format = conv_output_format(source, weight);
   const MaskRatio mr = saved != nullptr ? *saved : mask_ratio_cuda(mask, g, source, nullptr);
   const at::Tensor gy = grad_output.contiguous(format);
   at::Tensor grad_raw =
@@ -294,9 +296,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
       if (need_dx) grad_input = at::zeros_like(source, at::MemoryFormat::Preserve);
       if (need_dw) grad_weight = at::zeros_like(weight, at::MemoryFormat::Preserve);
     } else {
-      // The weight gradient reads x * m; the input gradient only needs the input's shape.
-      const at::Tensor xm = source_is_masked || !need_dw ? source.contiguous(format)
-                                                         : masked_input(source, mask, format);
+      // The weight gradient reads x * m; the input gradient only needs the input's shape
+      // (and layout), so without dW an unwritten tensor stands in for an input in another.
+      at::Tensor xm;
+      if (source_is_masked) {
+        xm = source.contiguous(format);
+      } else if (need_dw) {
+        xm = masked_input(source, mask, format);
+      } else {
+        xm = source.is_contiguous(format)
+                 ? source
+                 : at::empty(source.sizes(), source.options().memory_format(format));
+      }
       auto grads = convolution_backward(grad_raw, xm, weight.contiguous(format), stride, padding,
                                         dilation, g.groups, {need_dx, need_dw, false});
       if (need_dx) {
