@@ -9,6 +9,24 @@ from __future__ import annotations
 import torch
 from torch._prims_common import suggest_memory_format
 
+# The version of what these fakes say about the outputs (their layouts above all). Inductor
+# keys its on-disk caches by a graph's code, not by the fake kernels of the custom ops in
+# it (torch 2.13), so a graph compiled under fakes that described other layouts would be
+# loaded after an upgrade and fail a stride assertion when it runs. This tag joins the key
+# (torch.compiler.config.cache_key_tag, after any tag already set): bump it with every
+# change of the outputs' shapes, dtypes or strides.
+FAKE_CONTRACT = "pconv-outputs-2"
+
+
+def _tag_compile_caches() -> None:
+    config = torch.compiler.config
+    tags = [t for t in config.cache_key_tag.split(";") if t]
+    if FAKE_CONTRACT not in tags:
+        config.cache_key_tag = ";".join(tags + [FAKE_CONTRACT])
+
+
+_tag_compile_caches()
+
 
 def _out_size(size, kernel, stride, padding, dilation):
     return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1

@@ -1,5 +1,7 @@
 """The registered op: gradcheck, opcheck, torch.compile, autocast, layouts, edge cases."""
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -92,6 +94,56 @@ def test_compile_fullgraph_matches_eager(backend):
     ref_out.sum().backward()
     for g, p in zip(grads, model.parameters()):
         torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_import_adds_the_fake_contract_to_the_compile_cache_tag(monkeypatch):
+    """A tag already set stays in front; tagging again adds nothing."""
+    from pconv_cuda import ops
+
+    config = torch.compiler.config
+    assert ops.FAKE_CONTRACT in config.cache_key_tag.split(";")
+    monkeypatch.setattr(config, "cache_key_tag", "mine")
+    ops._tag_compile_caches()
+    assert config.cache_key_tag == "mine;" + ops.FAKE_CONTRACT
+    ops._tag_compile_caches()
+    assert config.cache_key_tag == "mine;" + ops.FAKE_CONTRACT
+
+
+_CACHE_PROBE = """
+import sys, torch, pconv_cuda
+if sys.argv[1] == "untagged":  # as a build whose fakes predate the tag
+    torch.compiler.config.cache_key_tag = ""
+layer = pconv_cuda.PartialConv2d(8, 8, 3, padding=1, return_mask=True).to(
+    memory_format=torch.channels_last)
+with torch.no_grad():
+    out, _ = torch.compile(layer, fullgraph=True)(torch.randn(1, 8, 10, 10),
+                                                  torch.ones(1, 1, 10, 10))
+counters = torch._dynamo.utils.counters["inductor"]
+print(counters["fxgraph_cache_hit"], counters["fxgraph_cache_miss"], out.stride(1))
+"""
+
+
+def test_graphs_compiled_under_other_fakes_are_not_reused(tmp_path):
+    """Inductor's on-disk cache keys a graph by its code alone; the contract tag keeps a
+    graph compiled under other fake kernels (here: without the tag) from being loaded."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path),
+               TORCHINDUCTOR_FX_GRAPH_CACHE="1")
+    env.pop("TORCHINDUCTOR_FORCE_DISABLE_CACHES", None)
+    env.pop("TORCH_COMPILE_CACHE_KEY_TAG", None)
+
+    def run(mode):
+        done = subprocess.run([sys.executable, "-c", _CACHE_PROBE, mode], env=env, check=True,
+                              capture_output=True, text=True)
+        return [int(v) for v in done.stdout.split()]
+
+    assert run("untagged")[:2] == [0, 1]
+    hits, misses, channel_stride = run("tagged")
+    assert (hits, misses) == (0, 1)  # the untagged graph was not taken
+    assert channel_stride == 1  # channels_last output, as nn.Conv2d's
+    assert run("tagged")[:2] == [1, 0]  # and the tagged one is
 
 
 def test_autocast_cpu_runs_in_bfloat16_with_float32_ratio():
