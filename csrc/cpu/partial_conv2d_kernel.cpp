@@ -385,8 +385,9 @@ std::tuple<at::Tensor, at::Tensor> partial_conv2d_cpu(
   const ConvGeometry g =
       check_partial_conv2d_args(input, mask, weight, bias, stride, padding, dilation, groups);
   const at::MemoryFormat out_format = conv_output_format(input, weight);
-  // The direct convolution and the implicit GEMM write NCHW: a channels_last output of
-  // theirs (the last layers of a channels_last model, up to 4 channels) changes layout after.
+  // The direct convolution writes NCHW: its channels_last outputs (the last layers of a
+  // channels_last model, up to 4 channels) change layout after. The implicit GEMM only
+  // takes layers whose output is NCHW (compute_format is).
   const bool direct = direct_conv_applies(input, mask, weight, g);
   if (direct && direct_conv_makes_mask_ratio(mask, g)) {
     auto [out, mr] = direct_conv_forward_with_mask_ratio(input, *mask, weight, bias, g);
