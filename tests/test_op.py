@@ -318,6 +318,15 @@ def test_bfloat16_forward_close_to_float32():
 TRAIN_OP = torch.ops.pconv.partial_conv2d_train.default
 
 
+def assert_same_layout(actual, like, what=""):
+    """Same shape, and the same strides in every dimension of size over 1 (a layout fixes
+    only those)."""
+    assert actual.shape == like.shape, (what, actual.shape, like.shape)
+    for dim, size in enumerate(actual.shape):
+        if size > 1:
+            assert actual.stride(dim) == like.stride(dim), (what, actual.stride(), like.stride())
+
+
 # The CPU kernels choose where x * m lives (channels_last inside for few outputs and large
 # 16-bit planes, NCHW for the direct convolution's layers), and the fake kernels must say
 # the same: inductor asserts every stride they give. Last layers, strided first layers, a
@@ -358,10 +367,8 @@ def test_fake_kernels_describe_the_cpu_outputs(case, dtype, layout, weight_layou
         fake = fakes._partial_conv2d_train_fake(
             *(None if t is None else mode.from_tensor(t) for t in (x, m, w, b)), *geo)
     for name, r, f in zip(("output", "updated mask", "x * m", "ratio", "update"), real, fake):
-        assert r.shape == f.shape and r.dtype == f.dtype, name
-        for dim, size in enumerate(r.shape):  # a layout fixes the strides of sizes over 1
-            if size > 1:
-                assert r.stride(dim) == f.stride(dim), (name, r.stride(), f.stride())
+        assert r.dtype == f.dtype, name
+        assert_same_layout(r, f, name)
 
 
 def test_fake_kernels_describe_the_cpu_outputs_below_avx512():
@@ -614,20 +621,15 @@ def test_output_takes_the_layout_of_nn_conv2d(layer, layout, weight_layout, dtyp
         w = w.contiguous(memory_format=cl)
     want = F.conv2d(x, w, b, stride, k // 2)
 
-    def same_layout(t, like):
-        assert t.shape == like.shape
-        assert all(t.stride(d) == like.stride(d) for d in range(4) if t.shape[d] > 1), (
-            t.stride(), like.stride())
-
     args = ([stride, stride], [k // 2, k // 2], [1, 1], 1)
-    same_layout(OP(x, m, w, b, *args)[0], want)
-    same_layout(TRAIN_OP(x, m, w, b, *args)[0], want)
+    assert_same_layout(OP(x, m, w, b, *args)[0], want)
+    assert_same_layout(TRAIN_OP(x, m, w, b, *args)[0], want)
     x, w, b = (t.requires_grad_(True) for t in (x, w, b))
     out, grad_input, grad_weight, _ = _forward_backward_match_reference(x, m, w, b, stride, g,
                                                                         k // 2)
-    same_layout(out, want)
-    same_layout(grad_input, x)
-    same_layout(grad_weight, w)
+    assert_same_layout(out, want)
+    assert_same_layout(grad_input, x)
+    assert_same_layout(grad_weight, w)
 
 
 # (input layout, C_out, kernel, layout of x * m): the three layout paths of the one-read
