@@ -39,7 +39,7 @@ def layer_shapes(model: torch.nn.Module, size: int) -> list[LayerShape]:
     def hook(module, args, _out):
         x = args[0]
         shape = LayerShape(module.in_channels, module.out_channels, module.kernel_size[0],
-                           module.stride[0], module._op_padding[0], x.shape[2], x.shape[3],
+                           module.stride[0], module.padding[0], x.shape[2], x.shape[3],
                            module.bias is not None)
         seen.setdefault(shape, None)
 

@@ -12,10 +12,15 @@
 //    place the input would take, so the memory held for backward does not grow.
 //  - otherwise (input gradient only, or no mask): it keeps the input and the mask, and
 //    partial_conv2d_backward forms x * m and the ratio again when it runs.
-// Neither backward is differentiable again (no double backward).
+// A backward that is itself recorded (create_graph=True: gradient penalties, Hessian-vector
+// products) runs as differentiable ATen ops instead (recorded_backward): the fused backward
+// ops have no autograd of their own.
 #include "op_handles.h"
 #include "pconv.h"
 
+#include <ATen/TensorOperators.h>
+#include <ATen/ops/convolution_backward.h>
+#include <ATen/ops/ones.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
@@ -74,6 +79,37 @@ variable_list forward_arg_grads(const std::array<bool, 3>& want, const Grads3& g
 
 bool any(const std::array<bool, 3>& want) { return want[0] || want[1] || want[2]; }
 
+// DESIGN.md §1's gradients as differentiable ATen ops. masked is x * m with a gradient
+// path to x; ratio and update are r and u in the ratio dtype, [N or 1, 1, H', W'].
+Grads3 recorded_backward(const Tensor& grad_y, const Tensor& masked, const OptTensor& mask,
+                         const Tensor& ratio, const Tensor& update, const Tensor& weight,
+                         const ConvArgs& a, const std::array<bool, 3>& want) {
+  const Tensor scale = a.has_bias ? ratio * update : ratio;
+  const Tensor g_raw = (grad_y * scale).to(grad_y.scalar_type());
+  Tensor dx, dw, db;
+  if (want[0] || want[1]) {
+    const int64_t no_output_padding[] = {0, 0};
+    auto grads = at::convolution_backward(g_raw, masked, weight, c10::nullopt, a.stride,
+                                          a.padding, a.dilation, /*transposed=*/false,
+                                          no_output_padding, a.groups, {want[0], want[1], false});
+    dx = std::get<0>(grads);
+    dw = std::get<1>(grads);
+    if (want[0] && defined(mask)) dx = dx * mask->detach();
+  }
+  if (want[2]) db = (grad_y * update).sum({0, 2, 3}).to(grad_y.scalar_type());
+  return {dx, dw, db};
+}
+
+// Forward-mode AD would see the C++ Function below as a constant; torch.func transforms
+// and forward_ad are sent to the reference by the Python API before they get here.
+void check_no_forward_grad(const Tensor& input, const Tensor& weight, const OptTensor& bias) {
+  TORCH_CHECK(!input._fw_grad(0).defined() && !weight._fw_grad(0).defined() &&
+                  !(defined(bias) && bias->_fw_grad(0).defined()),
+              "partial_conv2d: forward-mode AD (dual tensors, torch.func.jvp) is not supported "
+              "by the op; pconv_cuda.partial_conv2d and PartialConv2d run the plain-PyTorch "
+              "reference there");
+}
+
 // Keeps the input and the mask; partial_conv2d_backward recomputes x * m and the ratio.
 class RecomputingPartialConv2d : public torch::autograd::Function<RecomputingPartialConv2d> {
  public:
@@ -98,10 +134,28 @@ class RecomputingPartialConv2d : public torch::autograd::Function<RecomputingPar
     const auto want = wanted_grads(ctx, has_mask, a.has_bias);
     if (!grad_outputs[0].defined() || !any(want)) return variable_list(8);
     const variable_list saved = ctx->get_saved_variables();
+    const Tensor &input = saved[0], &weight = saved[2];
     const OptTensor mask = has_mask ? OptTensor(saved[1]) : c10::nullopt;
-    return forward_arg_grads(
-        want, backward_op().call(grad_outputs[0], saved[0], mask, saved[2], a.has_bias,
-                                 a.stride, a.padding, a.dilation, a.groups, want));
+    if (!torch::autograd::GradMode::is_enabled()) {
+      return forward_arg_grads(
+          want, backward_op().call(grad_outputs[0], input, mask, weight, a.has_bias, a.stride,
+                                   a.padding, a.dilation, a.groups, want));
+    }
+    // r and u from the training op (its convolution is not needed, but double backward
+    // is rare); x * m again, now with its path to x.
+    Tensor ratio, update;
+    {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      const Tensor m = has_mask ? *mask : at::ones({1, 1, input.size(2), input.size(3)},
+                                                  input.options());
+      auto stats = train_op().call(input.detach(), m, weight.detach(), c10::nullopt, a.stride,
+                                   a.padding, a.dilation, a.groups);
+      ratio = std::get<3>(stats);
+      update = std::get<4>(stats);
+    }
+    const Tensor masked = has_mask ? input * mask->detach() : input;
+    return forward_arg_grads(want, recorded_backward(grad_outputs[0], masked, mask, ratio, update,
+                                                     weight, a, want));
   }
 };
 
@@ -120,7 +174,9 @@ class TrainingPartialConv2d : public torch::autograd::Function<TrainingPartialCo
     save_conv_args(ctx, true, defined(bias), stride, padding, dilation, groups);
     // x * m has the layout the convolution ran in, which may differ from the input's.
     ctx->saved_data["input_format"] = static_cast<int64_t>(input.suggest_memory_format());
-    ctx->mark_non_differentiable({update, masked, ratio, update_acc});
+    // x * m stays differentiable (d/dx = m): a recorded backward convolves it for dW, and
+    // the gradient of that reaches x through it.
+    ctx->mark_non_differentiable({update, ratio, update_acc});
     ctx->set_materialize_grads(false);
     return {out, update, masked, ratio, update_acc};
   }
@@ -128,14 +184,31 @@ class TrainingPartialConv2d : public torch::autograd::Function<TrainingPartialCo
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     const ConvArgs a = load_conv_args(ctx);
     const auto want = wanted_grads(ctx, true, a.has_bias);
-    if (!grad_outputs[0].defined() || !any(want)) return variable_list(8);
+    const Tensor &grad_y = grad_outputs[0], &grad_masked = grad_outputs[2];
+    if (!any(want) || !(grad_y.defined() || (want[0] && grad_masked.defined()))) {
+      return variable_list(8);
+    }
     const variable_list saved = ctx->get_saved_variables();
-    const auto input_format =
-        static_cast<at::MemoryFormat>(ctx->saved_data["input_format"].toInt());
-    return forward_arg_grads(
-        want, train_backward_op().call(grad_outputs[0], saved[0], saved[1], saved[2], saved[3],
-                                       saved[4], a.has_bias, a.stride, a.padding, a.dilation,
-                                       a.groups, want, input_format));
+    const Tensor &masked = saved[0], &mask = saved[1], &ratio = saved[2], &update = saved[3],
+                 &weight = saved[4];
+    Grads3 grads;
+    if (grad_y.defined()) {
+      const auto input_format =
+          static_cast<at::MemoryFormat>(ctx->saved_data["input_format"].toInt());
+      grads = torch::autograd::GradMode::is_enabled()
+                  ? recorded_backward(grad_y, masked, mask, ratio, update, weight, a, want)
+                  : train_backward_op().call(grad_y, masked, mask, ratio, update, weight,
+                                             a.has_bias, a.stride, a.padding, a.dilation,
+                                             a.groups, want, input_format);
+    }
+    // A gradient of x * m itself: only a recorded backward (or a caller of
+    // partial_conv2d_train) differentiates through it.
+    if (want[0] && grad_masked.defined()) {
+      Tensor& dx = std::get<0>(grads);
+      const Tensor term = grad_masked * mask.detach();
+      dx = dx.defined() ? dx + term : term;
+    }
+    return forward_arg_grads(want, grads);
   }
 };
 
@@ -149,6 +222,7 @@ std::tuple<Tensor, Tensor> partial_conv2d_autograd(
     const Tensor& input, const OptTensor& mask, const Tensor& weight, const OptTensor& bias,
     c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation,
     int64_t groups) {
+  check_no_forward_grad(input, weight, bias);
   if (!needs_graph(input, weight, bias)) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     return forward_op().call(input, mask, weight, bias, stride, padding, dilation, groups);
@@ -166,6 +240,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> partial_conv2d_train_autograd
     const Tensor& input, const Tensor& mask, const Tensor& weight, const OptTensor& bias,
     c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation,
     int64_t groups) {
+  check_no_forward_grad(input, weight, bias);
   if (!needs_graph(input, weight, bias)) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     return train_op().call(input, mask, weight, bias, stride, padding, dilation, groups);

@@ -90,6 +90,9 @@ ConvGeometry check_partial_conv2d_args(
               " has C_out=", g.out_channels, ", which is not divisible by groups=", groups);
   TORCH_CHECK(g.kernel_h > 0 && g.kernel_w > 0 && g.out_channels > 0,
               "partial_conv2d: weight of shape ", shape_str(weight.sizes()), " is empty");
+  // nn.Conv2d hands back a malformed output here; the kernels divide by the channel count.
+  TORCH_CHECK(g.in_channels > 0, "partial_conv2d: input of shape ", shape_str(input.sizes()),
+              " has no channels");
 
   const int64_t span_h = g.dil_h * (g.kernel_h - 1) + 1;
   const int64_t span_w = g.dil_w * (g.kernel_w - 1) + 1;

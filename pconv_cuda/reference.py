@@ -80,7 +80,8 @@ def partial_conv2d(
         ratio = (mask_channels * kh * kw) / (window_sum + EPS)
         update = torch.clamp(window_sum, 0, 1)
         ratio = ratio * update
-    x = input if mask is None else input * mask.to(input.dtype)
+    # The mask is not differentiable (DESIGN.md §1), here as in the op.
+    x = input if mask is None else input * mask.detach().to(input.dtype)
     raw = conv2d(x, weight, bias, stride, padding, dilation, groups)
     if bias is not None:
         b = bias.view(1, c_out, 1, 1)
@@ -114,7 +115,7 @@ def lean_partial_conv2d(
         window_sum = F.conv2d(m1, ones, None, stride, padding, dilation)
         update = window_sum.clamp(0, 1)
         ratio = window_sum.add_(EPS).reciprocal_().mul_(mask_channels * kh * kw).mul_(update)
-    x = input if mask is None else input * mask
+    x = input if mask is None else input * mask.detach()
     out = conv2d(x, weight, None, stride, padding, dilation, groups)
     if bias is not None:
         out = (out * ratio.to(out.dtype) + bias.view(1, -1, 1, 1)) * update.to(out.dtype)

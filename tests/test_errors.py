@@ -90,9 +90,25 @@ def test_module_padding_mode():
         pconv_cuda.PartialConv2d(4, 6, 3, padding=1, padding_mode="reflect")
 
 
-def test_module_same_padding_needs_odd_kernel():
-    with pytest.raises(ValueError, match=r"padding='same' .* needs asymmetric padding"):
-        pconv_cuda.PartialConv2d(4, 6, 4, padding="same")
+def test_input_without_channels():
+    """nn.Conv2d returns a malformed output for C_in = 0; the op refuses it."""
+    with pytest.raises(RuntimeError, match=r"input of shape \[1, 0, 5, 6\] has no channels"):
+        call(input=torch.randn(1, 0, 5, 6), mask=None, weight=torch.randn(4, 0, 1, 1),
+             padding=(0, 0))
+    with pytest.raises(RuntimeError, match=r"has no channels"):
+        pconv_cuda.PartialConv2d(0, 4, 3)(torch.randn(1, 0, 5, 5))
+
+
+def test_integer_mask_names_the_convention():
+    mask = (torch.rand(2, 1, 8, 8) > 0.5).to(torch.uint8) * 255
+    with pytest.raises(TypeError, match=r"mask has dtype torch.uint8; .* divide it by 255"):
+        pconv_cuda.partial_conv2d(X, mask, W, None, 1, 1)
+
+
+def test_module_mask_and_mask_in_both_given():
+    layer = pconv_cuda.PartialConv2d(4, 6, 3, padding=1)
+    with pytest.raises(TypeError, match="mask or as mask_in, not both"):
+        layer(X, M, mask_in=M)
 
 
 def test_train_backward_op_checks_saved_ratio():

@@ -133,6 +133,79 @@ def test_maskless_call_after_masked_call_is_not_stale():
     assert not torch.allclose(stale, want)  # the bug we do not reproduce
 
 
+@pytest.mark.parametrize("kernel, dilation", [(4, 1), (2, 3), (5, 2)])
+@pytest.mark.parametrize("with_mask", [True, False], ids=["mask", "nomask"])
+def test_same_padding_of_any_kernel_matches_published_layer(kernel, dilation, with_mask):
+    """'same' with an even dilated kernel pads one more row and column at the bottom and
+    right, as nn.Conv2d does; the published layer counts them as hole, and so do we."""
+    torch.manual_seed(3)
+    cfg = dict(in_channels=3, out_channels=4, kernel_size=kernel, padding="same",
+               dilation=dilation)
+    ours = pconv_cuda.PartialConv2d(**cfg, return_mask=True).double()
+    theirs = NvidiaStyleLayer(**cfg, return_mask=True).double()
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 3, 9, 8, dtype=torch.float64)
+    mask = (torch.rand(2, 1, 9, 8) > 0.4).double() if with_mask else None
+    out, update = ours(x, mask)
+    want_out, want_update = theirs(x, mask)
+    assert out.shape == nn.Conv2d(**cfg)(x.float()).shape == (2, 4, 9, 8)
+    torch.testing.assert_close(out, want_out)
+    torch.testing.assert_close(update, want_update.expand_as(update))
+
+
+def test_padding_set_after_construction_takes_effect():
+    x = torch.randn(1, 2, 7, 7)
+    layer = pconv_cuda.PartialConv2d(2, 3, 3)
+    assert layer(x).shape == (1, 3, 5, 5)
+    layer.padding = (1, 1)
+    assert layer(x).shape == (1, 3, 7, 7)
+    layer.padding = "same"
+    assert layer(x).shape == (1, 3, 7, 7)
+    layer.padding = "valid"
+    assert layer(x).shape == (1, 3, 5, 5)
+
+
+@pytest.mark.parametrize("multi", [False, True], ids=["single", "multi"])
+def test_unbatched_input_like_nn_conv2d(multi):
+    torch.manual_seed(4)
+    layer = pconv_cuda.PartialConv2d(3, 4, 3, padding=1, multi_channel=multi, return_mask=True)
+    x = torch.randn(3, 6, 5)
+    mask = (torch.rand(3 if multi else 1, 6, 5) > 0.4).float()
+    out, update = layer(x, mask)
+    batched_out, batched_update = layer(x[None], mask[None])
+    assert out.shape == nn.Conv2d(3, 4, 3, padding=1)(x).shape
+    torch.testing.assert_close(out, batched_out[0])
+    torch.testing.assert_close(update, batched_update[0])
+    assert layer(x)[0].shape == (4, 6, 5)
+
+
+def test_nvidia_mask_in_keyword():
+    torch.manual_seed(5)
+    layer = pconv_cuda.PartialConv2d(3, 4, 3, padding=1)
+    x, mask = torch.randn(2, 3, 6, 6), (torch.rand(2, 1, 6, 6) > 0.5).float()
+    torch.testing.assert_close(layer(x, mask_in=mask), layer(x, mask))
+
+
+def test_symbolic_trace_with_a_mask():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = pconv_cuda.PartialConv2d(3, 4, 3, padding=1, return_mask=True)
+            self.b = pconv_cuda.PartialConv2d(4, 2, 3, padding="same")
+
+        def forward(self, x, mask):
+            y, mask = self.a(x, mask)
+            return self.b(torch.relu(y), mask)
+
+    torch.manual_seed(6)
+    net = Net()
+    traced = torch.fx.symbolic_trace(net)
+    x, mask = torch.randn(2, 3, 8, 8), (torch.rand(2, 1, 8, 8) > 0.5).float()
+    torch.testing.assert_close(traced(x, mask), net(x, mask))
+    assert any(node.target is torch.ops.pconv.partial_conv2d.default
+               for node in traced.graph.nodes)
+
+
 def test_same_and_valid_padding_strings():
     x = torch.randn(1, 2, 9, 9)
     same = pconv_cuda.PartialConv2d(2, 3, 5, padding="same", dilation=2)
@@ -148,4 +221,7 @@ def test_module_as_conv2d_in_a_sequential_and_bool_mask():
     layer = pconv_cuda.PartialConv2d(3, 4, 3, padding=1)
     m = torch.rand(2, 1, 6, 6) > 0.5
     torch.testing.assert_close(layer(x, m), layer(x, m.float()))
-    assert "multi_channel=False" in repr(layer)
+    # Like nn.Conv2d, the repr names only arguments away from their defaults.
+    assert "multi_channel" not in repr(layer) and "return_mask" not in repr(layer)
+    flags = pconv_cuda.PartialConv2d(3, 4, 3, multi_channel=True, return_mask=True)
+    assert repr(flags).endswith("multi_channel=True, return_mask=True)")

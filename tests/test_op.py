@@ -279,11 +279,13 @@ def test_empty_batch():
     assert x.grad.shape == x.shape and (w.grad == 0).all()
 
 
-def test_mask_gets_no_gradient():
+@pytest.mark.parametrize("fn", [pconv_cuda.partial_conv2d, reference.partial_conv2d,
+                                reference.lean_partial_conv2d], ids=["op", "reference", "lean"])
+def test_mask_gets_no_gradient(fn):
     x = torch.randn(1, 2, 6, 6, requires_grad=True)
     m = torch.rand(1, 1, 6, 6, requires_grad=True)
     w = torch.randn(3, 2, 3, 3, requires_grad=True)
-    out, update = pconv_cuda.partial_conv2d(x, m, w, None, 1, 1)
+    out, update = fn(x, m, w, None, 1, 1)
     assert not update.requires_grad
     out.sum().backward()
     assert m.grad is None and x.grad is not None
@@ -410,6 +412,92 @@ def test_gradcheck_float64_recomputing_backward(case):
         return OP(p[0], None, p[1], p[2] if b is not None else None, *geo)[0]
 
     assert torch.autograd.gradcheck(f, params, eps=1e-6, atol=1e-7)
+
+
+GRADGRAD_CASES = random_cases(4, seed=123)
+
+
+@pytest.mark.parametrize("case", GRADGRAD_CASES, ids=[c.ids() for c in GRADGRAD_CASES])
+@pytest.mark.parametrize("wanted", ["all", "input"])
+def test_gradgradcheck_float64(case, wanted):
+    """A recorded backward (create_graph=True, as gradient penalties take) is itself
+    differentiable, on the training path (every gradient, with a mask) and on the
+    recomputing one (input gradient alone, or no mask)."""
+    x, m, w, b = make_inputs(case, torch.float64, seed=4)
+    geo = (list(case.stride), list(case.padding), list(case.dilation), case.groups)
+    if wanted == "input":
+        w, b = w.detach(), None if b is None else b.detach()
+        params = (x,)
+    else:
+        params = tuple(t for t in (x, w, b) if t is not None)
+
+    def f(*p):
+        weight = p[1] if len(p) > 1 else w
+        bias = p[2] if len(p) > 2 else b
+        return OP(p[0], m, weight, bias, *geo)[0]
+
+    assert torch.autograd.gradgradcheck(f, params, eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("multi", [False, True], ids=["single", "multi"])
+def test_gradient_penalty_matches_reference(multi):
+    """The gradient of a penalty on dL/dx reaches the weights (the pattern of WGAN-GP and
+    R1 penalties), as through the reference."""
+    torch.manual_seed(0)
+    layers = [pconv_cuda.PartialConv2d(3, 4, 3, padding=1, multi_channel=multi).double()]
+    layers.append(pconv_cuda.ReferencePartialConv2d(3, 4, 3, padding=1, multi_channel=multi)
+                  .double())
+    layers[1].load_state_dict(layers[0].state_dict())
+    x = torch.randn(2, 3, 7, 6, dtype=torch.float64, requires_grad=True)
+    m = (torch.rand(2, 3 if multi else 1, 7, 6) > 0.4).double()
+    grads = []
+    for layer in layers:
+        (gx,) = torch.autograd.grad(layer(x, m).square().sum(), x, create_graph=True)
+        penalty = gx.square().sum()
+        grads.append(torch.autograd.grad(penalty, (x, layer.weight, layer.bias)))
+    for ours, ref in zip(*grads):
+        assert ours.abs().max() > 0
+        torch.testing.assert_close(ours, ref)
+
+
+def test_torch_func_transforms_and_forward_ad_run_the_reference():
+    """torch.func (vmap of grad for per-sample gradients, jvp, jacrev) and forward-mode AD
+    give the reference's results through the functional API and the module; the op itself
+    refuses forward-mode AD rather than returning zero tangents."""
+    from torch.func import functional_call, grad, jacrev, jvp, vmap
+    import torch.autograd.forward_ad as fwAD
+
+    torch.manual_seed(0)
+    layer = pconv_cuda.PartialConv2d(2, 3, 3, padding=1).double()
+    ref = pconv_cuda.ReferencePartialConv2d(2, 3, 3, padding=1).double()
+    ref.load_state_dict(layer.state_dict())
+    x = torch.randn(4, 2, 6, 5, dtype=torch.float64)
+    m = (torch.rand(4, 1, 6, 5) > 0.4).double()
+    v = torch.randn_like(x)
+
+    tangent = jvp(lambda a: layer(a, m), (x,), (v,))[1]
+    torch.testing.assert_close(tangent, jvp(lambda a: ref(a, m), (x,), (v,))[1])
+    assert tangent.abs().max() > 0
+    with fwAD.dual_level():
+        dual = layer(fwAD.make_dual(x, v), m)
+        torch.testing.assert_close(fwAD.unpack_dual(dual).tangent, tangent)
+        with pytest.raises(RuntimeError, match="forward-mode AD .* is not supported by the op"):
+            OP(fwAD.make_dual(x, v), m, layer.weight.detach(), None, [1, 1], [1, 1], [1, 1], 1)
+
+    params = {k: p.detach() for k, p in layer.named_parameters()}
+
+    def loss(p, xi, mi):
+        return functional_call(layer, p, (xi[None], mi[None])).square().sum()
+
+    per_sample = vmap(grad(loss), in_dims=(None, 0, 0))(params, x, m)
+    for i in range(x.shape[0]):
+        layer.zero_grad()
+        layer(x[i:i + 1], m[i:i + 1]).square().sum().backward()
+        torch.testing.assert_close(per_sample["weight"][i], layer.weight.grad)
+        torch.testing.assert_close(per_sample["bias"][i], layer.bias.grad)
+
+    jac = jacrev(lambda a: layer(a, m[:1]))(x[:1])
+    torch.testing.assert_close(jac, jacrev(lambda a: ref(a, m[:1]))(x[:1]))
 
 
 def test_train_op_returns_what_the_backward_needs():
