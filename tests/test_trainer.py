@@ -121,6 +121,17 @@ def test_config_overrides_types_and_paths(tmp_path, tiny_images):
     ("train.amp=fp8", "must be one of"),
     ("bogus=1", "unknown key 'bogus'"),
     ("train.steps", "section.key=value"),
+    # Values out of range fail at start-up, not mid-run.
+    ("train.steps=0", "train.steps must be at least 1"),
+    ("train.log_every=0", "train.log_every must be at least 1"),
+    ("val.batch_size=0", "val.batch_size must be at least 1"),
+    ("data.num_workers=-1", "data.num_workers must be at least 0"),
+    ("seed=-1", "seed must be at least 0"),
+    ("masks.hole_ratio=[0.5]", r"masks.hole_ratio must be \[low, high\]"),
+    ("masks.hole_ratio=[0.5, 1.5]", r"masks.hole_ratio must be \[low, high\]"),
+    ("val.hole_ratio=[0.6, 0.1]", r"val.hole_ratio must be \[low, high\]"),
+    ("optim.betas=[0.9]", "optim.betas must be two numbers"),
+    ("data.load_size=16", "data.load_size 16 is smaller than the crop data.size 32"),
 ])
 def test_config_errors_name_the_key(tmp_path, tiny_images, override, message):
     with pytest.raises(cfglib.ConfigError, match=message):
@@ -139,6 +150,25 @@ def test_config_extends_relative_paths_and_roundtrip(tmp_path):
     again = tmp_path / "again.toml"
     again.write_text(cfglib.to_toml(config))
     assert cfglib.load_config(again) == config
+
+
+def test_child_model_table_replaces_the_parents(tmp_path, tiny_images):
+    """A [model] of another kind in a file that extends a shipped one keeps none of the
+    parent's model keywords (they would not fit the other model's constructor)."""
+    child = tmp_path / "child.toml"
+    child.write_text(f'extends = "{write_config(tmp_path, tiny_images).as_posix()}"\n'
+                     f"[model]\n{TINY_MODIFIED}\n")
+    config = cfglib.load_config(child)
+    assert config["model"] == {"kind": "modified", "levels": 3, "base_channels": 8,
+                               "max_channels": 16}
+    assert train_main(["--config", str(child), "--out", str(tmp_path / "run"),
+                       "--steps", "1"]) == 0
+
+
+def test_bad_model_table_is_a_config_error(tmp_path, tiny_images, caplog):
+    config = str(write_config(tmp_path, tiny_images, model='kind = "pconv"\nlayer = 3'))
+    assert train_main(["--config", config, "--out", str(tmp_path / "run")]) == 2
+    assert "[model]: bad model description" in caplog.text and "layer" in caplog.text
 
 
 def test_shipped_configs_load():
@@ -231,6 +261,53 @@ def test_refuses_to_overwrite_and_resume_errors(tmp_path, tiny_images, caplog):
     torch.save({"state_dict": {"w": torch.zeros(1)}}, bad / "step_00000002.pt")
     assert train_main(["--config", config, "--out", str(bad.parent), "--resume", "latest"]) == 2
     assert "not a pconv checkpoint" in caplog.text
+
+
+def test_resume_survives_damage_a_kill_or_disk_leaves(tmp_path, tiny_images, caplog):
+    """A torn last log line, the temporary file of a cut-short checkpoint write, and an
+    unreadable newest checkpoint: --resume latest goes on from the newest good one."""
+    config = str(write_config(tmp_path, tiny_images))
+    run = tmp_path / "run"
+    assert train_main(["--config", config, "--out", str(run), "--steps", "4"]) == 0
+    folder = run / "checkpoints"
+    newest = folder / "step_00000004.pt"
+    newest.write_bytes(newest.read_bytes()[:5000])
+    tmp = folder / ".step_00000006.pt.x1y2.tmp"
+    tmp.write_bytes(b"partial")
+    with (run / "log.jsonl").open("a") as f:
+        f.write('{"step": 5, "epo')
+    assert train_main(["--out", str(run), "--resume", "latest", "--steps", "6"]) == 0
+    assert "trying the checkpoint before it" in caplog.text
+    assert "dropping a line that does not parse" in caplog.text
+    assert not tmp.exists()
+    assert [r["step"] for r in read_log(run)] == [1, 2, 3, 4, 5, 6]
+
+
+def test_validation_means_leave_out_undefined_values(tmp_path, tiny_images, monkeypatch):
+    """A hole metric that is NaN for one image (undefined there) is left out of the mean,
+    not counted as 0."""
+    from train import trainer as trainer_module
+
+    config = cfglib.load_config(write_config(tmp_path, tiny_images), ["val.every=1"])
+    trainer = trainer_module.Trainer(config, tmp_path / "run")
+    real = trainer_module.inpainting_metrics
+
+    def with_one_nan(result, image, mask):
+        values = real(result, image, mask)
+        values["hole_ssim"] = values["hole_ssim"].clone()
+        values["hole_ssim"][0] = float("nan")
+        return values
+
+    expected = real
+    monkeypatch.setattr(trainer_module, "inpainting_metrics", with_one_nan)
+    scores = trainer.validate()
+    monkeypatch.setattr(trainer_module, "inpainting_metrics", expected)
+    image, mask = trainer._val_batches()[0]
+    with torch.no_grad():
+        output = trainer.model.eval()(image, mask)
+    values = real(trainer_module.composite(image, mask, output).clamp(0, 1), image, mask)
+    assert scores["hole_ssim"] == pytest.approx(float(values["hole_ssim"][1:].mean()), rel=1e-5)
+    assert scores["whole_psnr"] == pytest.approx(float(values["whole_psnr"].mean()), rel=1e-5)
 
 
 def test_resume_in_process_matches_uninterrupted(tmp_path, tiny_images, one_thread):
@@ -384,6 +461,51 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_sigterm_to_the_process_group_with_loader_workers(tmp_path, tiny_images, one_thread):
+    """Slurm's scancel and systemd send SIGTERM to every process of the job: the loader
+    workers must outlive it, so that the main process saves a checkpoint and exits 143."""
+    config = str(write_config(tmp_path, tiny_images))
+    run = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "train", "--config", config, "--out",
+                             str(run), "--steps", "100000", "--set", "train.checkpoint_every=0",
+                             "--set", "data.num_workers=2"],
+                            cwd=tmp_path, env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (run / "log.jsonl").exists() or \
+                len((run / "log.jsonl").read_text().splitlines()) < 2:
+            assert proc.poll() is None, proc.communicate()[0]
+            assert time.monotonic() < deadline, "training never logged two steps"
+            time.sleep(0.01)
+        os.killpg(proc.pid, signal.SIGTERM)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 128 + signal.SIGTERM, output
+    assert "Traceback" not in output
+    (stopped, _), = list_checkpoints(run)
+    assert stopped >= 2
+
+
+def test_ddp_batch_norm_model_saves_at_the_end(tmp_path, tiny_images, one_thread):
+    """With batch norm, each rank ends holding the statistics of its own last batch; rank
+    0's (the ones DDP broadcasts) are given to all before the check, and the run ends with
+    its checkpoint."""
+    config = str(write_config(tmp_path, tiny_images, name="ddp_bn.toml"))
+    run = tmp_path / "ddp"
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+         f"--master_port={_free_port()}", "-m", "train", "--config", config, "--out",
+         str(run), "--steps", "3"],
+        cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=240)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output
+    assert "all 2 ranks hold identical parameters and buffers" in output
+    assert torch.load(latest_checkpoint(run), weights_only=True)["step"] == 3
 
 
 def test_ddp_two_processes_gloo(tmp_path, tiny_images, one_thread):

@@ -13,6 +13,7 @@ over the target, so a run killed mid-write never leaves a truncated checkpoint b
 """
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -25,7 +26,9 @@ from .models import ModifiedUNet, PConvUNet
 
 __all__ = ["CheckpointError", "MODEL_KINDS", "build_model", "save_checkpoint",
            "load_checkpoint", "load_model", "checkpoint_name", "list_checkpoints",
-           "latest_checkpoint", "resolve_checkpoint"]
+           "latest_checkpoint", "load_newest_readable", "resolve_checkpoint"]
+
+logger = logging.getLogger(__name__)
 
 FORMAT = "pconv-checkpoint"
 CHECKPOINT_DIR = "checkpoints"  # under a run folder
@@ -155,6 +158,24 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     """The newest checkpoint of a run (see :func:`list_checkpoints`), or ``None``."""
     found = list_checkpoints(run_dir)
     return found[-1][1] if found else None
+
+
+def load_newest_readable(run_dir: str | os.PathLike) -> tuple[Path, dict[str, Any]] | None:
+    """``(path, contents)`` of the newest checkpoint of a run that loads, or ``None`` when
+    the run has none. An unreadable newer one (a damaged disk; writes themselves are
+    atomic) is passed over with a warning; when none loads, the newest one's error is
+    raised (:class:`CheckpointError`)."""
+    found = list_checkpoints(run_dir)
+    first_error = None
+    for _, path in reversed(found):
+        try:
+            return path, load_checkpoint(path)
+        except CheckpointError as exc:
+            first_error = first_error or exc
+            logger.warning("%s; trying the checkpoint before it", exc)
+    if first_error is not None:
+        raise first_error
+    return None
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:

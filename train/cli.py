@@ -30,7 +30,7 @@ import sys
 from pathlib import Path
 
 from . import config as cfglib
-from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint, load_newest_readable
 
 __all__ = ["train_main", "build_parser", "config_from_args", "setup_logging"]
 
@@ -106,13 +106,14 @@ def config_from_args(args: argparse.Namespace) -> tuple[dict, Path, str | None]:
         if args.resume in ("latest", "auto"):
             if args.out is None:
                 raise cfglib.ConfigError(f"--resume {args.resume} needs --out (the run folder)")
-            found = latest_checkpoint(args.out)
-            if found is None:
+            newest = load_newest_readable(args.out)
+            if newest is None:
                 raise CheckpointError(f"--resume {args.resume}: no checkpoints in {args.out}, "
                                       "and no --config to start a new run")
+            found, ckpt = newest
         else:
-            found = args.resume
-        stored = load_checkpoint(found).get("config")
+            found, ckpt = args.resume, load_checkpoint(args.resume)
+        stored = ckpt.get("config")
         if not isinstance(stored, dict):
             raise CheckpointError(f"{found} stores no training config: pass --config")
         base = stored

@@ -194,7 +194,12 @@ def _read_file(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     parent_path = path.parent / parent
     if not parent_path.is_file():
         parent_path = find_config(parent)
-    return merge(_read_file(parent_path, (*seen, path)), tree)
+    parent_tree = _read_file(parent_path, (*seen, path))
+    if "model" in tree:
+        # One model per file: a child's [model] replaces its parent's, so keywords of
+        # another model kind do not leak in (as load_config does with the defaults).
+        parent_tree.pop("model", None)
+    return merge(parent_tree, tree)
 
 
 def _parse_value(text: str) -> Any:
@@ -275,7 +280,48 @@ def validate(config: dict[str, Any], source: str = "config") -> dict[str, Any]:
             raise ConfigError(f"{source}: {key} must be {type(default).__name__}, got {value!r}")
     if "kind" not in config.get("model", {}):
         raise ConfigError(f"{source}: model.kind is required (\"pconv\" or \"modified\")")
+    _check_ranges(config, source)
     return config
+
+
+# The least value of each number: (section, key) -> bound; None is a top-level key.
+_AT_LEAST = {
+    (None, "seed"): 0,
+    ("data", "size"): 1, ("data", "load_size"): 0, ("data", "num_workers"): 0,
+    ("masks", "max_dilation"): 0,
+    ("optim", "lr"): 0.0, ("optim", "finetune_lr"): 0.0, ("optim", "weight_decay"): 0.0,
+    ("optim", "grad_clip"): 0.0,
+    ("train", "steps"): 1, ("train", "batch_size"): 1, ("train", "log_every"): 1,
+    ("train", "image_every"): 0, ("train", "checkpoint_every"): 0,
+    ("train", "keep_checkpoints"): 0,
+    ("val", "every"): 0, ("val", "images"): 0, ("val", "seed"): 0, ("val", "batch_size"): 1,
+    ("eval", "size"): 0, ("eval", "masks_per_bucket"): 1, ("eval", "seed"): 0,
+}
+
+
+def _check_ranges(config: dict[str, Any], source: str) -> None:
+    """Values in range, checked at start-up: a zero interval or a hole ratio over 1 would
+    otherwise pass and fail mid-run, perhaps at the first validation hours in."""
+    for (section, key), least in _AT_LEAST.items():
+        table = config if section is None else config.get(section, {})
+        if key in table and table[key] < least:
+            name = key if section is None else f"{section}.{key}"
+            raise ConfigError(f"{source}: {name} must be at least {least}, got {table[key]!r}")
+    data = config.get("data", {})
+    if data.get("load_size", 0) and data["load_size"] < data.get("size", 0):
+        raise ConfigError(f"{source}: data.load_size {data['load_size']} is smaller than the "
+                          f"crop data.size {data['size']} (0 means data.size)")
+    for name in ("masks", "val"):
+        ratio = config.get(name, {}).get("hole_ratio")
+        if ratio is not None and not (
+                len(ratio) == 2 and all(isinstance(r, (int, float)) for r in ratio)
+                and 0 <= ratio[0] <= ratio[1] <= 1):
+            raise ConfigError(f"{source}: {name}.hole_ratio must be [low, high] with "
+                              f"0 <= low <= high <= 1, got {ratio!r}")
+    betas = config.get("optim", {}).get("betas")
+    if betas is not None and not (len(betas) == 2 and all(
+            isinstance(b, (int, float)) and 0 <= b < 1 for b in betas)):
+        raise ConfigError(f"{source}: optim.betas must be two numbers in [0, 1), got {betas!r}")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = (), *,

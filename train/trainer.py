@@ -60,7 +60,8 @@ from torch.utils.data import DataLoader, Subset
 from . import amp as amplib
 from . import config as cfglib
 from .checkpoint import (CheckpointError, build_model, checkpoint_name, latest_checkpoint,
-                         list_checkpoints, load_checkpoint, save_checkpoint, CHECKPOINT_DIR)
+                         list_checkpoints, load_checkpoint, load_newest_readable,
+                         save_checkpoint, CHECKPOINT_DIR)
 from .data import (CelebAHQ, Compose, CenterCrop, ImageFolderDataset, InpaintingDataset,
                    Places2, RandomCrop, RandomHorizontalFlip, Resize)
 from .images import find_images
@@ -277,10 +278,12 @@ def build_datasets(config: dict[str, Any]) -> tuple[InpaintingDataset, Inpaintin
     return train_set, val_set
 
 
-def _ignore_sigint(_worker_id: int) -> None:
-    # A Ctrl-C reaches the whole process group; the main process handles it and stops at
-    # a step boundary, so a worker must not die of it mid-batch.
+def _ignore_stop_signals(_worker_id: int) -> None:
+    # A Ctrl-C, and the SIGTERM of Slurm's scancel or systemd, reach the whole process
+    # group; the main process handles them and stops at a step boundary, so a worker must
+    # not die of them mid-batch (it exits when the main process closes the loader).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 # ----------------------------------------------------------------------------------
@@ -413,8 +416,7 @@ class Trainer:
         self.device = self.dist.device
         self.out = Path(out)
         self.signal = 0
-        resume_path = self._find_resume(resume)
-        ckpt = load_checkpoint(resume_path) if resume_path is not None else None
+        resume_path, ckpt = self._load_resume(resume)
         if ckpt is not None:
             self._check_resume_config(ckpt, config, resume_path)
         self.config = config
@@ -422,7 +424,10 @@ class Trainer:
 
         torch.manual_seed(config["seed"])
         self.spec = cfglib.model_spec(config)
-        self.model = build_model(self.spec)
+        try:
+            self.model = build_model(self.spec)
+        except ValueError as exc:
+            raise cfglib.ConfigError(f"[model]: {exc}") from exc
         size = config["data"]["size"]
         if size % self.model.size_multiple:
             raise cfglib.ConfigError(
@@ -448,10 +453,24 @@ class Trainer:
                                           betas=tuple(oc["betas"]),
                                           weight_decay=oc["weight_decay"])
         amp = tc["amp"]
+        try:
+            amplib.check_inference_amp(self.device, amp)
+        except ValueError as exc:
+            # A warning, not an error, in training: the GradScaler path stays runnable
+            # (and testable) without a GPU.
+            if self.dist.is_main:
+                logger.warning("train.amp: %s (this run will be many times slower)", exc)
         self.amp = amp
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp == "fp16")
 
         self.train_set, self.val_set = build_datasets(config)
+        if config["val"]["every"] and len(self.val_set):
+            # Load one validation sample now: a crop that does not fit shows at start-up,
+            # not at the first validation, hours and maybe a checkpoint later.
+            try:
+                self.val_set[0]
+            except ValueError as exc:
+                raise cfglib.ConfigError(f"validation images: {exc}") from exc
         try:
             self.sampler = ShardedBatchSampler(len(self.train_set), tc["batch_size"],
                                                rank=self.dist.rank, world=self.dist.world,
@@ -462,7 +481,7 @@ class Trainer:
         self.loader = DataLoader(
             self.train_set, batch_sampler=self.sampler, num_workers=workers,
             pin_memory=self.device.type == "cuda", persistent_workers=workers > 0,
-            worker_init_fn=_ignore_sigint,
+            worker_init_fn=_ignore_stop_signals,
             # Its own generator: the loader draws a base seed per iterator, which must not
             # move the global RNG (resuming mid-epoch creates iterators at other times).
             generator=torch.Generator().manual_seed(config["seed"]))
@@ -471,6 +490,7 @@ class Trainer:
         self.status: str | None = None
         self._val_cache: list[tuple[Tensor, Tensor]] | None = None
         self._last: tuple[Tensor, dict[str, Tensor]] | None = None
+        self._last_epoch = 0
         if ckpt is not None:
             self._restore(ckpt, resume_path)
         self._apply_phase()
@@ -481,6 +501,16 @@ class Trainer:
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
     # -- resume -------------------------------------------------------------------
+
+    def _load_resume(self, resume) -> tuple[Path | None, dict | None]:
+        """The checkpoint to resume from and its contents. For ``latest`` and ``auto`` an
+        unreadable newest checkpoint (a damaged disk) gives way to the one before it."""
+        path = self._find_resume(resume)
+        if path is None:
+            return None, None
+        if resume in ("latest", "auto"):
+            return load_newest_readable(self.out)
+        return path, load_checkpoint(path)
 
     def _find_resume(self, resume) -> Path | None:
         existing = latest_checkpoint(self.out)
@@ -541,8 +571,11 @@ class Trainer:
         if "rng" in ckpt:
             restore_rng_state(ckpt["rng"])
         if self.dist.is_main:
+            # The phase the next step runs in (the stored one may end at this very step).
+            oc = self.config["optim"]
+            phase = "finetune" if 0 <= oc["finetune_step"] <= self.step else "initial"
             logger.info("resumed %s at step %d (epoch %d, batch %d, phase %s)", path,
-                        self.step, self.epoch, self.position, self.phase)
+                        self.step, self.epoch, self.position, phase)
 
     # -- phases -------------------------------------------------------------------
 
@@ -632,10 +665,18 @@ class Trainer:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return int(t.item())
 
+    def sync_buffers(self) -> None:
+        """Give every rank rank 0's buffers. DDP broadcasts them at the start of each
+        forward, so after the last step each rank still holds the batch-norm statistics of
+        its own batch; the next forward (or a resumed run) would use rank 0's."""
+        for buffer in self.model.buffers():
+            dist.broadcast(buffer, src=0)
+
     def check_replicas(self) -> None:
-        """Verify that every rank holds exactly rank 0's parameters and buffers (DDP keeps
-        them in lockstep; a difference means a bug or a non-deterministic collective, and
-        would make rank 0's checkpoint unrepresentative). Raises RuntimeError."""
+        """Verify that every rank holds exactly rank 0's parameters and buffers (after
+        :meth:`sync_buffers`; DDP keeps parameters in lockstep, so a difference means a bug
+        or a non-deterministic collective, and would make rank 0's checkpoint
+        unrepresentative). Raises RuntimeError."""
         state = self.model.state_dict()
         flat = torch.cat([t.detach().double().reshape(-1) for t in state.values()])
         reference = flat.clone()
@@ -660,17 +701,21 @@ class Trainer:
         was_training = model.training
         model.eval()
         sums: dict[str, float] = {}
-        count = 0
+        counts: dict[str, int] = {}
         for image, mask in self._val_batches():
             image, mask = self._to_device(image, mask)
             with self._autocast():
                 output = model(image, mask)
             result = composite(image, mask, output.float()).clamp(0, 1)
             for key, values in inpainting_metrics(result, image, mask).items():
-                sums[key] = sums.get(key, 0.0) + float(values.nansum())
-            count += image.shape[0]
+                # A hole metric is NaN where it is undefined (hole SSIM of a hole that lies
+                # within the window's reach of the border): left out, not counted as 0.
+                finite = ~values.isnan()
+                sums[key] = sums.get(key, 0.0) + float(values[finite].sum())
+                counts[key] = counts.get(key, 0) + int(finite.sum())
         model.train(was_training)
-        return {key: value / max(count, 1) for key, value in sums.items()}
+        return {key: value / counts[key] if counts[key] else math.nan
+                for key, value in sums.items()}
 
     def _val_batches(self) -> list[tuple[Tensor, Tensor]]:
         """The validation set as CPU batches, loaded once (it is small and fixed)."""
@@ -709,6 +754,7 @@ class Trainer:
                         enabled=main and tc["progress"])
         if main:
             self._trim_log()
+            self._remove_unfinished_saves()
         log_file = (self.out / LOG_FILE).open("a") if main else None
         last_time, last_step = time.perf_counter(), self.step
         first_step = self.step
@@ -737,9 +783,13 @@ class Trainer:
                             self.save()
                 status = "interrupted" if self.signal else "finished"
                 if self.dist.distributed:
-                    self.check_replicas()
+                    self.sync_buffers()
                 # A resumed run that had nothing left to do keeps its checkpoint as it is.
                 path = self.save() if self.step > first_step or self.signal else None
+                if self.dist.distributed:
+                    # After the save: rank 0's state, the one DDP keeps, is on disk whatever
+                    # the check finds.
+                    self.check_replicas()
             if main:
                 bar.close()
                 if status == "interrupted":
@@ -747,8 +797,9 @@ class Trainer:
                                    "with --resume latest)", signal.Signals(self.signal).name,
                                    self.step, path)
                 else:
-                    logger.info("finished at step %d; checkpoint %s", self.step,
-                                path or latest_checkpoint(self.out))
+                    saved = path or latest_checkpoint(self.out)
+                    logger.info("finished at step %d; %s", self.step,
+                                f"checkpoint {saved}" if saved else "no checkpoint written")
         finally:
             bar.close()
             if log_file is not None:
@@ -759,6 +810,14 @@ class Trainer:
                 logging.getLogger("train.vgg").removeFilter(once)
         return status
 
+    def _remove_unfinished_saves(self) -> None:
+        """Delete the temporary files of checkpoint writes that a kill cut short (each the
+        size of a checkpoint; ``save_checkpoint`` renames a finished one into place)."""
+        folder = self.out / CHECKPOINT_DIR
+        for tmp in folder.glob(".step_*.pt.*.tmp") if folder.is_dir() else ():
+            logger.info("removing %s, left by an interrupted checkpoint write", tmp.name)
+            tmp.unlink(missing_ok=True)
+
     def _trim_log(self) -> None:
         """Drop log lines of steps after the current one: a run killed hard (SIGKILL, power
         loss) logged steps after its last checkpoint, and the resumed run logs them again
@@ -767,8 +826,16 @@ class Trainer:
         if not path.exists():
             return
         lines = path.read_text().splitlines()
-        kept = [line for line in lines if line.strip()
-                and json.loads(line).get("step", 0) <= self.step]
+        kept = []
+        for line in lines:
+            try:
+                record = json.loads(line) if line.strip() else None
+            except json.JSONDecodeError:
+                # The torn last line of a write cut short (power loss, full disk).
+                logger.warning("%s: dropping a line that does not parse: %.60s", path, line)
+                continue
+            if record is not None and record.get("step", 0) <= self.step:
+                kept.append(line)
         if len(kept) != len(lines):
             path.write_text("".join(line + "\n" for line in kept))
 
@@ -785,6 +852,7 @@ class Trainer:
         image, mask = self._to_device(image, mask)
         total, terms, output = self.train_step(image, mask)
         self._last = (total, terms)
+        self._last_epoch = self.epoch  # the log's epoch: the one this step ran in
         self.step += 1
         self.position += 1
         if self.position == self.sampler.batches_per_epoch:
@@ -815,7 +883,7 @@ class Trainer:
         if not self.dist.is_main:
             return
         lr = self.optimizer.param_groups[0]["lr"]
-        record = {"step": self.step, "epoch": self.epoch, "phase": self.phase, "lr": lr,
+        record = {"step": self.step, "epoch": self._last_epoch, "phase": self.phase, "lr": lr,
                   "loss": values[0], "terms": dict(zip(names, values[1:])),
                   "images_per_s": rate}
         log_file.write(json.dumps(record) + "\n")
