@@ -14,7 +14,7 @@ from train import ablations, evaluate
 from train.classical import inpaint_classical
 from train.cli import train_main
 from train.data import eval_transform
-from train.images import load_image, save_image
+from train.images import load_image, load_mask, save_image, save_mask
 from train.masks import REPORT_RATIOS, make_eval_masks
 from train.metrics import inpainting_metrics
 
@@ -130,6 +130,33 @@ def test_eval_deterministic_and_named_rows(tiny_run, tmp_path):
     assert "(0.5,0.6] SSIM" in rows[0]
     # Same checkpoint twice: identical rows.
     assert list(rows[0].values())[2:] == list(rows[1].values())[2:]
+
+
+def test_eval_on_mask_files(tiny_run, tmp_path):
+    """--mask-root scores on mask files sorted into the buckets (NVIDIA's protocol); each
+    cell is the mean over images i with file i mod K of its bucket."""
+    images, run = tiny_run
+    masks_dir = tmp_path / "masks"
+    for name, hole_rows in {"m0": 3, "m1": 4, "m2": 10}.items():  # of 32: 9%, 12.5%, 31%
+        mask = torch.ones(1, SIZE, SIZE)
+        mask[:, :hole_rows] = 0
+        save_mask(mask, masks_dir / f"{name}.png", invert=True)  # holes white
+    out = tmp_path / "eval"
+    assert evaluate.main([str(run), "--out", str(out), "--no-progress", "--figures", "0",
+                          "--baselines", "ns", "--buckets", "paper", "--mask-root",
+                          str(masks_dir)]) == 0
+    rows = {r["method"]: r for r in read_table(out / "table.csv") if r["region"] == "hole"}
+    assert [c for c in rows["Navier-Stokes"] if c.endswith(" L1")] == \
+        ["(0.01,0.1] L1", "(0.1,0.2] L1", "(0.3,0.4] L1"]
+    mask = load_mask(masks_dir / "m1.png", invert=True)[None]
+    values = [inpainting_metrics(inpaint_classical(target, mask, "ns").clamp(0, 1), target,
+                                 mask)["hole_l1"].item()
+              for target in (eval_transform(SIZE)(load_image(f), None)[None]
+                             for f in sorted(images.glob("*.png")))]
+    assert float(rows["Navier-Stokes"]["(0.1,0.2] L1"]) == pytest.approx(
+        sum(values) / len(values), abs=1e-9)
+    assert f"files under {masks_dir.resolve()}" in (out / "table.md").read_text()
+    assert evaluate.main([str(run), "--out", str(out), "--masks-per-bucket", "0"]) == 2
 
 
 def test_eval_errors(tiny_run, tmp_path, caplog):

@@ -20,6 +20,7 @@ from train.masks import (
     bucket_label,
     bucket_of,
     dilate_holes,
+    eval_masks_from_folder,
     generate_mask,
     group_by_bucket,
     hole_ratio,
@@ -311,3 +312,31 @@ def test_eval_masks_fall_in_their_buckets_and_are_fixed():
             assert torch.equal(a, b)
     other = make_eval_masks(48, 48, [(0.3, 0.4)], per_bucket=4, seed=4)
     assert not any(torch.equal(a, b) for a, b in zip(sets["(0.3,0.4]"], other["(0.3,0.4]"]))
+
+
+def _mask_with_hole_rows(size: int, hole_rows: int) -> torch.Tensor:
+    mask = torch.ones(1, size, size)
+    mask[:, :hole_rows] = 0
+    return mask
+
+
+def test_eval_masks_from_folder_sort_files_into_buckets(tmp_path, caplog):
+    """Files (holes white, as NVIDIA's test set) are resized and sorted by hole ratio; a
+    bucket keeps the first K that fall in it, and a bucket none falls in is left out."""
+    rows = {"a": 4, "b": 10, "c": 12, "d": 11, "e": 22, "f": 58}  # of 64: 6%, 16%, 19%, ...
+    for name, hole_rows in rows.items():
+        save_mask(_mask_with_hole_rows(64, hole_rows), tmp_path / f"{name}.png", invert=True)
+    with caplog.at_level(logging.WARNING):
+        sets = eval_masks_from_folder(tmp_path, 32, 32, PAPER_BUCKETS, per_bucket=2)
+    assert list(sets) == ["(0.01,0.1]", "(0.1,0.2]", "(0.3,0.4]"]
+    assert [len(v) for v in sets.values()] == [1, 2, 1]
+    # b and c came first into (0.1, 0.2]; d, also 17%, found it full.
+    torch.testing.assert_close(sets["(0.1,0.2]"][1], _mask_with_hole_rows(32, 6))
+    for label, masks in sets.items():
+        for mask in masks:
+            assert mask.shape == (1, 32, 32) and is_binary(mask)
+            assert bucket_label(bucket_of(hole_ratio(mask), PAPER_BUCKETS)) == label
+    assert "falls in bucket (0.2,0.3]" in caplog.text and "fewer than 2" in caplog.text
+    # Read with the wrong convention, every file is mostly hole: none fits a bucket.
+    with pytest.raises(FileNotFoundError, match="invert=False: is that right"):
+        eval_masks_from_folder(tmp_path, 32, 32, [(0.2, 0.3)], per_bucket=2, invert=False)

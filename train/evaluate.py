@@ -6,6 +6,7 @@ Usage::
     pconv-eval CHECKPOINT_OR_RUN [CHECKPOINT_OR_RUN ...] [--name NAME ...] [--out DIR=runs/eval]
                [--data folder|celebahq|places2] [--root DIR] [--split test|val]
                [--size S] [--buckets paper|report] [--masks-per-bucket K] [--mask-seed N]
+               [--mask-root DIR [--mask-holes white|black]]
                [--max-images N] [--baselines ns,telea|none] [--figures N]
                [--batch-size B] [--device auto|cpu|cuda] [--amp off|bf16] [--threads T]
 
@@ -16,7 +17,9 @@ buckets, masks per bucket and mask seed default to the first checkpoint's config
 
 Protocol: every test image is evaluated once per bucket. Bucket ``b`` has ``K`` seeded
 free-form masks (:func:`train.masks.make_eval_masks`: the same masks for every method,
-run and machine); image ``i`` gets mask ``i mod K``. The paper's buckets are the hole
+run and machine), or with ``--mask-root`` the first ``K`` mask files whose hole ratio
+falls in it (:func:`train.masks.eval_masks_from_folder`: NVIDIA's irregular test masks,
+the paper's protocol); image ``i`` gets mask ``i mod K``. The paper's buckets are the hole
 ratios (0.01, 0.1], (0.1, 0.2], ..., (0.5, 0.6]; ``--buckets report`` uses r = 0.05, 0.1,
 0.2 (± 0.005). Each method's output is composited with the known pixels and clamped to
 [0, 1]; the metrics (:mod:`train.metrics`, conventions in :data:`train.metrics.CONVENTIONS`,
@@ -57,7 +60,8 @@ from .checkpoint import CheckpointError, load_model, resolve_checkpoint
 from .classical import inpaint_classical
 from .data import eval_transform
 from .images import image_from_numpy, save_image
-from .masks import PAPER_BUCKETS, REPORT_RATIOS, bucket_label, make_eval_masks
+from .masks import (NVIDIA_TEST_MASKS_INVERT, PAPER_BUCKETS, REPORT_RATIOS, bucket_label,
+                    eval_masks_from_folder, make_eval_masks)
 from .metrics import CONVENTIONS, METRIC_NAMES, REGIONS, inpainting_metrics
 from .models import composite
 
@@ -83,6 +87,8 @@ class EvalOptions:
     buckets: str | None = None       # "paper" | "report"
     masks_per_bucket: int | None = None
     mask_seed: int | None = None
+    mask_root: str | None = None     # mask files (NVIDIA's test masks) instead of free-form
+    mask_invert: bool = NVIDIA_TEST_MASKS_INVERT  # the files draw holes white
     max_images: int = 0              # 0 = all
     baselines: tuple[str, ...] = ("ns", "telea")
     figures: int = 4                 # figures per bucket (first N images)
@@ -213,7 +219,8 @@ def _autocast(device: torch.device, amp: str):
 
 
 def evaluate(models: list[tuple[str, nn.Module]], images, *, buckets, masks_per_bucket: int,
-             mask_seed: int = 0, baselines=("ns", "telea"), batch_size: int = 8,
+             mask_seed: int = 0, mask_root: str | os.PathLike | None = None,
+             mask_invert: bool = NVIDIA_TEST_MASKS_INVERT, baselines=("ns", "telea"), batch_size: int = 8,
              device: torch.device | str = "cpu", amp: str = "off", figures: int = 0,
              figure_dir: Path | None = None, threads: int = 0, workers: int = 0,
              progress: bool = True) -> dict[str, Any]:
@@ -226,6 +233,9 @@ def evaluate(models: list[tuple[str, nn.Module]], images, *, buckets, masks_per_
         buckets: hole-ratio buckets (intervals or fixed ratios, :func:`make_eval_masks`).
         masks_per_bucket: masks per bucket (image ``i`` uses mask ``i mod K``); at most the
             number of images are generated.
+        mask_seed: seed of the free-form masks (:func:`make_eval_masks`).
+        mask_root, mask_invert: take the masks from these files instead
+            (:func:`eval_masks_from_folder`; a bucket no file falls in is left out).
         baselines: keys of :data:`BASELINES` to add as rows.
         figures, figure_dir: save a figure for the first ``figures`` images of each bucket.
 
@@ -245,7 +255,11 @@ def evaluate(models: list[tuple[str, nn.Module]], images, *, buckets, masks_per_
                              f"{model.size_multiple}; the test images are {size[0]}x{size[1]}"
                              " (choose --size)")
     count = max(1, min(masks_per_bucket, n))
-    masks = make_eval_masks(size[0], size[1], buckets, count, mask_seed)
+    if mask_root is not None:
+        masks = eval_masks_from_folder(mask_root, size[0], size[1], buckets, count,
+                                       invert=mask_invert)
+    else:
+        masks = make_eval_masks(size[0], size[1], buckets, count, mask_seed)
     labels = list(masks)
     rows = [name for name, _ in models] + [BASELINES[b] for b in baselines]
     scores = {row: {label: {} for label in labels} for row in rows}
@@ -265,7 +279,8 @@ def evaluate(models: list[tuple[str, nn.Module]], images, *, buckets, masks_per_
             start += target.shape[0]
             target = target.to(device)
             for label in labels:
-                mask = torch.stack([masks[label][i % count] for i in idx]).to(device)
+                group = masks[label]
+                mask = torch.stack([group[i % len(group)] for i in idx]).to(device)
                 results = {}
                 for name, model in models:
                     with torch.no_grad(), _autocast(device, amp):
@@ -293,7 +308,8 @@ def evaluate(models: list[tuple[str, nn.Module]], images, *, buckets, masks_per_
         bar.close()
         pool.shutdown()
     return {"methods": rows, "buckets": labels, "names": names, "scores": scores,
-            "images": n, "masks_per_bucket": count}
+            "images": n, "masks_per_bucket": count,
+            "mask_source": "files" if mask_root is not None else "seeded"}
 
 
 def _bar(total: int, enabled: bool):
@@ -337,8 +353,8 @@ def write_report(results: dict[str, Any], out_dir: str | os.PathLike,
     for key, value in (meta or {}).items():
         lines.append(f"- **{key}**: {value}")
     lines += [f"- **images**: {results['images']} per bucket; "
-              f"{results['masks_per_bucket']} seeded masks per bucket (image i uses mask "
-              "i mod K)", "", f"Conventions: {CONVENTIONS}", ""]
+              f"{results['masks_per_bucket']} {results.get('mask_source', 'seeded')} masks per "
+              "bucket at most (image i uses mask i mod K)", "", f"Conventions: {CONVENTIONS}", ""]
     for region in REGIONS:
         title = "Whole image" if region == "whole" else "Hole only"
         lines += [f"## {title}", "", "| method | " + " | ".join(columns) + " |",
@@ -392,7 +408,8 @@ def run_evaluation(checkpoints: list[tuple[str | None, str | os.PathLike]],
     buckets = BUCKET_SETS[ev["buckets"]]
     results = evaluate([(name, model) for name, model, _ in loaded], images,
                        buckets=buckets, masks_per_bucket=ev["masks_per_bucket"],
-                       mask_seed=ev["seed"], baselines=options.baselines,
+                       mask_seed=ev["seed"], mask_root=options.mask_root,
+                       mask_invert=options.mask_invert, baselines=options.baselines,
                        batch_size=options.batch_size, device=device, amp=options.amp,
                        figures=options.figures, figure_dir=Path(out_dir) / "figures",
                        threads=options.threads, workers=options.workers,
@@ -406,7 +423,10 @@ def run_evaluation(checkpoints: list[tuple[str | None, str | os.PathLike]],
                     f"{config['data']['test_root'] or config['data']['root']} "
                     f"({options.split} split), {ev['size']}x{ev['size']}",
             "buckets": f"{ev['buckets']}: " + ", ".join(bucket_label(b) for b in buckets),
-            "mask seed": ev["seed"], "device": str(device),
+            "masks": (f"files under {Path(options.mask_root).resolve()} (invert="
+                      f"{options.mask_invert})" if options.mask_root
+                      else f"free-form, seed {ev['seed']}"),
+            "device": str(device),
             "time": f"{seconds:.1f} s"}
     paths = write_report(results, out_dir, meta)
     return {"results": results, "means": summarise(results), "paths": paths,
@@ -434,6 +454,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="paper: (0.01,0.1] ... (0.5,0.6]; report: r = 0.05, 0.1, 0.2")
     p.add_argument("--masks-per-bucket", type=int)
     p.add_argument("--mask-seed", type=int)
+    p.add_argument("--mask-root", help="score on these mask files (e.g. NVIDIA's irregular "
+                   "test masks), sorted into the buckets, instead of seeded free-form masks")
+    p.add_argument("--mask-holes", default="white", choices=("white", "black"),
+                   help="how the --mask-root files draw holes (default white, as NVIDIA's "
+                   "test set; black for files in this project's 1 = known convention)")
     p.add_argument("--max-images", type=int, default=0, help="first N test images (0 = all)")
     p.add_argument("--baselines", default="ns,telea",
                    help="comma list of ns, telea, or 'none'")
@@ -450,13 +475,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def options_from_args(args: argparse.Namespace) -> EvalOptions:
     """:class:`EvalOptions` from parsed ``pconv-eval`` arguments."""
+    if args.masks_per_bucket is not None and args.masks_per_bucket < 1:
+        raise cfglib.ConfigError(f"--masks-per-bucket must be at least 1, got "
+                                 f"{args.masks_per_bucket}")
     baselines = tuple(b for b in args.baselines.split(",") if b and b != "none")
     unknown = [b for b in baselines if b not in BASELINES]
     if unknown:
         raise cfglib.ConfigError(f"--baselines: unknown {unknown} (have {sorted(BASELINES)})")
     return EvalOptions(data=args.data, root=args.root, split=args.split, size=args.size,
                        buckets=args.buckets, masks_per_bucket=args.masks_per_bucket,
-                       mask_seed=args.mask_seed, max_images=args.max_images,
+                       mask_seed=args.mask_seed, mask_root=args.mask_root,
+                       mask_invert=args.mask_holes == "white", max_images=args.max_images,
                        baselines=baselines, figures=args.figures, batch_size=args.batch_size,
                        device=args.device, amp=args.amp, threads=args.threads,
                        workers=args.workers, progress=not args.no_progress)

@@ -63,6 +63,7 @@ __all__ = [
     "bucket_of",
     "group_by_bucket",
     "make_eval_masks",
+    "eval_masks_from_folder",
 ]
 
 logger = logging.getLogger(__name__)
@@ -457,6 +458,61 @@ def group_by_bucket(
         if bucket is not None:
             groups[bucket_label(bucket)].append(mask)
     return groups
+
+
+def _in_bucket(ratio: float, bucket: Bucket, tolerance: float) -> bool:
+    if isinstance(bucket, (tuple, list)):
+        return bucket_of(ratio, [bucket]) is not None
+    return abs(ratio - float(bucket)) <= tolerance
+
+
+def eval_masks_from_folder(
+    root: PathLike,
+    height: int,
+    width: int,
+    buckets: Sequence[Bucket] = PAPER_BUCKETS,
+    per_bucket: int = 100,
+    invert: bool = NVIDIA_TEST_MASKS_INVERT,
+    tolerance: float = 0.005,
+) -> dict[str, list[torch.Tensor]]:
+    """Evaluation masks from mask files (NVIDIA's irregular test masks, the paper's
+    protocol), sorted into hole-ratio buckets.
+
+    Files are read in :func:`train.images.find_images` order and resized (nearest) to
+    ``height x width``; each goes to the bucket its resized hole ratio falls in
+    (:func:`bucket_of` for an interval, ``r +- tolerance`` for a fixed ratio) until that
+    bucket holds ``per_bucket`` masks. The same folder always gives the same masks.
+
+    Returns:
+        ``{bucket_label(b): [mask [1, height, width], ...]}`` in ``buckets`` order, 1 =
+        known, 0 = hole; a bucket no file falls in is left out, with a warning.
+
+    Raises:
+        FileNotFoundError: no readable mask file under ``root``, or no file in any bucket.
+    """
+    folder = MaskFolder(root, invert=invert, augment=False)
+    groups: dict[str, list[torch.Tensor]] = {bucket_label(b): [] for b in buckets}
+    for index in range(len(folder)):
+        if all(len(g) >= per_bucket for g in groups.values()):
+            break
+        mask = resize_mask(folder._load_some(index), height, width)
+        ratio = hole_ratio(mask)
+        for bucket in buckets:
+            group = groups[bucket_label(bucket)]
+            if _in_bucket(ratio, bucket, tolerance) and len(group) < per_bucket:
+                group.append(mask)
+                break
+    empty = [label for label, group in groups.items() if not group]
+    if len(empty) == len(groups):
+        raise FileNotFoundError(f"no mask under {root} has a hole ratio in any of the buckets "
+                                f"{', '.join(groups)} (invert={invert}: is that right?)")
+    for label in empty:
+        logger.warning("no mask under %s falls in bucket %s: it is left out", root, label)
+    short = {label: len(g) for label, g in groups.items() if 0 < len(g) < per_bucket}
+    if short:
+        logger.warning("masks under %s: fewer than %d in %s", root, per_bucket,
+                       ", ".join(f"{label} ({n})" for label, n in short.items()))
+    return {label: group for label, group in groups.items() if group}
 
 
 def _bucket_key(bucket: Bucket) -> list[int]:

@@ -422,7 +422,11 @@ class Trainer:
         self.config = config
         tc = config["train"]
 
+        # numpy's and Python's too: nothing here draws from them, but a checkpoint stores
+        # their states, and identical runs should store identical ones.
         torch.manual_seed(config["seed"])
+        np.random.seed(config["seed"])
+        random.seed(config["seed"])
         self.spec = cfglib.model_spec(config)
         try:
             self.model = build_model(self.spec)
