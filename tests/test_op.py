@@ -279,6 +279,23 @@ def test_empty_batch():
     assert x.grad.shape == x.shape and (w.grad == 0).all()
 
 
+@pytest.mark.parametrize("input_layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("weight_layout", ["nchw", "channels_last"])
+def test_empty_batch_gradients_take_the_promised_layouts(input_layout, weight_layout):
+    """Batch 0 on the training path: the input gradient in the input's layout and the
+    weight gradient in the weight's, as the fake kernels say (x * m may be in another)."""
+    cl = torch.channels_last
+    x = torch.randn(0, 4, 8, 8)
+    w = torch.randn(5, 4, 3, 3)
+    x = (x.to(memory_format=cl) if input_layout == "channels_last" else x).requires_grad_()
+    w = (w.to(memory_format=cl) if weight_layout == "channels_last" else w).requires_grad_()
+    out, _ = pconv_cuda.partial_conv2d(x, torch.ones(0, 1, 8, 8), w, None, 1, 1)
+    out.sum().backward()
+    # (Every layout counts as contiguous at batch 0: compare the strides.)
+    assert_same_layout(x.grad, x)
+    assert_same_layout(w.grad, w)
+
+
 @pytest.mark.parametrize("fn", [pconv_cuda.partial_conv2d, reference.partial_conv2d,
                                 reference.lean_partial_conv2d], ids=["op", "reference", "lean"])
 def test_mask_gets_no_gradient(fn):

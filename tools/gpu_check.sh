@@ -100,8 +100,10 @@ if step tests; then
   # small calls whose time is Python's and the compiler's, not the GPU's.
   workers=$($PY -c "import xdist" 2>/dev/null && echo "-n ${TEST_WORKERS:-4}")
   note "tests (limit ${limit} s${workers:+, $workers})"
-  timeout "$limit" $PY -m pytest -q -p no:cacheprovider -m gpu -rs --durations=15 $workers tests 2>&1 |
-      tee "$OUT/tests.log" | tail -30
+  # SIGINT at the limit, so that pytest stops as after a Ctrl-C and still prints the
+  # failures and the summary (-rfEs: failed, errors, skips); SIGKILL 30 s later.
+  timeout -s INT -k 30 "$limit" $PY -m pytest -q -p no:cacheprovider -m gpu -rfEs --durations=15 \
+      $workers tests 2>&1 | tee "$OUT/tests.log" | tail -40
   rc=${PIPESTATUS[0]}
   [ "$rc" -eq 124 ] && echo "tests: stopped at the time limit"
   status=$((status | rc))
@@ -113,10 +115,19 @@ if step memcheck; then
   # access past a tensor's end (inside a cached block it would not). Only the op's own
   # kernels (names holding "pconv") are instrumented: cuDNN's would take minutes. PYTHONPATH:
   # the script's folder, not the repository root, is on sys.path.
+  # CUDA API errors that torch or cuDNN meet (and handle) on their own are not the
+  # kernels' doing: where this compute-sanitizer can, it leaves them out of the count.
+  api_flag=$("$(sanitizer)" --help 2>/dev/null | grep -q -- "--report-api-errors" &&
+             echo "--report-api-errors no")
   PYTORCH_NO_CUDA_MEMORY_CACHING=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" \
-      timeout "$limit" "$(sanitizer)" --tool memcheck --kernel-name kns=pconv --error-exitcode 9 \
-      $PY tools/memcheck_case.py >"$OUT/sanitizer.log" 2>&1
-  rc=$?; tail -5 "$OUT/sanitizer.log"; status=$((status | rc))
+      timeout -s INT -k 30 "$limit" "$(sanitizer)" --tool memcheck --kernel-name kns=pconv \
+      --error-exitcode 9 $api_flag $PY tools/memcheck_case.py >"$OUT/sanitizer.log" 2>&1
+  rc=$?; tail -5 "$OUT/sanitizer.log"
+  if [ "$rc" -eq 9 ] && ! grep -qE "Invalid __(global|shared|local)__|Misaligned|out of bounds" \
+      "$OUT/sanitizer.log"; then
+    echo "memcheck: exit 9 from CUDA API errors only, no invalid access in a kernel"
+  fi
+  status=$((status | rc))
 fi
 if step bench; then
   minutes=$($PY -c "print(max(0.0, ($(left) - 45) / 60))")  # 45 s for the last row and the table

@@ -499,8 +499,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_from(
 
   if (need_graw) {
     if (g.batch == 0) {
-      if (need_dx) grad_input = at::zeros_like(source);
-      if (need_dw) grad_weight = at::zeros_like(weight);
+      // In the layouts the fake kernels promise (source may be x * m in another).
+      if (need_dx) {
+        grad_input = at::zeros(source.sizes(), source.options().memory_format(grad_input_format));
+      }
+      if (need_dw) {
+        grad_weight =
+            at::zeros(weight.sizes(), weight.options().memory_format(weight.suggest_memory_format()));
+      }
     } else {
       // The weight gradient reads x * m; the input gradient only needs the input's shape
       // (and layout), so without dW an unwritten tensor stands in for it.

@@ -31,7 +31,6 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mul.h>
 #include <ATen/ops/zeros.h>
-#include <ATen/ops/zeros_like.h>
 #include <torch/library.h>
 
 #include <array>
@@ -293,8 +292,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
 
   if (need_graw) {
     if (g.batch == 0) {
-      if (need_dx) grad_input = at::zeros_like(source, at::MemoryFormat::Preserve);
-      if (need_dw) grad_weight = at::zeros_like(weight, at::MemoryFormat::Preserve);
+      // In the layouts the fake kernels promise (source may be x * m in another).
+      if (need_dx) {
+        grad_input = at::zeros(source.sizes(), source.options().memory_format(grad_input_format));
+      }
+      if (need_dw) {
+        grad_weight =
+            at::zeros(weight.sizes(), weight.options().memory_format(weight.suggest_memory_format()));
+      }
     } else {
       // The weight gradient reads x * m; the input gradient only needs the input's shape
       // (and layout), so without dW an unwritten tensor stands in for an input in another.
