@@ -414,6 +414,16 @@ def test_tensorboard_scalars_images_and_validation(tmp_path, tiny_images):
 # Real processes: a SIGTERM in the middle of training, and DDP
 
 
+def _wait_for_log_lines(proc: subprocess.Popen, run: Path, lines: int) -> None:
+    """Until the training process ``proc`` has logged ``lines`` lines (2 minutes at most)."""
+    deadline = time.monotonic() + 120
+    while not (run / "log.jsonl").exists() or \
+            len((run / "log.jsonl").read_text().splitlines()) < lines:
+        assert proc.poll() is None, proc.communicate()[0]
+        assert time.monotonic() < deadline, f"training never logged {lines} lines"
+        time.sleep(0.01)
+
+
 def test_sigterm_saves_and_resume_continues_bitwise(tmp_path, tiny_images, one_thread):
     config = str(write_config(tmp_path, tiny_images, "[optim]\nfinetune_step = 5\n"))
     run = tmp_path / "killed"
@@ -422,12 +432,7 @@ def test_sigterm_saves_and_resume_continues_bitwise(tmp_path, tiny_images, one_t
                             cwd=tmp_path, env=_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.monotonic() + 120
-        while not (run / "log.jsonl").exists() or \
-                len((run / "log.jsonl").read_text().splitlines()) < 3:
-            assert proc.poll() is None, proc.communicate()[0]
-            assert time.monotonic() < deadline, "training never logged three steps"
-            time.sleep(0.01)
+        _wait_for_log_lines(proc, run, 3)
         proc.send_signal(signal.SIGTERM)
         output, _ = proc.communicate(timeout=120)
     finally:
@@ -474,12 +479,7 @@ def test_sigterm_to_the_process_group_with_loader_workers(tmp_path, tiny_images,
                             cwd=tmp_path, env=_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
-        deadline = time.monotonic() + 120
-        while not (run / "log.jsonl").exists() or \
-                len((run / "log.jsonl").read_text().splitlines()) < 2:
-            assert proc.poll() is None, proc.communicate()[0]
-            assert time.monotonic() < deadline, "training never logged two steps"
-            time.sleep(0.01)
+        _wait_for_log_lines(proc, run, 2)
         os.killpg(proc.pid, signal.SIGTERM)
         output, _ = proc.communicate(timeout=120)
     finally:
@@ -491,19 +491,25 @@ def test_sigterm_to_the_process_group_with_loader_workers(tmp_path, tiny_images,
     assert stopped >= 2
 
 
+def _torchrun_two_ranks(tmp_path: Path, config: str, run: Path, steps: int) -> str:
+    """Train ``steps`` steps with 2 gloo processes; returns their output (exit 0 asserted)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+         f"--master_port={_free_port()}", "-m", "train", "--config", config, "--out",
+         str(run), "--steps", str(steps)],
+        cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=240)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output
+    return output
+
+
 def test_ddp_batch_norm_model_saves_at_the_end(tmp_path, tiny_images, one_thread):
     """With batch norm, each rank ends holding the statistics of its own last batch; rank
     0's (the ones DDP broadcasts) are given to all before the check, and the run ends with
     its checkpoint."""
     config = str(write_config(tmp_path, tiny_images, name="ddp_bn.toml"))
     run = tmp_path / "ddp"
-    done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-         f"--master_port={_free_port()}", "-m", "train", "--config", config, "--out",
-         str(run), "--steps", "3"],
-        cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=240)
-    output = done.stdout + done.stderr
-    assert done.returncode == 0, output
+    output = _torchrun_two_ranks(tmp_path, config, run, steps=3)
     assert "all 2 ranks hold identical parameters and buffers" in output
     assert torch.load(latest_checkpoint(run), weights_only=True)["step"] == 3
 
@@ -513,13 +519,7 @@ def test_ddp_two_processes_gloo(tmp_path, tiny_images, one_thread):
     # (gradients are averaged over ranks): the global batch is divided, not multiplied.
     config = str(write_config(tmp_path, tiny_images, model=TINY_MODIFIED, name="ddp.toml"))
     run = tmp_path / "ddp"
-    done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-         f"--master_port={_free_port()}", "-m", "train", "--config", config, "--out",
-         str(run), "--steps", "3"],
-        cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=240)
-    output = done.stdout + done.stderr
-    assert done.returncode == 0, output
+    output = _torchrun_two_ranks(tmp_path, config, run, steps=3)
     assert "[rank 0]" in output and "[rank 1]" in output
     assert "rank 1 of 2: finished at step 3" in output
     assert "all 2 ranks hold identical parameters and buffers" in output
