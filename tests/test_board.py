@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import re
+import socket
 import tempfile
 import threading
 import time
@@ -17,12 +18,14 @@ from PIL import Image
 
 pytest.importorskip("flask")
 import werkzeug.formparser  # noqa: E402
+import werkzeug.serving  # noqa: E402
 import werkzeug.test  # noqa: E402
 from werkzeug.datastructures import FileStorage  # noqa: E402
 
 from train.apps import board  # noqa: E402
 from train.apps.board import create_app, decode_upload  # noqa: E402
 from train.checkpoint import CheckpointError, build_model, save_checkpoint  # noqa: E402
+from train.images import IMAGE_FORMATS  # noqa: E402
 
 from conftest import TINY_MODEL as SPEC  # noqa: E402
 SAMPLES = Path(__file__).resolve().parents[1] / "train" / "samples"
@@ -305,16 +308,77 @@ def test_decode_upload_limits():
     assert decode_upload(_png(_photo(10, 64)), "image", max_side=64).size == (64, 10)
 
 
-def test_board_cli(monkeypatch, checkpoint, tmp_path, capsys):
+@pytest.fixture
+def served(monkeypatch):
+    """The servers the board started: ``(host, port, threaded)``; each returns at once
+    instead of serving."""
+    calls = []
+
+    def serve_forever(self, *args, **kwargs):
+        calls.append((self.host, self.port, self.multithread))
+
+    monkeypatch.setattr(werkzeug.serving.BaseWSGIServer, "serve_forever", serve_forever)
+    return calls
+
+
+def test_board_cli(checkpoint, tmp_path, served, capsys):
     assert board.main([]) == 1
-    assert "--checkpoint PATH is required" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    # The board has no classical method to offer instead.
+    assert "--checkpoint PATH is required" in err and "classical" not in err
+    assert "--method" not in err
     assert board.main(["--checkpoint", str(tmp_path / "x.pt")]) == 1
     assert "no checkpoint at" in capsys.readouterr().err
+    assert board.main(["--checkpoint", str(checkpoint), "--port", "0", "--device", "cpu"]) == 0
+    [(host, port, threaded)] = served
+    assert host == "127.0.0.1" and port > 0 and threaded
+    assert f"serving on http://127.0.0.1:{port}/" in capsys.readouterr().err
+
+
+def test_board_cli_warns_when_listening_beyond_this_machine(checkpoint, monkeypatch, capsys):
     calls = []
-    monkeypatch.setattr("flask.Flask.run", lambda self, **kw: calls.append(kw))
-    assert board.main(["--checkpoint", str(checkpoint), "--port", "8123", "--device", "cpu"]) == 0
-    assert calls == [dict(host="127.0.0.1", port=8123, threaded=True, debug=False,
-                          use_reloader=False)]
-    assert "http://127.0.0.1:8123/" in capsys.readouterr().err
+    monkeypatch.setattr(board, "_serve", lambda app, host, port: calls.append((host, port)))
     assert board.main(["--checkpoint", str(checkpoint), "--host", "0.0.0.0"]) == 0
+    assert calls == [("0.0.0.0", 8000)]
     assert "warning" in capsys.readouterr().err
+
+
+def test_board_cli_busy_port_is_a_clear_error(checkpoint, served, capsys):
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        assert board.main(["--checkpoint", str(checkpoint), "--port", str(port)]) == 1
+    err = capsys.readouterr().err
+    assert f"cannot listen on 127.0.0.1:{port}" in err and "--port" in err
+    assert "serving on" not in err and served == []
+
+
+def test_run_folder_as_checkpoint(model, tmp_path, served, capsys):
+    folder = tmp_path / "run" / "checkpoints"
+    folder.mkdir(parents=True)
+    (folder / "step_00000010.pt").write_bytes(b"an older, broken checkpoint")
+    save_checkpoint(folder / "step_00000020.pt", {"model_spec": SPEC, "model": model.state_dict()})
+    app = create_app(tmp_path / "run")
+    assert type(app.config["PCONV_MODEL"]) is type(model)
+    assert board.main(["--checkpoint", str(tmp_path / "run"), "--port", "0"]) == 0, \
+        capsys.readouterr().err
+    assert len(served) == 1
+
+
+def test_16_bit_greyscale_upload_keeps_its_levels(client):
+    levels = np.random.default_rng(4).integers(0, 256, (37, 53)).astype(np.uint8)
+    # 16-bit levels that are exactly the 8-bit ones (65535 = 255 * 257).
+    upload = _png(levels.astype(np.uint16) * 257)
+    assert Image.open(io.BytesIO(upload)).mode == "I;16"
+    photo = np.repeat(levels[:, :, None], 3, axis=2)
+    _check_result(_post(client, upload, _png(_mask())), photo, _mask())
+
+
+def test_transparent_mask_upload_marks_the_holes(client):
+    photo, mask = _photo(), _mask()
+    # Everything white, the hole only in the alpha channel.
+    rgba = np.dstack([np.full_like(mask, 255)] * 3 + [mask])
+    _check_result(_post(client, _png(photo), _png(rgba)), photo, mask)
+
+
+def test_upload_formats_come_from_the_shared_list():
+    assert set(board.UPLOAD_FORMATS) == set(IMAGE_FORMATS.values()) - {"TIFF"}

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -11,16 +13,23 @@ from PIL import Image
 
 from train.images import (
     IMAGE_EXTENSIONS,
+    IMAGE_FORMATS,
     ImageLoadError,
     check_image,
     find_images,
+    find_non_images,
     image_from_numpy,
+    image_from_pil,
     image_to_numpy,
     is_image_file,
+    is_lossless,
+    keeps_alpha,
     load_image,
     load_mask,
     mask_from_numpy,
+    mask_from_pil,
     mask_to_numpy,
+    read_image,
     readable_images,
     save_image,
     save_mask,
@@ -81,6 +90,72 @@ def test_save_image_accepts_batch_of_one_and_rejects_others(tmp_path):
         save_image(torch.rand(4, 8, 8), tmp_path / "b.png")
 
 
+@pytest.mark.parametrize("save", [lambda path: save_image(quantised_image(8, 8, 2), path),
+                                  lambda path: save_mask(torch.zeros(1, 8, 8), path)])
+def test_interrupted_save_leaves_the_old_file_and_no_partial_one(tmp_path, monkeypatch, save):
+    path = tmp_path / "x.png"
+    old = quantised_image(8, 8, seed=1)
+    save_image(old, path)
+
+    def killed_mid_write(self, fp, *args, **kwargs):
+        Path(fp).write_bytes(b"\x89PNG\r\n\x1a\n half an image")
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Image.Image, "save", killed_mid_write)
+        with pytest.raises(KeyboardInterrupt):
+            save(path)
+        with pytest.raises(KeyboardInterrupt):
+            save(tmp_path / "new.png")
+    assert torch.equal(load_image(path), old)
+    assert [p.name for p in tmp_path.iterdir()] == ["x.png"]  # no temporary file left
+
+
+def test_saved_files_get_the_usual_permissions(tmp_path):
+    umask = os.umask(0o022)
+    os.umask(umask)
+    save_image(quantised_image(4, 4), tmp_path / "x.png")
+    save_mask(torch.ones(1, 4, 4), tmp_path / "m.png")
+    for name in ("x.png", "m.png"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o666 & ~umask
+
+
+def test_save_image_with_alpha(tmp_path):
+    x = quantised_image(6, 9)
+    alpha = (torch.arange(54).view(1, 6, 9) % 3).float() / 2  # 0, 0.5, 1
+    save_image(x, tmp_path / "a.png", alpha=alpha)
+    stored = np.asarray(Image.open(tmp_path / "a.png"))
+    assert stored.shape == (6, 9, 4)
+    assert np.array_equal(stored[..., 3], (alpha[0] * 255).round().numpy().astype(np.uint8))
+    back = read_image(tmp_path / "a.png")
+    assert torch.equal(back.image, x)  # the colour under transparent pixels is kept
+    assert torch.allclose(back.alpha, alpha, atol=0.5 / 255)
+    with pytest.raises(ValueError, match="alpha"):
+        save_image(x, tmp_path / "a.jpg", alpha=alpha)
+    with pytest.raises(ValueError, match="alpha"):
+        save_image(x, tmp_path / "b.png", alpha=alpha[:, :3])
+    assert keeps_alpha("a.PNG") and keeps_alpha("a.tif") and not keeps_alpha("a.jpg")
+    assert is_lossless("a.png") and is_lossless("a.TIFF") and is_lossless("a.bmp")
+    assert not any(is_lossless(f"a{ext}") for ext in (".jpg", ".jpeg", ".webp", ".gif"))
+
+
+def test_read_image_reports_alpha_and_depth(tmp_path):
+    rgb = quantised_image(5, 7)
+    save_image(rgb, tmp_path / "plain.png")
+    plain = read_image(tmp_path / "plain.png")
+    assert torch.equal(plain.image, rgb) and plain.alpha is None and not plain.deep
+    rgba = np.dstack([image_to_numpy(rgb), np.full((5, 7), 255, np.uint8)])
+    Image.fromarray(rgba).save(tmp_path / "opaque.png")
+    assert read_image(tmp_path / "opaque.png").alpha is None  # fully opaque: no alpha
+    Image.fromarray(np.full((5, 7), 40000, np.uint16)).save(tmp_path / "grey16.png")
+    deep = read_image(tmp_path / "grey16.png")
+    assert deep.deep and torch.allclose(deep.image, torch.full((3, 5, 7), 40000 / 65535))
+    cv2 = pytest.importorskip("cv2")
+    colour16 = np.random.default_rng(0).integers(0, 65536, (5, 7, 3), dtype=np.uint16)
+    cv2.imwrite(str(tmp_path / "colour16.png"), colour16)
+    assert read_image(tmp_path / "colour16.png").deep  # Pillow decodes it to 8 bits
+
+
 def test_exif_orientation_is_applied(tmp_path):
     stored = np.zeros((10, 20, 3), np.uint8)  # 10 high, 20 wide
     stored[0, 0] = (255, 0, 0)  # red at the stored top-left
@@ -117,6 +192,16 @@ def test_grey_rgba_palette_and_16bit_files_become_rgb(tmp_path):
     assert y[:, 0, 0].tolist() == [0.0] * 3 and y[:, 1, 1].tolist() == [1.0] * 3
 
 
+def test_image_from_pil_is_what_load_image_uses(tmp_path):
+    deep = Image.fromarray(np.array([[0, 257 * 100], [65535, 30000]], np.uint16))
+    assert deep.mode.startswith("I;16")
+    y = image_from_pil(deep)
+    assert y.shape == (3, 2, 2)
+    assert torch.allclose(y[0], torch.tensor([[0.0, 100 / 255], [1.0, 30000 / 65535]]))
+    deep.save(tmp_path / "d.png")
+    assert torch.equal(load_image(tmp_path / "d.png"), y)
+
+
 # ----------------------------------------------------------------------------- masks
 
 
@@ -139,6 +224,34 @@ def test_colour_mask_file_uses_luminance(tmp_path):
     rgb[0, 0] = 255
     Image.fromarray(rgb).save(tmp_path / "c.png")
     assert load_mask(tmp_path / "c.png")[0].tolist() == [[1.0, 0.0], [0.0, 0.0]]
+
+
+def test_transparent_mask_pixels_are_holes(tmp_path):
+    # An erased copy of a photo: colours everywhere (black under the erased part, as
+    # editors store it), transparency where the object was.
+    rgba = np.zeros((4, 6, 4), np.uint8)
+    rgba[..., :3] = 255
+    rgba[..., 3] = 255
+    rgba[1:3, 2:5] = (0, 0, 0, 0)
+    rgba[0, 0] = (0, 0, 0, 255)  # a black but opaque pixel: known, the colour is ignored
+    Image.fromarray(rgba).save(tmp_path / "erased.png")
+    expected = torch.ones(1, 4, 6)
+    expected[:, 1:3, 2:5] = 0
+    assert torch.equal(load_mask(tmp_path / "erased.png"), expected)
+    assert torch.equal(load_mask(tmp_path / "erased.png", invert=True), 1 - expected)
+    assert torch.equal(mask_from_pil(Image.open(tmp_path / "erased.png")), expected)
+    # Fully opaque: the alpha says nothing, the luminance is used as before.
+    rgba[..., 3] = 255
+    Image.fromarray(rgba).save(tmp_path / "opaque.png")
+    luminance = torch.ones(1, 4, 6)
+    luminance[:, 1:3, 2:5] = 0
+    luminance[:, 0, 0] = 0
+    assert torch.equal(load_mask(tmp_path / "opaque.png"), luminance)
+    # Palette transparency counts too.
+    grey = Image.fromarray(np.where(expected[0].numpy() > 0, 200, 7).astype(np.uint8)).convert("P")
+    grey.info["transparency"] = grey.getpixel((2, 1))
+    grey.save(tmp_path / "palette.png", transparency=grey.info["transparency"])
+    assert torch.equal(load_mask(tmp_path / "palette.png"), expected)
 
 
 @pytest.mark.parametrize("invert", [False, True])
@@ -243,17 +356,40 @@ def test_readable_images_drops_and_names_bad_files(tmp_path, caplog):
 
 
 def test_find_images_is_recursive_sorted_and_case_insensitive(tmp_path):
-    names = ["b/z.PNG", "a.jpg", "b/a.JpEg", "c/d/e.webp", "b.png", ".hidden.jpg", ".cache/x.png", "notes.txt", "x.gif"]
+    names = ["b/z.PNG", "a.jpg", "b/a.JpEg", "c/d/e.webp", "b.png", ".hidden.jpg", ".cache/x.png",
+             "notes.txt", "x.gif", "scan.TIF", "y.tiff", "old.bmp", "c/readme"]
     for name in reversed(names):  # creation order must not matter
         path = tmp_path / name
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"")
     found = [p.relative_to(tmp_path).as_posix() for p in find_images(tmp_path)]
-    assert found == ["a.jpg", "b.png", "b/a.JpEg", "b/z.PNG", "c/d/e.webp"]
+    assert found == ["a.jpg", "b.png", "b/a.JpEg", "b/z.PNG", "c/d/e.webp", "old.bmp",
+                     "scan.TIF", "x.gif", "y.tiff"]
     assert all(is_image_file(n) for n in found)
-    assert set(IMAGE_EXTENSIONS) == {".jpg", ".jpeg", ".png", ".webp"}
+    others = [p.relative_to(tmp_path).as_posix() for p in find_non_images(tmp_path)]
+    assert others == ["c/readme", "notes.txt"]
     with pytest.raises(FileNotFoundError):
         find_images(tmp_path / "nowhere")
+
+
+def test_one_list_of_image_extensions():
+    assert set(IMAGE_EXTENSIONS) == {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif",
+                                     ".tiff"}
+    assert set(IMAGE_FORMATS) == set(IMAGE_EXTENSIONS)
+    registered = Image.registered_extensions()
+    assert all(registered[ext] == fmt for ext, fmt in IMAGE_FORMATS.items())
+
+
+def test_find_images_leaves_out_excluded_sub_folders(tmp_path, monkeypatch):
+    for name in ("a.png", "out/a.png", "out/deep/b.png", "masks/a.png", "keep/c.png"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    found = find_images(tmp_path, exclude=[tmp_path / "out", str(tmp_path / "masks")])
+    assert [p.relative_to(tmp_path).as_posix() for p in found] == ["a.png", "keep/c.png"]
+    # The root itself is never left out, and a relative spelling of a folder counts.
+    assert len(find_images(tmp_path / "out", exclude=[tmp_path / "out"])) == 2
+    monkeypatch.chdir(tmp_path)
+    assert len(find_images(tmp_path, exclude=["out", "masks", "keep"])) == 1
 
 
 # ----------------------------------------------------------------------------- samples

@@ -3,11 +3,14 @@ stand-in segmenter, the torchvision loader (with a fake torchvision on every mac
 the real one where it imports), and pconv-remove end to end on CPU."""
 from __future__ import annotations
 
+import shutil
 import sys
 import types
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 
 from train.apps import segment
@@ -122,13 +125,98 @@ def test_remove_end_to_end_with_color_segmenter(scene, tmp_path, checkpoint, cap
     assert (masked[:, hole] == 1).all()  # holes drawn white in the mask panel
 
 
-def test_remove_nothing_found_writes_the_input(scene, tmp_path, capsys):
+def test_remove_nothing_found_is_an_error_unless_allowed(scene, tmp_path, capsys):
     out = tmp_path / "o.png"
-    rc = main([str(scene), "--classes", "dog", "--segmenter", "color:person=ff0000", "-o",
-               str(out), "--method", "ns"])
-    assert rc == 0
-    assert "no dog found" in capsys.readouterr().err
+    # Green is a colour the scene does not have: the segmenter finds no dog.
+    args = [str(scene), "--classes", "dog", "--segmenter", "color:dog=00ff00", "-o", str(out),
+            "--method", "ns"]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "no dog found" in err and "nothing written" in err and "--allow-empty" in err
+    assert not out.exists() and not (tmp_path / "o_strip.png").exists()
+    assert main(args + ["--allow-empty"]) == 0
+    err = capsys.readouterr().err
+    assert "no dog found" in err and "removed" not in err
     assert torch.equal(load_image(out), load_image(scene))
+
+
+def test_remove_refuses_a_class_the_colour_segmenter_cannot_find(scene, tmp_path, capsys):
+    rc = main([str(scene), "--classes", "person,dog", "--segmenter", "color:person=ff0000",
+               "-o", str(tmp_path / "o.png"), "--method", "ns"])
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert "no colour for dog (it has person)" in err and "color:dog=RRGGBB" in err
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_remove_warns_about_a_hole_over_half_the_image(scene, tmp_path, capsys):
+    args = [str(scene), "--classes", "person", "--segmenter", "color:person=ff0000", "-o",
+            str(tmp_path / "o.png"), "--method", "ns"]
+    assert main(args) == 0
+    assert "warning" not in capsys.readouterr().err
+    assert main(args + ["--dilate", "41"]) == 0
+    err = capsys.readouterr().err
+    assert "the hole covers" in err and "--dilate 41" in err
+
+
+@pytest.mark.parametrize("outputs, message", [
+    (["-o", "{scene}"], "-o {scene} is the input image"),
+    (["-o", "{tmp}/r.png", "--strip", "{scene}"], "--strip {scene} is the input image"),
+    (["-o", "{tmp}/r.png", "--strip", "{tmp}/r.png"], "-o and --strip are both"),
+    (["-o", "{tmp}/r.png", "--save-mask", "{tmp}/r.png"], "-o and --save-mask are both"),
+    (["-o", "{tmp}/r.png", "--save-mask", "{tmp}/r_strip.png"], "--strip and --save-mask"),
+    (["-o", "{tmp}/r.png", "--save-mask", "{tmp}/./../{name}/r_strip.png"],
+     "--strip and --save-mask"),
+])
+def test_remove_outputs_never_overwrite_the_input_or_each_other(scene, tmp_path, capsys,
+                                                                 outputs, message):
+    fill = dict(scene=scene, tmp=tmp_path, name=tmp_path.name)
+    before = scene.read_bytes()
+    rc = main([str(scene), "--classes", "person", "--segmenter", "color:person=ff0000",
+               "--method", "ns"] + [o.format(**fill) for o in outputs])
+    assert rc == 1
+    assert message.format(**fill) in capsys.readouterr().err
+    assert scene.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scene.png"]
+
+
+def test_remove_takes_a_run_folder_and_keeps_transparency(scene, tmp_path, checkpoint, capsys):
+    run = tmp_path / "run" / "checkpoints"
+    run.mkdir(parents=True)
+    (run / "step_00000001.pt").write_bytes(b"an older, broken checkpoint")
+    shutil.copy(checkpoint, run / "step_00000002.pt")
+    rgba = np.array(Image.open(scene).convert("RGBA"))
+    rgba[:4, :, 3] = 0
+    Image.fromarray(rgba).save(tmp_path / "see_through.png")
+    out = tmp_path / "o.png"
+    rc = main([str(tmp_path / "see_through.png"), "--classes", "person", "--segmenter",
+               "color:person=ff0000", "-o", str(out), "--checkpoint", str(tmp_path / "run")])
+    assert rc == 0, capsys.readouterr().err
+    assert np.array_equal(np.asarray(Image.open(out))[..., 3], rgba[..., 3])
+    assert main([str(scene), "--classes", "person", "--segmenter", "color:person=ff0000",
+                 "-o", str(tmp_path / "o.jpg"), "--method", "ns"]) == 0
+    assert ".jpg is a lossy format" in capsys.readouterr().err
+
+
+def test_remove_max_side_default_and_out_of_memory(scene, tmp_path, checkpoint, monkeypatch,
+                                                   capsys):
+    import train.apps.remove as remove
+
+    seen = []
+
+    def out_of_memory(*args, **kwargs):
+        seen.append(kwargs.get("max_side"))
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
+
+    monkeypatch.setattr(remove, "inpaint", out_of_memory)
+    args = [str(scene), "--classes", "person", "--segmenter", "color:person=ff0000", "-o",
+            str(tmp_path / "o.png"), "--checkpoint", str(checkpoint)]
+    assert main(args) == 1
+    assert "out of memory inpainting" in capsys.readouterr().err
+    assert main(args + ["--max-side", "0"]) == 1
+    assert "lower --max-side (now none)" in capsys.readouterr().err
+    assert seen == [2048, None]
+    assert not (tmp_path / "o.png").exists()
 
 
 def test_remove_errors(scene, tmp_path, checkpoint, capsys):
@@ -136,7 +224,8 @@ def test_remove_errors(scene, tmp_path, checkpoint, capsys):
     assert main(base + ["--classes", "persn", "--checkpoint", str(checkpoint)]) == 1
     assert "did you mean person" in capsys.readouterr().err
     assert main(base + ["--classes", "person"]) == 1
-    assert "--checkpoint PATH is required" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--checkpoint PATH is required" in err and "--method ns or --method telea" in err
     assert main(base + ["--classes", "person", "--checkpoint", str(tmp_path / "x.pt")]) == 1
     assert "no checkpoint at" in capsys.readouterr().err
     assert main(base + ["--classes", "person", "--method", "ns", "--dilate", "4"]) == 1

@@ -13,9 +13,13 @@ from torch import Tensor
 from .images import image_from_numpy, image_to_numpy
 from .models import composite
 
-__all__ = ["METHODS", "inpaint_classical"]
+__all__ = ["METHODS", "DEFAULT_RADIUS", "inpaint_classical"]
 
 METHODS = ("ns", "telea")
+
+DEFAULT_RADIUS = 3
+"""Neighbourhood radius in pixels of both methods unless told otherwise (OpenCV's own
+examples use 3)."""
 
 
 def _cv2():
@@ -27,7 +31,8 @@ def _cv2():
     return cv2
 
 
-def inpaint_classical(image: Tensor, mask: Tensor, method: str = "ns", radius: int = 3) -> Tensor:
+def inpaint_classical(image: Tensor, mask: Tensor, method: str = "ns",
+                      radius: int = DEFAULT_RADIUS) -> Tensor:
     """Inpaint with OpenCV's Navier-Stokes (``"ns"``) or Telea (``"telea"``) method.
 
     Args:
@@ -35,7 +40,8 @@ def inpaint_classical(image: Tensor, mask: Tensor, method: str = "ns", radius: i
         mask: ``[1, H, W]`` or ``[N, 1, H, W]``, 1 = known, 0 = hole; pixels below 0.5
             are filled.
         method: ``"ns"`` or ``"telea"``.
-        radius: the methods' neighbourhood radius in pixels.
+        radius: the methods' neighbourhood radius in pixels (larger: smoother fills that
+            draw on more of the surroundings, and slower).
 
     Returns:
         The composite (known pixels from ``image``, holes filled), same shape, dtype and

@@ -12,15 +12,21 @@ Conventions (the whole of ``train/`` relies on them):
 Numpy conversions (:func:`image_to_numpy`, :func:`image_from_numpy`,
 :func:`mask_to_numpy`, :func:`mask_from_numpy`) use uint8 ``H x W x 3`` / ``H x W``
 arrays, the layout OpenCV-style code expects; pass ``bgr=True`` for OpenCV's channel
-order.
+order. Pillow conversions (:func:`image_from_pil`, :func:`mask_from_pil`) are what the
+file loaders use, so an image decoded elsewhere (an upload in memory) is read the same way.
+
+Files are written atomically (a temporary file in the same folder, then a rename), so an
+interrupted run never leaves a truncated image behind.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import secrets
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,14 +34,24 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 __all__ = [
+    "IMAGE_FORMATS",
     "IMAGE_EXTENSIONS",
+    "LOSSLESS_EXTENSIONS",
+    "ALPHA_EXTENSIONS",
     "ImageLoadError",
+    "ImageFile",
     "is_image_file",
+    "is_lossless",
+    "keeps_alpha",
     "find_images",
+    "find_non_images",
     "check_image",
     "readable_images",
+    "read_image",
     "load_image",
     "load_mask",
+    "image_from_pil",
+    "mask_from_pil",
     "save_image",
     "save_mask",
     "image_to_numpy",
@@ -45,8 +61,23 @@ __all__ = [
     "load_readable",
 ]
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+IMAGE_FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".webp": "WEBP",
+                 ".bmp": "BMP", ".gif": "GIF", ".tif": "TIFF", ".tiff": "TIFF"}
+"""The image files of the whole project, by extension, with Pillow's name of each format.
+Folder searches, output names and the board's uploads all take theirs from here."""
+
+IMAGE_EXTENSIONS = tuple(IMAGE_FORMATS)
 """File extensions treated as images (compared case-insensitively)."""
+
+LOSSLESS_EXTENSIONS = (".png", ".bmp", ".tif", ".tiff")
+"""Extensions whose files keep 8-bit RGB exactly (JPEG and WebP are lossy as written here,
+GIF has a 256-colour palette)."""
+
+ALPHA_EXTENSIONS = (".png", ".webp", ".tif", ".tiff")
+"""Extensions :func:`save_image` can write an alpha channel to."""
+
+# Pillow modes with more than 8 bits per sample, decoded as greyscale in [0, 1].
+_DEEP_GREY_MODES = ("I;16", "I;16B", "I;16L", "I", "F")
 
 logger = logging.getLogger(__name__)
 
@@ -70,28 +101,71 @@ class ImageLoadError(OSError):
         super().__init__(f"cannot load image {self.path}: {reason}")
 
 
+@dataclass(frozen=True)
+class ImageFile:
+    """An image file as :func:`read_image` decodes it.
+
+    Attributes:
+        image: float32 ``[3, H, W]`` in [0, 1], RGB (as :func:`load_image` returns it).
+        alpha: float32 ``[1, H, W]`` in [0, 1] (1 = opaque), or ``None`` when the file has
+            no transparency (no alpha channel, or a fully opaque one).
+        deep: the file stores more than 8 bits per channel (16-bit PNG or TIFF).
+    """
+
+    image: torch.Tensor
+    alpha: torch.Tensor | None
+    deep: bool
+
+
 def is_image_file(path: PathLike) -> bool:
     """True when ``path`` has one of :data:`IMAGE_EXTENSIONS` (any letter case)."""
     return Path(path).suffix.lower() in IMAGE_EXTENSIONS
 
 
-def find_images(root: PathLike) -> list[Path]:
+def is_lossless(path: PathLike) -> bool:
+    """True when :func:`save_image` keeps every 8-bit pixel of an image written to ``path``
+    exactly (its extension is one of :data:`LOSSLESS_EXTENSIONS`)."""
+    return Path(path).suffix.lower() in LOSSLESS_EXTENSIONS
+
+
+def keeps_alpha(path: PathLike) -> bool:
+    """True when :func:`save_image` can write an alpha channel to ``path``."""
+    return Path(path).suffix.lower() in ALPHA_EXTENSIONS
+
+
+def _visible_files(root: PathLike, exclude: Iterable[PathLike]) -> list[Path]:
+    """Files under ``root``, recursively, sorted by their ``/``-joined relative path;
+    hidden files and folders and the sub-folders in ``exclude`` are left out."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder {root} does not exist or is not a folder")
+    excluded = {Path(e).resolve() for e in exclude}
+    found = []
+    for folder, dirs, names in os.walk(root, followlinks=True):
+        dirs[:] = [d for d in dirs if not d.startswith(".")
+                   and not (excluded and (Path(folder) / d).resolve() in excluded)]
+        rel = Path(folder).relative_to(root)
+        found.extend((rel / n).as_posix() for n in names if not n.startswith("."))
+    return [root / rel for rel in sorted(found)]
+
+
+def find_images(root: PathLike, exclude: Iterable[PathLike] = ()) -> list[Path]:
     """All image files under ``root``, recursively, in a fixed order.
 
     The order is that of the path relative to ``root`` written with ``/``, so it is
     the same on every filesystem and machine. Hidden files and folders (name starting
-    with ``.``, e.g. macOS ``._x.jpg`` shadow files) are left out. Symlinked folders
+    with ``.``, e.g. macOS ``._x.jpg`` shadow files, or the temporary files of an
+    unfinished :func:`save_image`) are left out, and so are the sub-folders of ``root``
+    named in ``exclude`` (e.g. an output folder inside an input folder). Symlinked folders
     are followed, since data sets are often assembled from links.
     """
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"image folder {root} does not exist or is not a folder")
-    found = []
-    for folder, dirs, names in os.walk(root, followlinks=True):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        rel = Path(folder).relative_to(root)
-        found.extend((rel / n).as_posix() for n in names if not n.startswith(".") and is_image_file(n))
-    return [root / rel for rel in sorted(found)]
+    return [p for p in _visible_files(root, exclude) if is_image_file(p)]
+
+
+def find_non_images(root: PathLike, exclude: Iterable[PathLike] = ()) -> list[Path]:
+    """The files :func:`find_images` passes over for their extension (same order and
+    rules), so a caller can say how many it skipped."""
+    return [p for p in _visible_files(root, exclude) if not is_image_file(p)]
 
 
 def check_image(path: PathLike, full: bool = False) -> None:
@@ -128,10 +202,22 @@ def readable_images(paths: Iterable[PathLike], check: str = "header") -> list[Pa
     return good
 
 
-def _open(path: PathLike, decode: bool = True) -> Image.Image | None:
+def _stores_deep_samples(im: Image.Image) -> bool:
+    """Whether the file behind ``im`` holds more than 8 bits per sample; call before
+    ``load()``. Pillow decodes 16-bit colour PNG and TIFF to 8-bit "RGB" and says so
+    only in the raw mode of its tiles (e.g. ``RGB;16B``)."""
+    if im.mode in _DEEP_GREY_MODES:
+        return True
+    # tile[3] is the decoder's arguments: the raw mode, or a tuple that starts with it.
+    rawmodes = (t[3] if isinstance(t[3], str) else (t[3] or ("",))[0] for t in im.tile)
+    return any(";16" in str(raw) or ";32" in str(raw) for raw in rawmodes)
+
+
+def _open(path: PathLike, decode: bool = True) -> tuple[Image.Image, bool] | None:
     """Open ``path`` with Pillow, EXIF orientation applied; all failures -> ImageLoadError.
 
-    With ``decode=False`` only the header is read and nothing is returned.
+    Returns the decoded image and whether the file has more than 8 bits per sample. With
+    ``decode=False`` only the header is read and nothing is returned.
     """
     try:
         with Image.open(path) as im:
@@ -139,13 +225,14 @@ def _open(path: PathLike, decode: bool = True) -> Image.Image | None:
                 raise ImageLoadError(path, f"empty image ({im.width}x{im.height})")
             if not decode:
                 return None
+            deep = _stores_deep_samples(im)
             im.load()
             try:
                 # A new image (or a copy) either way, so the file can close.
-                return ImageOps.exif_transpose(im)
+                return ImageOps.exif_transpose(im), deep
             except (ValueError, TypeError, KeyError, SyntaxError, struct.error):
                 # Broken EXIF metadata must not throw away good pixels.
-                return im.copy()
+                return im.copy(), deep
     except ImageLoadError:
         raise
     except FileNotFoundError as e:
@@ -166,39 +253,99 @@ def _grey_array(im: Image.Image) -> np.ndarray:
     return np.asarray(im.convert("L"), dtype=np.float32) / 255.0
 
 
-def load_image(path: PathLike) -> torch.Tensor:
-    """Load an image file as a float32 tensor ``[3, H, W]`` in ``[0, 1]`` (RGB).
+def _alpha_array(im: Image.Image) -> np.ndarray | None:
+    """The alpha channel of ``im`` as float32 ``H x W`` in [0, 1], or None when ``im`` has
+    none or it is fully opaque (so an opaque canvas export reads like a plain picture)."""
+    if "A" in im.getbands():
+        alpha = np.asarray(im.getchannel("A"))
+    elif "transparency" in im.info or "a" in im.getbands():
+        # A palette or a colour key marked transparent, or premultiplied alpha.
+        alpha = np.asarray(im.convert("RGBA").getchannel("A"))
+    else:
+        return None
+    if alpha.min() == 255:
+        return None
+    return alpha.astype(np.float32) / 255.0
 
-    The EXIF orientation tag is applied, so phone photos come out upright. Greyscale
-    files are repeated over three channels; an alpha channel is dropped (the colour
-    under transparent pixels is kept as stored).
+
+def image_from_pil(im: Image.Image) -> torch.Tensor:
+    """A Pillow image as a float32 tensor ``[3, H, W]`` in [0, 1] (RGB).
+
+    Greyscale is repeated over three channels; 16-bit greyscale is scaled by 65535 rather
+    than clipped at 255 (Pillow's ``convert("RGB")`` would turn it white); an alpha
+    channel is dropped (the colour under transparent pixels is kept as stored).
+    """
+    if im.mode in _DEEP_GREY_MODES:
+        grey = torch.from_numpy(_grey_array(im))
+        return grey.unsqueeze(0).expand(3, -1, -1).contiguous()
+    return image_from_numpy(np.asarray(im.convert("RGB")))
+
+
+def mask_from_pil(im: Image.Image, invert: bool = False,
+                  threshold: float | None = 0.5) -> torch.Tensor:
+    """A Pillow image as a mask tensor ``[1, H, W]``, 1 = known, 0 = hole.
+
+    A picture with transparency (an alpha channel that is not fully opaque) is read by its
+    alpha alone: opaque = known, transparent = hole, the colours ignored. That is what an
+    editor leaves when the part to remove is erased from a copy of the photo; without this
+    rule Pillow would read the colour stored under the erased pixels, usually black or
+    white, and the hole would be anything. Otherwise the luminance is used, white = known.
+    ``invert`` and ``threshold`` are as in :func:`load_mask`.
+    """
+    alpha = _alpha_array(im)
+    grey = alpha if alpha is not None else _grey_array(im)
+    return _grey_to_mask(grey, invert, threshold)
+
+
+def read_image(path: PathLike) -> ImageFile:
+    """Load an image file with what 8-bit RGB leaves out: its alpha channel and whether it
+    has more than 8 bits per channel (see :class:`ImageFile`). The pixels are those of
+    :func:`load_image`.
 
     Raises:
         ImageLoadError: the file is missing, not an image, or its data is corrupt.
     """
-    im = _open(path)
-    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        grey = torch.from_numpy(_grey_array(im))
-        return grey.unsqueeze(0).expand(3, -1, -1).contiguous()
-    return image_from_numpy(np.asarray(im.convert("RGB")))
+    im, deep = _open(path)
+    alpha = _alpha_array(im)
+    return ImageFile(image_from_pil(im),
+                     None if alpha is None else torch.from_numpy(alpha).unsqueeze(0), deep)
+
+
+def load_image(path: PathLike) -> torch.Tensor:
+    """Load an image file as a float32 tensor ``[3, H, W]`` in ``[0, 1]`` (RGB).
+
+    The EXIF orientation tag is applied, so phone photos come out upright. Greyscale
+    files are repeated over three channels (16-bit ones scaled, not clipped); an alpha
+    channel is dropped (the colour under transparent pixels is kept as stored; use
+    :func:`read_image` to have it).
+
+    Raises:
+        ImageLoadError: the file is missing, not an image, or its data is corrupt.
+    """
+    im, _ = _open(path)
+    return image_from_pil(im)
 
 
 def load_mask(path: PathLike, invert: bool = False, threshold: float | None = 0.5) -> torch.Tensor:
     """Load a mask file as a float32 tensor ``[1, H, W]`` with 1 = known, 0 = hole.
 
     Args:
-        path: a greyscale (or colour: its luminance is used) picture.
+        path: a greyscale (or colour: its luminance is used) picture. A file with
+            transparency is read by its alpha channel instead: opaque = known,
+            transparent = hole (see :func:`mask_from_pil`); a fully opaque alpha channel
+            is ignored.
         invert: ``False`` for files where white = known (our convention and what
             :func:`save_mask` writes); ``True`` for files where white = hole, such as
-            NVIDIA's irregular test mask set.
+            NVIDIA's irregular test mask set (and, for a file with transparency, opaque
+            = hole).
         threshold: grey levels ``>= threshold`` (in [0, 1]) count as white, the rest as
             black, giving a binary mask; ``None`` keeps the grey levels as a soft mask.
 
     Raises:
         ImageLoadError: the file is missing, not an image, or its data is corrupt.
     """
-    grey = _grey_array(_open(path))
-    return _grey_to_mask(grey, invert, threshold)
+    im, _ = _open(path)
+    return mask_from_pil(im, invert, threshold)
 
 
 def _grey_to_mask(grey: np.ndarray, invert: bool, threshold: float | None) -> torch.Tensor:
@@ -293,21 +440,58 @@ def mask_from_numpy(array: np.ndarray, invert: bool = False, threshold: float | 
     return _grey_to_mask(grey, invert, threshold)
 
 
-def _prepare_path(path: PathLike) -> Path:
+def _write_atomically(path: PathLike, write: Callable[[Path], None]) -> None:
+    """``write(temporary path)``, then rename the temporary file onto ``path``.
+
+    The temporary file lies in the same folder, so the rename is atomic: whoever reads
+    ``path`` sees the old file or the whole new one, never a truncated one, even when the
+    process is interrupted mid-write. On any exception (KeyboardInterrupt included) it is
+    removed and ``path`` is left as it was. Its name keeps ``path``'s extension, from which
+    Pillow picks the format, and starts with a dot, so :func:`find_images` never lists a
+    leftover. Not ``tempfile.mkstemp``: its files are private (mode 0600), and the
+    result would keep that mode instead of the umask's. No fsync: that guards against a
+    power cut, not an interrupted run, and would cost a disk flush per image.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    return path
+    temporary = path.with_name(f".{path.stem}.{secrets.token_hex(4)}.partial{path.suffix}")
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
 
 
-def save_image(image: torch.Tensor, path: PathLike, quality: int = 95) -> None:
+def _rgba_array(image: torch.Tensor, alpha: torch.Tensor) -> np.ndarray:
+    """uint8 ``H x W x 4`` from an image ``[3, H, W]`` and an alpha ``[1, H, W]`` in [0, 1]."""
+    rgb = image_to_numpy(image)
+    opacity = _to_uint8(_check_hw(alpha, "alpha", (1,)))[0]
+    if opacity.shape != rgb.shape[:2]:
+        raise ValueError(f"alpha is {opacity.shape[1]}x{opacity.shape[0]} but the image is "
+                         f"{rgb.shape[1]}x{rgb.shape[0]}")
+    return np.dstack([rgb, opacity])
+
+
+def save_image(image: torch.Tensor, path: PathLike, quality: int = 95,
+               alpha: torch.Tensor | None = None) -> None:
     """Save an image tensor ``[3, H, W]`` (or ``[1, 3, H, W]``, or one channel) in [0, 1].
 
     The format follows the file extension; values are clamped and rounded to 8 bits,
     so a PNG round trip of an 8-bit image is exact. ``quality`` applies to JPEG/WebP.
-    Parent folders are created.
+    ``alpha`` (``[1, H, W]`` in [0, 1], 1 = opaque) is written as an alpha channel; it
+    needs one of :data:`ALPHA_EXTENSIONS`. Parent folders are created; the write is
+    atomic (see the module docstring).
+
+    Raises:
+        ValueError: a bad shape, an unknown extension, or ``alpha`` for a format without
+            one.
     """
-    path = _prepare_path(path)
-    Image.fromarray(image_to_numpy(image)).save(path, quality=quality)
+    if alpha is not None and not keeps_alpha(path):
+        raise ValueError(f"{Path(path).suffix or 'a file without extension'} cannot store "
+                         f"an alpha channel; use one of {', '.join(ALPHA_EXTENSIONS)}")
+    array = image_to_numpy(image) if alpha is None else _rgba_array(image, alpha)
+    _write_atomically(path, lambda tmp: Image.fromarray(array).save(tmp, quality=quality))
 
 
 def save_mask(mask: torch.Tensor, path: PathLike, invert: bool = False) -> None:
@@ -315,10 +499,10 @@ def save_mask(mask: torch.Tensor, path: PathLike, invert: bool = False) -> None:
 
     The file has white = known, black = hole, or the reverse with ``invert=True``.
     Use a lossless format (PNG): JPEG artefacts would blur the hole boundary.
-    Parent folders are created.
+    Parent folders are created; the write is atomic (see the module docstring).
     """
-    path = _prepare_path(path)
-    Image.fromarray(mask_to_numpy(mask, invert=invert)).save(path)
+    array = mask_to_numpy(mask, invert=invert)
+    _write_atomically(path, lambda tmp: Image.fromarray(array).save(tmp))
 
 
 def load_readable(files: list[Path], index: int, load, bad: set[int], what: str):

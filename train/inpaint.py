@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import amp as amplib
-from .classical import inpaint_classical
+from .classical import DEFAULT_RADIUS, inpaint_classical
 
 __all__ = ["METHODS", "PADDING_MODES", "inpaint", "pad_to_multiple", "resolve_device"]
 
@@ -163,7 +163,7 @@ def _check_inputs(image: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, bool]:
 @torch.no_grad()
 def inpaint(model: nn.Module | None, image: Tensor, mask: Tensor, *, method: str = "pconv",
             batch_size: int = 8, padding: str = "reflect",
-            max_side: int | None = None, amp: str = "off") -> Tensor:
+            max_side: int | None = None, amp: str = "off", radius: int = DEFAULT_RADIUS) -> Tensor:
     """Fill the holes of ``image`` where ``mask`` is 0; known pixels are returned unchanged.
 
     Args:
@@ -180,10 +180,12 @@ def inpaint(model: nn.Module | None, image: Tensor, mask: Tensor, *, method: str
         batch_size: images per network call.
         padding: ``"reflect"`` or ``"hole"``, see the module docstring.
         max_side: run the network at most at this longer side (downscaled copy, fill
-            pasted back at full resolution); ``None`` runs at full resolution.
+            pasted back at full resolution); ``None`` or 0 runs at full resolution.
         amp: ``"off"`` (the model's dtype), ``"bf16"`` or ``"fp16"`` (CUDA only): run the
             network under autocast (see :mod:`train.amp`); faster, the fill differs from
             float32's by the 16-bit rounding, the known pixels are exact either way.
+        radius: neighbourhood radius in pixels of ``"ns"`` and ``"telea"`` (unused by
+            the network).
 
     Returns:
         A new tensor shaped, typed and placed like ``image``: the input's known pixels
@@ -200,6 +202,8 @@ def inpaint(model: nn.Module | None, image: Tensor, mask: Tensor, *, method: str
         raise ValueError(f"inpaint: padding must be one of {PADDING_MODES}, got {padding!r}")
     if amp not in amplib.AMP_MODES:
         raise ValueError(f"inpaint: amp must be one of {amplib.AMP_MODES}, got {amp!r}")
+    if radius < 1:
+        raise ValueError(f"inpaint: radius must be >= 1, got {radius}")
     batch, mask, single = _check_inputs(image, mask)
     known = mask >= 0.5
     result = batch.clone()
@@ -223,7 +227,7 @@ def inpaint(model: nn.Module | None, image: Tensor, mask: Tensor, *, method: str
                     model, chunk.to(run_device, run_dtype),
                     chunk_known.to(run_device, run_dtype), padding, max_side, amp)
             else:
-                filled = inpaint_classical(chunk, chunk_known.to(chunk.dtype), method)
+                filled = inpaint_classical(chunk, chunk_known.to(chunk.dtype), method, radius)
             filled = filled.to(batch.device, batch.dtype).clamp(0.0, 1.0)
             # torch.where, not mask * image + (1 - mask) * output: it copies known pixels
             # bit for bit even where the fill is NaN or Inf (0 * Inf is NaN).

@@ -7,10 +7,13 @@ and JavaScript served by this Flask app (no build step, nothing fetched from the
 
 Example::
 
-    pconv-board --checkpoint runs/best.pt            # then open http://127.0.0.1:8000/
+    pconv-board --checkpoint runs/demo               # then open http://127.0.0.1:8000/
+
+``--checkpoint`` takes a checkpoint file or a run folder (its newest checkpoint).
 
 API: ``POST /api/inpaint`` with a multipart form holding ``image`` (the photo's file, sent
-as is) and ``mask`` (a PNG of the same size, white = known, black = hole) returns JSON
+as is) and ``mask`` (a PNG of the same size, white = known, black = hole; a mask with
+transparency is read by its alpha, transparent = hole) returns JSON
 ``{"width", "height", "hole_percent", "seconds": {...}, "images": {"pconv", "ns",
 "telea"}}`` with each result a base64 PNG; errors are JSON ``{"error": message}`` with a
 4xx status, shown on the page.
@@ -18,10 +21,12 @@ as is) and ``mask`` (a PNG of the same size, white = known, black = hole) return
 Uploads are checked on the server: the whole request is capped by Flask's
 ``MAX_CONTENT_LENGTH``; the files are decoded in memory by Pillow, restricted to a few
 formats, after their header's size is checked against the pixel limit (so a decompression
-bomb is never decoded); the mask must have the image's size and at least one hole. Nothing
-the client sends is written to disk or used as a path. The model is shared by Flask's
-threads and runs under a lock (partial-convolution layers may cache per-shape data); the
-classical methods share no state and run outside it.
+bomb is never decoded), and converted to tensors as files are
+(:func:`train.images.image_from_pil`, so a 16-bit greyscale PNG keeps its levels); the
+mask must have the image's size and at least one hole. Nothing the client sends is written
+to disk or used as a path. The model is shared by Flask's threads and runs under a lock
+(partial-convolution layers may cache per-shape data); the classical methods share no
+state and run outside it.
 
 Mask convention everywhere: 1 = known pixel, 0 = hole (in the mask file: white = known).
 """
@@ -33,19 +38,19 @@ import io
 import ipaddress
 import logging
 import os
+import socket
 import sys
 import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import nn
 
 from ..amp import check_inference_amp
-from ..checkpoint import load_model
-from ..images import image_from_numpy, image_to_numpy, mask_from_numpy
+from ..checkpoint import load_model, resolve_checkpoint
+from ..images import IMAGE_FORMATS, image_from_pil, image_to_numpy, mask_from_pil
 from ..inpaint import PADDING_MODES, inpaint, resolve_device
 from . import AppError, add_device_arg, load_network, run_main
 
@@ -55,9 +60,10 @@ PROG = "pconv-board"
 MAX_UPLOAD_BYTES = 10 * 1024 * 1024
 MAX_IMAGE_SIDE = 4096
 NETWORK_MAX_SIDE = 1024
-# Formats a browser can show and Pillow decodes natively; nothing that needs an outside
-# program (EPS) or that is a container of other files.
-UPLOAD_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF")
+# The project's image formats (train.images.IMAGE_FORMATS) that a browser can show, since
+# the page paints on the photo: all but TIFF. Nothing that needs an outside program (EPS)
+# or that is a container of other files.
+UPLOAD_FORMATS = tuple(dict.fromkeys(f for f in IMAGE_FORMATS.values() if f != "TIFF"))
 
 logger = logging.getLogger(__name__)
 
@@ -126,7 +132,8 @@ def create_app(model_or_checkpoint: nn.Module | str | os.PathLike, *, device: st
 
     Args:
         model_or_checkpoint: an inpainting model (used as is, switched to eval mode) or a
-            checkpoint path (loaded with :func:`train.checkpoint.load_model`).
+            checkpoint file or run folder (its newest checkpoint; loaded with
+            :func:`train.checkpoint.load_model`).
         device: where a loaded checkpoint runs (``auto``: CUDA if available).
         max_upload_bytes: cap on a whole request (Flask's ``MAX_CONTENT_LENGTH``).
         max_image_side: largest width or height accepted, in pixels.
@@ -152,7 +159,7 @@ def create_app(model_or_checkpoint: nn.Module | str | os.PathLike, *, device: st
     if isinstance(model_or_checkpoint, nn.Module):
         model = model_or_checkpoint.eval()
     else:
-        model, _ = load_model(model_or_checkpoint, resolve_device(device))
+        model, _ = load_model(resolve_checkpoint(model_or_checkpoint), resolve_device(device))
     param = next(model.parameters(), None)
     check_inference_amp(param.device if param is not None else "cpu", amp)
     model_lock = threading.Lock()
@@ -228,8 +235,7 @@ def create_app(model_or_checkpoint: nn.Module | str | os.PathLike, *, device: st
         if photo.size != mask_im.size:
             raise UploadError(f"the mask is {mask_im.width}x{mask_im.height} pixels but the "
                               f"image is {photo.width}x{photo.height}; they must match")
-        image = image_from_numpy(np.asarray(photo.convert("RGB")))
-        mask = mask_from_numpy(np.asarray(mask_im.convert("L")))
+        image, mask = image_from_pil(photo), mask_from_pil(mask_im)
         holes = float((mask < 0.5).float().mean())
         if holes == 0.0:
             raise UploadError("the mask has no hole: paint over the part to fill first")
@@ -254,10 +260,12 @@ def build_parser() -> argparse.ArgumentParser:
     """The command line of ``pconv-board``."""
     p = argparse.ArgumentParser(prog=PROG, description="Serve the mask board: a local web "
                                 "page to paint a mask on a photo and inpaint it.")
-    p.add_argument("--checkpoint", help="checkpoint written by pconv-train (required)")
+    p.add_argument("--checkpoint", help="checkpoint written by pconv-train, or its run folder "
+                                        "(the newest checkpoint); required")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default: 127.0.0.1, this machine only)")
-    p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    p.add_argument("--port", type=int, default=8000,
+                   help="port (default: 8000; 0 = any free port)")
     p.add_argument("--max-upload-mb", type=float, default=MAX_UPLOAD_BYTES / 2 ** 20,
                    help="largest request in MB (default: 10)")
     p.add_argument("--max-image-side", type=int, default=MAX_IMAGE_SIDE,
@@ -284,6 +292,38 @@ def main(argv: list[str] | None = None) -> int:
     return run_main(PROG, lambda: _run(args))
 
 
+def _bind(app, host: str, port: int):
+    """A Werkzeug server for ``app`` on a socket already bound to ``host:port``.
+
+    Bound here rather than by ``app.run``, which prints its own lines and exits the process
+    when the port is taken: a busy port or a bad address becomes an AppError, before any
+    "serving on" line.
+    """
+    from werkzeug.serving import make_server, select_address_family
+
+    try:
+        listener = socket.create_server((host, port), family=select_address_family(host, port))
+    except (OSError, OverflowError) as exc:
+        reason = getattr(exc, "strerror", None) or exc
+        raise AppError(f"cannot listen on {host}:{port}: {reason}; choose another --port "
+                       "(or --host)") from exc
+    with listener:  # the server serves a duplicate of the socket
+        # threaded: requests are served concurrently; the model runs under the app's lock.
+        return make_server(host, port, app, threaded=True, fd=listener.fileno())
+
+
+def _serve(app, host: str, port: int) -> None:
+    """Serve ``app`` on ``host:port`` until Ctrl+C."""
+    server = _bind(app, host, port)
+    print(f"{PROG}: serving on http://{host}:{server.port}/ (Ctrl+C to stop)", file=sys.stderr)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        print(f"{PROG}: stopped", file=sys.stderr)
+    finally:
+        server.server_close()
+
+
 def _run(args: argparse.Namespace) -> int:
     if not 0 <= args.port <= 65535:
         raise AppError(f"--port must be in 0..65535, got {args.port}")
@@ -300,10 +340,7 @@ def _run(args: argparse.Namespace) -> int:
     if not _is_loopback(args.host):
         print(f"{PROG}: warning: listening on {args.host}: anyone who can reach this "
               "address can use the board", file=sys.stderr)
-    print(f"{PROG}: serving on http://{args.host}:{args.port}/ (Ctrl+C to stop)",
-          file=sys.stderr)
-    # threaded: requests are served concurrently; the model runs under the app's lock.
-    app.run(host=args.host, port=args.port, threaded=True, debug=False, use_reloader=False)
+    _serve(app, args.host, args.port)
     return 0
 
 

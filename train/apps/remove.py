@@ -12,6 +12,12 @@ Examples::
         -o no_dog.png --checkpoint best.pt --dilate 11
     pconv-remove flat.png --classes person --segmenter color:person=ff0000 -o out.png \\
         --method ns
+
+``--checkpoint`` takes a checkpoint file or a run folder (its newest checkpoint). When no
+pixel of the chosen classes is found the command stops with exit status 1 and writes
+nothing, unless ``--allow-empty`` (then the result is the input). No output may be the
+input or another output. The network runs at most at ``--max-side`` (default 2048; the
+fill is pasted back at full size).
 """
 from __future__ import annotations
 
@@ -21,12 +27,14 @@ from pathlib import Path
 
 import torch
 
-from ..images import ImageLoadError, is_image_file, load_image, save_image, save_mask
+from ..images import ImageLoadError, is_image_file, keeps_alpha, read_image, save_image, \
+    save_mask
 from ..inpaint import METHODS, inpaint, resolve_device
 from ..masks import dilate_holes
-from . import AppError, add_device_arg, load_network, run_main
-from .segment import VOC_CLASSES, Segmenter, SegmenterError, class_mask, make_segmenter, \
-    parse_classes
+from . import HOLE_WARNING_SHARE, AppError, add_device_arg, add_max_side_arg, \
+    is_out_of_memory, load_network, output_losses, run_main, same_file
+from .segment import VOC_CLASSES, ColorSegmenter, Segmenter, SegmenterError, class_mask, \
+    make_segmenter, parse_classes
 
 __all__ = ["build_parser", "removal_mask", "comparison_strip", "main"]
 
@@ -58,10 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="segmentation weights file (default: the local torch hub cache)")
     p.add_argument("--method", choices=METHODS, default="pconv",
                    help="inpainting method (default: pconv, needs --checkpoint)")
-    p.add_argument("--checkpoint", help="checkpoint written by pconv-train")
-    p.add_argument("--max-side", type=int, default=None,
-                   help="run the network at most at this longer side (fill pasted back at "
-                        "full size)")
+    p.add_argument("--checkpoint", help="checkpoint written by pconv-train, or its run folder "
+                                        "(the newest checkpoint)")
+    add_max_side_arg(p)
+    p.add_argument("--allow-empty", action="store_true",
+                   help="when nothing of the classes is found, write the input unchanged "
+                        "and exit 0 (default: an error, nothing written)")
     add_device_arg(p)
     return p
 
@@ -95,59 +105,132 @@ def _strip_path(output: Path, strip: str | None) -> Path:
     return output.with_name(f"{output.stem}_strip{output.suffix}")
 
 
+def _check_output_paths(image: Path, outputs: dict[str, Path]) -> None:
+    """AppError unless every output (by its option) has an image extension and is neither
+    the input image nor another output."""
+    seen: dict[str, Path] = {}
+    for option, path in outputs.items():
+        if not is_image_file(path):
+            raise AppError(f"{path} needs an image file extension (.png, .jpg, ...)")
+        if same_file(path, image):
+            raise AppError(f"{option} {path} is the input image; choose another file")
+        for other_option, other in seen.items():
+            if same_file(path, other):
+                raise AppError(f"{other_option} and {option} are both {path}; give each its "
+                               "own file")
+        seen[option] = path
+
+
+def _check_segmenter_finds(segmenter: Segmenter, class_ids: list[int]) -> None:
+    """AppError when a colour segmenter has no colour for a chosen class: it could never
+    find it (a torchvision segmenter knows every class)."""
+    if not isinstance(segmenter, ColorSegmenter):
+        return
+    coloured = {class_id for class_id, _ in segmenter.rules}
+    missing = [segmenter.classes[i] for i in class_ids if i not in coloured]
+    if missing:
+        has = ", ".join(segmenter.classes[i] for i in sorted(coloured))
+        raise AppError(f"the colour segmenter has no colour for {', '.join(missing)} (it has "
+                       f"{has}); add one, e.g. color:{missing[0]}=RRGGBB")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``pconv-remove``; returns the exit status (0 ok, 1 error, 2 usage)."""
     args = build_parser().parse_args(argv)
     return run_main(PROG, lambda: _run(args))
 
 
-def _run(args: argparse.Namespace) -> int:
-    # Cheap checks first, so a typo never waits for a network to load.
+def _check_options(args: argparse.Namespace) -> list[int]:
+    """The class ids of ``--classes``, after the cheap checks of every option."""
     try:
         class_ids = parse_classes(args.classes)
     except ValueError as exc:
         raise AppError(f"--classes: {exc}") from exc
     if args.dilate < 1 or args.dilate % 2 == 0:
         raise AppError(f"--dilate must be an odd size >= 1, got {args.dilate}")
+    if args.max_side < 0:
+        raise AppError(f"--max-side must be >= 0 (0 = no limit), got {args.max_side}")
+    return class_ids
+
+
+def _inpaint(model, image: torch.Tensor, mask: torch.Tensor,
+             args: argparse.Namespace) -> torch.Tensor:
+    """The chosen method's result; running out of memory is an AppError naming the option
+    that bounds it."""
+    try:
+        return inpaint(model, image, mask, method=args.method,
+                       max_side=args.max_side or None, amp=args.amp)
+    except RuntimeError as exc:
+        if not is_out_of_memory(exc):
+            raise
+        h, w = image.shape[-2:]
+        limit = args.max_side or "none"
+        raise AppError(f"out of memory inpainting {args.image} ({w}x{h}): lower --max-side "
+                       f"(now {limit})") from exc
+
+
+def _check_hole(share: float, names: str, args: argparse.Namespace) -> None:
+    """Stop when nothing was found (unless ``--allow-empty``); warn when the hole, a
+    ``share`` of the image, is so large that the fill will be poor."""
+    if share == 0.0:
+        if not args.allow_empty:
+            raise AppError(f"no {names} found in {args.image}; nothing written "
+                           "(--allow-empty writes the input unchanged)")
+        print(f"{PROG}: warning: no {names} found in {args.image}; the result is the input",
+              file=sys.stderr)
+    elif share > HOLE_WARNING_SHARE:
+        print(f"{PROG}: warning: the hole covers {100 * share:.0f}% of the image (--dilate "
+              f"{args.dilate}); so large a hole is filled poorly", file=sys.stderr)
+
+
+def _run(args: argparse.Namespace) -> int:
+    # Cheap checks first, so a typo never waits for a network to load.
+    class_ids = _check_options(args)
     output = Path(args.output)
     strip = _strip_path(output, args.strip)
-    for path in filter(None, (output, strip, args.save_mask)):
-        if not is_image_file(path):
-            raise AppError(f"{path} needs an image file extension (.png, .jpg, ...)")
+    outputs = {"-o": output, "--strip": strip}
+    if args.save_mask:
+        outputs["--save-mask"] = Path(args.save_mask)
+    _check_output_paths(Path(args.image), outputs)
     if not Path(args.image).is_file():
         raise AppError(f"input image {args.image} does not exist")
     try:
         device = resolve_device(args.device)
     except ValueError as exc:
         raise AppError(str(exc)) from exc
-    model = (load_network(args.checkpoint, args.device, amp=args.amp)
+    model = (load_network(args.checkpoint, args.device, amp=args.amp,
+                          alternative="--method ns or --method telea")
              if args.method == "pconv" else None)
     try:
         segmenter = make_segmenter(args.segmenter, args.seg_weights, device)
     except SegmenterError as exc:
         raise AppError(str(exc)) from exc
+    _check_segmenter_finds(segmenter, class_ids)
     try:
-        image = load_image(args.image)
+        source = read_image(args.image)
     except ImageLoadError as exc:
         raise AppError(str(exc)) from exc
+    image = source.image
 
     mask = removal_mask(segmenter, image, class_ids, args.dilate)
     names = ", ".join(segmenter.classes[i] for i in class_ids)
-    if bool((mask >= 0.5).all()):
-        print(f"{PROG}: warning: no {names} found in {args.image}; the result is the input",
-              file=sys.stderr)
-    ours = inpaint(model, image, mask, method=args.method, max_side=args.max_side,
-                   amp=args.amp)
+    share = float((mask < 0.5).float().mean())
+    _check_hole(share, names, args)
+    for message in output_losses(source, args.image, output).values():
+        print(f"{PROG}: warning: {message}", file=sys.stderr)
+    ours = _inpaint(model, image, mask, args)
     ns = inpaint(None, image, mask, method="ns")
     # The masked input shows the holes white, as the paper's figures do.
     masked = torch.where(mask >= 0.5, image, torch.ones_like(image))
-    save_image(ours, output)
+    save_image(ours, output, alpha=source.alpha if keeps_alpha(output) else None)
     save_image(comparison_strip([image, masked, ours, ns]), strip)
     if args.save_mask:
         save_mask(mask, args.save_mask)
-    share = 100.0 * float((mask < 0.5).float().mean())
-    print(f"removed {names} ({share:.1f}% of the pixels); wrote {output} and {strip}",
-          file=sys.stderr)
+    if share == 0.0:
+        print(f"wrote {output} and {strip}", file=sys.stderr)
+    else:
+        print(f"removed {names} ({100 * share:.1f}% of the pixels); wrote {output} and "
+              f"{strip}", file=sys.stderr)
     return 0
 
 
