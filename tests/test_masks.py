@@ -340,3 +340,13 @@ def test_eval_masks_from_folder_sort_files_into_buckets(tmp_path, caplog):
     # Read with the wrong convention, every file is mostly hole: none fits a bucket.
     with pytest.raises(FileNotFoundError, match="invert=False: is that right"):
         eval_masks_from_folder(tmp_path, 32, 32, [(0.2, 0.3)], per_bucket=2, invert=False)
+
+
+def test_mask_folder_messages_say_mask(tmp_path, caplog):
+    with pytest.raises(FileNotFoundError, match="mask folder .* does not exist"):
+        MaskFolder(tmp_path / "missing")
+    save_mask(_mask_with_hole_rows(16, 2), tmp_path / "good.png")
+    (tmp_path / "bad.png").write_bytes(b"not a picture")
+    with caplog.at_level(logging.WARNING):
+        assert len(MaskFolder(tmp_path)) == 1
+    assert "skipping unreadable mask" in caplog.text

@@ -133,12 +133,14 @@ def keeps_alpha(path: PathLike) -> bool:
     return Path(path).suffix.lower() in ALPHA_EXTENSIONS
 
 
-def _visible_files(root: PathLike, exclude: Iterable[PathLike]) -> list[Path]:
+def _visible_files(root: PathLike, exclude: Iterable[PathLike], what: str = "image"
+                   ) -> list[Path]:
     """Files under ``root``, recursively, sorted by their ``/``-joined relative path;
-    hidden files and folders and the sub-folders in ``exclude`` are left out."""
+    hidden files and folders and the sub-folders in ``exclude`` are left out. ``what``
+    names the folder in the error ("image", "mask")."""
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"image folder {root} does not exist or is not a folder")
+        raise FileNotFoundError(f"{what} folder {root} does not exist or is not a folder")
     excluded = {Path(e).resolve() for e in exclude}
     found = []
     for folder, dirs, names in os.walk(root, followlinks=True):
@@ -149,7 +151,8 @@ def _visible_files(root: PathLike, exclude: Iterable[PathLike]) -> list[Path]:
     return [root / rel for rel in sorted(found)]
 
 
-def find_images(root: PathLike, exclude: Iterable[PathLike] = ()) -> list[Path]:
+def find_images(root: PathLike, exclude: Iterable[PathLike] = (), what: str = "image"
+                ) -> list[Path]:
     """All image files under ``root``, recursively, in a fixed order.
 
     The order is that of the path relative to ``root`` written with ``/``, so it is
@@ -157,9 +160,10 @@ def find_images(root: PathLike, exclude: Iterable[PathLike] = ()) -> list[Path]:
     with ``.``, e.g. macOS ``._x.jpg`` shadow files, or the temporary files of an
     unfinished :func:`save_image`) are left out, and so are the sub-folders of ``root``
     named in ``exclude`` (e.g. an output folder inside an input folder). Symlinked folders
-    are followed, since data sets are often assembled from links.
+    are followed, since data sets are often assembled from links. ``what`` names the
+    folder in the error of a missing one ("image", "mask").
     """
-    return [p for p in _visible_files(root, exclude) if is_image_file(p)]
+    return [p for p in _visible_files(root, exclude, what) if is_image_file(p)]
 
 
 def find_non_images(root: PathLike, exclude: Iterable[PathLike] = ()) -> list[Path]:
@@ -178,13 +182,14 @@ def check_image(path: PathLike, full: bool = False) -> None:
     _open(path, decode=full)
 
 
-def readable_images(paths: Iterable[PathLike], check: str = "header") -> list[Path]:
+def readable_images(paths: Iterable[PathLike], check: str = "header", what: str = "image"
+                    ) -> list[Path]:
     """The paths that pass :func:`check_image`, in their order; the rest are logged and dropped.
 
     ``check`` is ``"header"`` (cheap: catches non-image files), ``"full"`` (decodes
     every file: also catches truncated data, slow on big sets) or ``"none"``. Each
     dropped file gets a logging warning naming its path, so a run never stops on one
-    bad file but the bad file is not silent either.
+    bad file but the bad file is not silent either. ``what`` names the files in the warning.
     """
     if check not in ("none", "header", "full"):
         raise ValueError(f"check must be 'none', 'header' or 'full', got {check!r}")
@@ -196,7 +201,7 @@ def readable_images(paths: Iterable[PathLike], check: str = "header") -> list[Pa
         try:
             check_image(path, full=check == "full")
         except ImageLoadError as e:
-            logger.warning("skipping unreadable image %s: %s", e.path, e.reason)
+            logger.warning("skipping unreadable %s %s: %s", what, e.path, e.reason)
             continue
         good.append(path)
     return good

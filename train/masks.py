@@ -325,7 +325,7 @@ class MaskFolder:
         self.max_dilation = max_dilation
         self.max_rotation = max_rotation
         self.flip = flip
-        self.files = readable_images(find_images(self.root), check)
+        self.files = readable_images(find_images(self.root, what="mask"), check, what="mask")
         if not self.files:
             raise FileNotFoundError(f"no readable mask files under {self.root}")
         self._bad: set[int] = set()
