@@ -37,7 +37,7 @@ PRESETS = {
     "cpu": dict(sizes=[256], batch=1, dtypes=["float32", "bfloat16"], warmup=3, repeats=41,
                 model_size=256, model_batch=1, skip=["compiled"], malloc="retain"),
     # GPU: 792 rows. CUDA-event times scatter far less than CPU wall times, so 20 repeats
-    # give a steady median and the whole table fits in a few device calls.
+    # give a steady median and the whole table fits in a few runs of tools/gpu_check.sh.
     "gpu": dict(sizes=[256, 512], batch=8, dtypes=["float32", "bfloat16", "float16"],
                 warmup=3, repeats=20, model_size=256, model_batch=8),
     "smoke": dict(sizes=[16], batch=2, dtypes=["float32"], warmup=1, repeats=2,

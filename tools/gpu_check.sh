@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
-# Everything that needs a GPU, in one call that ends inside a time budget (BUDGET_MINUTES,
-# default 9: a device command may run 10 minutes), most important first:
+# Everything that needs a GPU, in one run that ends inside a time budget (BUDGET_MINUTES,
+# default 9), most important first:
 #
 #   build     the extension with its CUDA kernels (sm_90 unless TORCH_CUDA_ARCH_LIST says),
 #             or, when prebuilt/ holds one made for these sources and this torch by
-#             tools/prebuild_device.sh (carry "prebuilt" with the call), that one
+#             tools/prebuild_device.sh (copy prebuilt/ along), that one
 #   tests     every GPU test: pytest -m gpu (the CPU tests are CI's; the CUDA code's logic
 #             is also tested without a GPU there, by the host build in test_cuda_host.py)
 #   memcheck  compute-sanitizer memcheck on tools/memcheck_case.py (every kernel path, small)
 #   bench     the GPU table, for whatever time is left: the training-step rows, then bfloat16,
 #             float32 and float16, each at 512 then 256, multi-channel then single-channel
-#             masks; rows are saved as measured and a later call goes on from BENCH_FROM;
+#             masks; rows are saved as measured and a later run goes on from BENCH_FROM;
 #             then each row's floor from the bytes of the op's passes (benchmarks.bounds)
 #   racecheck compute-sanitizer racecheck and synccheck on the op's own kernels (not in
 #             the default steps: the host build's tests check barriers and thread order)
@@ -21,8 +21,8 @@
 #   STEPS="build bench" BUDGET_MINUTES=9 bash tools/gpu_check.sh
 #
 # Logs, the benchmark JSON, its Markdown and the floors land in $OUT (default ./gpu-out),
-# eight files with the profile (a device call brings back eight). To go on with the table in a later call,
-# copy $OUT/bench.json to benchmarks/results/gpu.json (BENCH_FROM) and commit it first.
+# eight files with the profile. To go on with the table in a later run, copy
+# $OUT/bench.json to benchmarks/results/gpu.json (BENCH_FROM) and commit it first.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-out}

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Build the extension, CUDA kernels included, for the GPU machine's torch, here on a machine
-# without a GPU, so that device time is not spent compiling; then check that build here.
+# Build the extension, CUDA kernels included, for a GPU machine's torch, on a machine
+# without a GPU, so that time on the GPU machine is not spent compiling; then check that
+# build here.
 #
 #   bash tools/prebuild_device.sh          # writes prebuilt/_C.abi3.so and prebuilt/STAMP
-#   run(carry=["prebuilt"], command="OUT=$OUT bash tools/gpu_check.sh")
+#   OUT=out bash tools/gpu_check.sh        # then, on the GPU machine, with prebuilt/ copied
 #
 # tools/gpu_check.sh installs prebuilt/_C.abi3.so instead of building when prebuilt/STAMP
 # names the torch it finds there and the hash of the current sources (tools/prebuilt.sh);
@@ -12,13 +13,13 @@
 #
 # Steps: a virtual environment with the GPU machine's torch (the CUDA wheel from the
 # registry: it installs and imports without a GPU); a copy of the working tree (what the
-# device gets: tracked and untracked files, not ignored ones); setup.py build_ext with
+# GPU machine gets: tracked and untracked files, not ignored ones); setup.py build_ext with
 # TORCH_CUDA_ARCH_LIST; then, under that torch: the library loads with its CUDA kernels
 # registered, the GPU tests are collected (they skip here), and CHECK picks which CPU tests
 # run (quick: the op, the layer and parity; full: all; none).
 #
 # Environment:
-#   DEVICE_TORCH=2.11.0       torch of the GPU machine (/work/.library/device/KINDS.md)
+#   DEVICE_TORCH=2.11.0       torch of the GPU machine
 #   TORCH_CUDA_ARCH_LIST=9.0  targets (H100 and H200 are 9.0)
 #   VENV=/tmp/pconv-device-venv   kept between runs; remade when its torch differs
 #   CUDA_HOME                 toolkit root (default: /usr/local/cuda, else from nvcc)
@@ -94,5 +95,5 @@ arch=$ARCH
 sources=$HASH
 built=$(date -u +%Y-%m-%dT%H:%M:%SZ)
 STAMP
-echo "== $PREBUILT_DIR/_C.abi3.so ($(du -m "$PREBUILT_DIR/_C.abi3.so" | cut -f1) MB); carry \"$PREBUILT_DIR\" to the device"
+echo "== $PREBUILT_DIR/_C.abi3.so ($(du -m "$PREBUILT_DIR/_C.abi3.so" | cut -f1) MB); copy \"$PREBUILT_DIR\" to the GPU machine"
 cat "$PREBUILT_DIR/STAMP"
