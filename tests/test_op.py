@@ -592,6 +592,33 @@ def test_cpu_block_cache_reuses_and_releases():
     assert pconv_cuda._C.cpu_cache_bytes() == 0
 
 
+def _profiled_memory_events(fn) -> list[int]:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return [e.nbytes() for e in sorted(prof.profiler.kineto_results.events(),
+                                       key=lambda e: e.start_ns()) if e.name() == "[memory]"]
+
+
+def test_memory_from_the_op_caches_is_reported_to_the_profiler():
+    """x * m kept for the backward (a cached block) and x * m of an inference call (a
+    scratch buffer) come from the op's own caches, which reuse memory after the first
+    call; the profiler still sees them taken and given back, so peak-memory figures count
+    them. (8 -> 5 channels: no other tensor of the calls has x's size.)"""
+    x = torch.randn(1, 8, 32, 32)
+    m = (torch.rand(1, 1, 32, 32) > 0.3).float()
+    w = torch.randn(5, 8, 3, 3)
+    geo = ([1, 1], [1, 1], [1, 1], 1)
+    plane = x.numel() * 4
+    for call in (lambda: torch.ops.pconv.partial_conv2d_train(x, m, w, None, *geo),
+                 lambda: OP(x, m, w, None, *geo)):
+        call()  # fills the caches: the profiled call takes from them
+        events = _profiled_memory_events(call)
+        assert plane in events and -plane in events
+        assert sum(events) == 0
+
+
 def test_autocast_cpu_training_path():
     case = Case(2, 8, 16, 12, 12, (3, 3), (1, 1), (1, 1), (1, 1), 1, True, "binary", True, 2)
     x, m, w, b = make_inputs(case, torch.float32, seed=11)

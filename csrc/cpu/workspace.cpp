@@ -1,6 +1,7 @@
 #include "workspace.h"
 
 #include <ATen/ATen.h>
+#include <c10/core/Allocator.h>
 #include <c10/core/CPUAllocator.h>
 #include <c10/core/impl/alloc_cpu.h>
 
@@ -107,6 +108,14 @@ BlockCache& block_cache() {
   return *cache;
 }
 
+// Memory the op hands out from its own caches is in use as any tensor's is: the profiler's
+// memory events (torch.profiler(profile_memory=True), the benchmarks' CPU peak) see it
+// taken and given back, as they see the CPU allocator's. The caches' idle memory is not
+// counted, as a caching allocator's reserve is not.
+void report_in_use(void* ptr, int64_t nbytes) {
+  c10::reportMemoryUsageToProfiler(ptr, nbytes, 0, 0, c10::Device(c10::kCPU));
+}
+
 struct CachedBlock {
   void* ptr;
   int64_t nbytes;
@@ -114,8 +123,22 @@ struct CachedBlock {
 
 void return_block(void* ctx) {
   auto* block = static_cast<CachedBlock*>(ctx);
+  report_in_use(block->ptr, -block->nbytes);
   block_cache().give_back(block->ptr, block->nbytes);
   delete block;
+}
+
+// A scratch tensor's hold on its slot's buffer; the buffer's storage stays alive with it.
+struct ScratchLease {
+  c10::Storage buffer;
+  void* ptr;
+  int64_t nbytes;
+};
+
+void end_lease(void* ctx) {
+  auto* lease = static_cast<ScratchLease*>(ctx);
+  report_in_use(lease->ptr, -lease->nbytes);
+  delete lease;
 }
 
 }  // namespace
@@ -127,6 +150,7 @@ at::Tensor cpu_cached_empty(c10::IntArrayRef sizes, const at::TensorOptions& opt
   const int64_t nbytes = numel * static_cast<int64_t>(options.dtype().itemsize());
   if (numel == 0) return at::empty(sizes, options.memory_format(format));
   void* ptr = block_cache().take(nbytes);
+  report_in_use(ptr, nbytes);
   auto* block = new CachedBlock{ptr, nbytes};
   c10::Storage storage(c10::Storage::use_byte_size_t(), static_cast<size_t>(nbytes),
                        c10::DataPtr(ptr, block, &return_block, c10::Device(c10::kCPU)),
@@ -152,8 +176,14 @@ at::Tensor cpu_scratch(Scratch slot, c10::IntArrayRef sizes, const at::TensorOpt
   if (!holder.defined() || holder.numel() < nbytes) {
     holder = at::empty({nbytes}, at::TensorOptions().dtype(at::kByte).device(at::kCPU));
   }
+  void* ptr = holder.storage().mutable_data();
+  report_in_use(ptr, nbytes);
+  c10::Storage storage(c10::Storage::use_byte_size_t(), static_cast<size_t>(nbytes),
+                       c10::DataPtr(ptr, new ScratchLease{holder.storage(), ptr, nbytes}, &end_lease,
+                                    c10::Device(c10::kCPU)),
+                       /*allocator=*/nullptr, /*resizable=*/false);
   at::Tensor view = at::empty({0}, options);
-  view.set_(holder.storage(), /*storage_offset=*/0, sizes, strides_for(sizes, format));
+  view.set_(storage, /*storage_offset=*/0, sizes, strides_for(sizes, format));
   return view;
 }
 
