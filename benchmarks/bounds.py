@@ -29,17 +29,12 @@ ELEMENT_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 RATIO_BYTES = 4  # r and u are float32 whatever the input dtype
 
 
-def out_size(shape: LayerShape) -> tuple[int, int]:
-    return ((shape.h + 2 * shape.padding - shape.kernel) // shape.stride + 1,
-            (shape.w + 2 * shape.padding - shape.kernel) // shape.stride + 1)
-
-
 def pass_bytes(shape: LayerShape, batch: int, mode: str, dtype: str, pass_: str) -> dict[str, int]:
     """Bytes each of the CUDA op's own passes reads and writes at the least (every value
     once, halos of the mask windows left out) for one benchmark row; masks have the batch
     of the input and C_in channels ("multi") or 1 ("single")."""
     e = ELEMENT_BYTES[dtype]
-    oh, ow = out_size(shape)
+    oh, ow = shape.out_hw
     n = batch
     x = n * shape.c_in * shape.h * shape.w * e
     m = n * (shape.c_in if mode == "multi" else 1) * shape.h * shape.w * e
@@ -60,10 +55,10 @@ def floor_us(parts: dict[str, int], bandwidth_gbs: float) -> float:
     return sum(parts.values()) / (bandwidth_gbs * 1e9) * 1e6
 
 
-def row_floor(row: dict, shapes: dict[tuple[int, str], LayerShape], batch: int,
+def row_floor(row: dict, shape: LayerShape, batch: int,
               bandwidth_gbs: float) -> tuple[float, float]:
-    """(floor of the passes in µs, floor of the fused / conv ratio) for a benchmark row."""
-    shape = shapes[(row["size"], row["layer"])]
+    """(floor of the passes in µs, floor of the fused / conv ratio) for a benchmark row of
+    ``shape``."""
     us = floor_us(pass_bytes(shape, batch, row["mode"], row["dtype"], row["pass_"]),
                   bandwidth_gbs)
     return us, 1 + us / (1e3 * row["ms"]["conv"])
@@ -74,28 +69,48 @@ def _shapes(sizes, models) -> dict[tuple[int, str], LayerShape]:
             for _, s in distinct(unet_layer_shapes(size, which=models))}
 
 
+def row_shapes(rows) -> list[LayerShape | None]:
+    """The layer shape of each row: the one it records, else (rows of runners before rows
+    recorded their shape) the UNet layer of its size and label; None where neither is known
+    (the smoke preset's shapes are in no UNet)."""
+    sizes = sorted({r["size"] for r in rows if "shape" not in r})
+    by_label = {}
+    for size in sizes:
+        try:
+            by_label.update(_shapes([size], ["pconv", "modified"]))
+        except Exception:  # a size too small for the UNets: its rows stay unknown
+            continue
+    return [LayerShape(**r["shape"]) if "shape" in r else by_label.get((r["size"], r["layer"]))
+            for r in rows]
+
+
 def format_rows(rows, env, batch: int, bandwidth_gbs: float) -> str:
     """One line per layer row: the conv's time, the fused ratio measured, its floor, and
     what is left above it; rows whose floor is over the fwd+bwd goal are marked."""
     layer_rows = [r for r in rows if r["pass_"] in ("fwd", "fwd+bwd") and "conv" in r["ms"]
                   and "fused" in r["ms"]]
-    shapes = _shapes(sorted({r["size"] for r in layer_rows}), ["pconv", "modified"])
     lines = [f"device: {env.get('device')} | copy bandwidth {bandwidth_gbs:.0f} GB/s | batch {batch}",
              "size | layer | mode | dtype | pass | conv ms | passes floor us | fused | floor | left"]
-    over = 0
-    for r in layer_rows:
-        us, floor = row_floor(r, shapes, batch, bandwidth_gbs)
+    over = unknown = train = 0
+    for r, shape in zip(layer_rows, row_shapes(layer_rows)):
+        if shape is None:
+            unknown += 1
+            continue
+        us, floor = row_floor(r, shape, batch, bandwidth_gbs)
         fused = ratio(r, "fused")
         mark = ""
-        if r["pass_"] == "fwd+bwd" and floor > GPU_MAX_TRAIN_VS_CONV:
-            over += 1
-            mark = f"  floor over {GPU_MAX_TRAIN_VS_CONV}"
+        if r["pass_"] == "fwd+bwd":
+            train += 1
+            if floor > GPU_MAX_TRAIN_VS_CONV:
+                over += 1
+                mark = f"  floor over {GPU_MAX_TRAIN_VS_CONV}"
         lines.append(f"{r['size']} | {r['layer']} | {r['mode']} | {r['dtype']} | {r['pass_']} | "
                      f"{r['ms']['conv']:.3f} | {us:.1f} | {fused:.3f} | {floor:.3f} | "
                      f"{fused - floor:+.3f}{mark}")
-    train = [r for r in layer_rows if r["pass_"] == "fwd+bwd"]
     lines.append(f"fwd+bwd rows whose floor alone is over {GPU_MAX_TRAIN_VS_CONV}: {over} of "
-                 f"{len(train)}")
+                 f"{train}")
+    if unknown:
+        lines.append(f"rows left out, their layer shape unknown: {unknown}")
     return "\n".join(lines)
 
 
@@ -133,7 +148,8 @@ def main(argv=None) -> int:
         bandwidth = args.bandwidth or env.get("copy_bandwidth_gbs")
         if not bandwidth or not math.isfinite(bandwidth):
             p.error(f"{args.json} records no copy bandwidth: give --bandwidth GB/s")
-        batch = data.get("args", {}).get("batch") or args.batch
+        batch = (data.get("configuration", {}).get("batch") or data.get("args", {}).get("batch")
+                 or args.batch)
         print(format_rows(data["rows"], env, batch, bandwidth))
         return 0
     if not args.bandwidth:

@@ -3,6 +3,7 @@ a whole training step of the PConv UNet."""
 from __future__ import annotations
 
 import functools
+import math
 from typing import Callable
 
 import torch
@@ -29,13 +30,50 @@ def _first(fn):
     return run
 
 
+# Dynamo's limits on graphs per code object and per process: every row of the
+# torch.compile column is a new static graph of the same function, hundreds in a GPU run.
+GRAPH_LIMIT = 1 << 16
+
+
+class EagerFallback(RuntimeError):
+    """torch.compile ran the reference eagerly: its row would time eager code."""
+
+
+def _allow_a_graph_per_row() -> None:
+    """Raise Dynamo's recompile limits past the rows of any run, and make a limit that is
+    hit anyway an error. Past a limit Dynamo otherwise runs the function eagerly, silently:
+    the per-process limit (``accumulated_recompile_limit``, 256 graphs in torch 2.13) is
+    reached within a third of a GPU table. The names differ between torch versions (older
+    ones say ``cache_size``), so each is set where it exists."""
+    config = torch._dynamo.config
+    for name in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit",
+                 "accumulated_recompile_limit"):
+        if hasattr(config, name):
+            setattr(config, name, max(getattr(config, name), GRAPH_LIMIT))
+    # Dynamo refuses this flag together with suppress_errors; the probe in
+    # _reference_compiled_only catches an eager run either way.
+    if hasattr(config, "fail_on_recompile_limit_hit") and not config.suppress_errors:
+        config.fail_on_recompile_limit_hit = True
+
+
+def _reference_compiled_only(x, m, w, b, stride, padding):
+    """The reference, for torch.compile, raising :class:`EagerFallback` if it ever runs
+    outside a compiled graph. Dynamo reads ``is_compiling()`` as True while it traces, so
+    the branch is not in the graph and costs the compiled calls nothing; it runs only where
+    Dynamo gave up on the frame and called it as plain Python (a recompile limit, a
+    suppressed error)."""
+    if not torch.compiler.is_compiling():
+        raise EagerFallback("torch.compile ran the reference eagerly, not a compiled graph "
+                            "(a recompile limit hit?)")
+    return reference.partial_conv2d(x, m, w, b, stride, padding)
+
+
 @functools.lru_cache(maxsize=None)
 def _compiled_reference():
     # One static graph per layer shape (dynamic shapes hit an Inductor range error on the
-    # convolution's output size in torch 2.13); allow a recompile for every shape.
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 1024)
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 1024)
-    return torch.compile(reference.partial_conv2d, dynamic=False)
+    # convolution's output size in torch 2.13).
+    _allow_a_graph_per_row()
+    return torch.compile(_reference_compiled_only, dynamic=False)
 
 
 def implementations(names) -> dict[str, Impl]:
@@ -57,16 +95,28 @@ def make_inputs(shape: LayerShape, batch: int, mode: str, dtype, device, count: 
     Drawn on ``device`` with its own generator: at 512x512 and batch 8 one set holds up
     to 400 M values, which a CPU takes seconds to draw for every row of a GPU table."""
     g = torch.Generator(device=device).manual_seed(seed)
-    out_h = (shape.h + 2 * shape.padding - shape.kernel) // shape.stride + 1
-    out_w = (shape.w + 2 * shape.padding - shape.kernel) // shape.stride + 1
-    mask_c = shape.c_in if mode == "multi" else 1
     sets = []
+    x_size, m_size, gy_size = _input_sizes(shape, batch, mode)
     for _ in range(count):
-        x = torch.randn(batch, shape.c_in, shape.h, shape.w, generator=g, device=device)
-        m = torch.rand(batch, mask_c, shape.h, shape.w, generator=g, device=device) > 0.3
-        gy = torch.randn(batch, shape.c_out, out_h, out_w, generator=g, device=device)
+        x = torch.randn(x_size, generator=g, device=device)
+        m = torch.rand(m_size, generator=g, device=device) > 0.3
+        gy = torch.randn(gy_size, generator=g, device=device)
         sets.append(tuple(t.to(dtype=dtype) for t in (x, m, gy)))
     return sets
+
+
+def _input_sizes(shape: LayerShape, batch: int, mode: str):
+    """Sizes of x, the mask (C_in channels for "multi" masks, 1 for "single") and the
+    output's gradient."""
+    mask_c = shape.c_in if mode == "multi" else 1
+    return ((batch, shape.c_in, shape.h, shape.w), (batch, mask_c, shape.h, shape.w),
+            (batch, shape.c_out, *shape.out_hw))
+
+
+def input_set_bytes(shape: LayerShape, batch: int, mode: str, dtype) -> int:
+    """Bytes of one input set of :func:`make_inputs`."""
+    element = torch.empty((), dtype=dtype).element_size()
+    return sum(math.prod(size) for size in _input_sizes(shape, batch, mode)) * element
 
 
 WEIGHT_FORMATS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}

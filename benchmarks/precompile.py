@@ -6,7 +6,8 @@ hundreds of rows the compiles, not the timings, would take most of a run. Worker
 compile disjoint sets of those graphs at once and leave them in Inductor's on-disk caches
 (FX graph and AOTAutograd caches, shared through the cache directory), from which the
 timing process then loads each graph in about a tenth of a second. A graph a worker fails
-to compile is simply compiled again by the timing process, so this only ever saves time.
+to compile is simply compiled again by the timing process, so this only ever saves time;
+why it failed goes to a log (``precompile(failure_log=...)``).
 
     python -m benchmarks.precompile TASKS.json    # a worker (run.py starts them)
 """
@@ -39,54 +40,95 @@ def default_jobs() -> int:
 
 
 def precompile(tasks: list[dict], jobs: int, log: Callable[[str], None],
-               out_of_time: Callable[[], bool] = lambda: False) -> int:
+               out_of_time: Callable[[], bool] = lambda: False,
+               failure_log: str | None = None) -> int:
     """Compile ``tasks`` in ``jobs`` worker processes (round robin, so the first rows of the
     plan are ready first); returns how many compiled. Workers still running when
-    ``out_of_time()`` turns true are stopped."""
+    ``out_of_time()`` turns true are stopped. The graphs that failed, and the output of
+    workers that failed as a whole, go to ``failure_log`` (appended to), so that a
+    column compiled by the timing process instead says why."""
     if not tasks or jobs < 1:
         return 0
     jobs = min(jobs, len(tasks))
     start = time.time()
+    stopped = False
     with tempfile.TemporaryDirectory(prefix="pconv-precompile-") as tmp:
-        workers = []
-        for j in range(jobs):
-            path = os.path.join(tmp, f"tasks{j}.json")
-            with open(path, "w") as f:
-                json.dump(tasks[j::jobs], f)
-            env = dict(os.environ,
-                       # Each worker compiles serially: the workers are the parallelism.
-                       TORCHINDUCTOR_COMPILE_THREADS="1")
-            done_path = path + ".done"
-            proc = subprocess.Popen([sys.executable, "-m", "benchmarks.precompile", path, done_path],
-                                    env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                    cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-            workers.append((proc, done_path))
+        workers = [_start_worker(tasks[j::jobs], os.path.join(tmp, f"tasks{j}.json"))
+                   for j in range(jobs)]
         log(f"precompiling {len(tasks)} torch.compile graphs in {jobs} worker processes")
         last = 0.0
-        while any(p.poll() is None for p, _ in workers):
+        while any(w.proc.poll() is None for w in workers):
             if out_of_time():
-                for p, _ in workers:
-                    p.kill()
+                for w in workers:
+                    w.proc.kill()
+                stopped = True
                 log("precompile stopped: out of time")
                 break
             time.sleep(0.5)
             if time.time() - last >= 30:
                 last = time.time()
                 log(f"precompiled {_count(workers)}/{len(tasks)} graphs")
-        for p, _ in workers:
-            p.wait()
+        for w in workers:
+            w.proc.wait()
         compiled = _count(workers)
+        failures = _failures(workers, stopped)
+        for w in workers:
+            w.output.close()
     log(f"precompiled {compiled}/{len(tasks)} graphs in {time.time() - start:.0f} s")
+    if failures and failure_log:
+        with open(failure_log, "a") as f:
+            f.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')}: {len(tasks)} graphs\n")
+            f.write("\n".join(failures) + "\n")
+        log(f"precompile failures: {len(failures)} (the timing process compiles those graphs "
+            f"again); see {failure_log}")
     return compiled
 
 
+@dataclasses.dataclass
+class _Worker:
+    proc: subprocess.Popen
+    done_path: str  # a line per task: "ok" or "failed ..."
+    output: object  # the file the worker's stdout and stderr go to
+
+
+def _start_worker(tasks: list[dict], path: str) -> _Worker:
+    with open(path, "w") as f:
+        json.dump(tasks, f)
+    # Each worker compiles serially: the workers are the parallelism.
+    env = dict(os.environ, TORCHINDUCTOR_COMPILE_THREADS="1")
+    output = open(path + ".log", "w+")
+    proc = subprocess.Popen([sys.executable, "-m", "benchmarks.precompile", path, path + ".done"],
+                            env=env, stdout=output, stderr=subprocess.STDOUT,
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    return _Worker(proc, path + ".done", output)
+
+
+def _done_lines(worker: _Worker) -> list[str]:
+    if not os.path.exists(worker.done_path):
+        return []
+    with open(worker.done_path) as f:
+        return [line.strip() for line in f if line.strip()]
+
+
 def _count(workers) -> int:
-    total = 0
-    for _, done_path in workers:
-        if os.path.exists(done_path):
-            with open(done_path) as f:
-                total += sum(1 for line in f if line.strip() == "ok")
-    return total
+    return sum(line == "ok" for w in workers for line in _done_lines(w))
+
+
+# The end of a failed worker's output kept in the failure log: the traceback's last lines.
+OUTPUT_TAIL_CHARS = 4000
+
+
+def _failures(workers, stopped: bool) -> list[str]:
+    """The tasks that failed, and the output's end of each worker that exited with an error
+    (one stopped for lack of time is not a failure)."""
+    lines = []
+    for w in workers:
+        lines += [line for line in _done_lines(w) if line.startswith("failed")]
+        if w.proc.returncode != 0 and not stopped:
+            w.output.seek(0)
+            tail = w.output.read()[-OUTPUT_TAIL_CHARS:]
+            lines.append(f"worker exited with status {w.proc.returncode}; its output ends:\n{tail}")
+    return lines
 
 
 def _compile_one(t: dict) -> None:
@@ -105,6 +147,15 @@ def _compile_one(t: dict) -> None:
         torch.cuda.synchronize()
 
 
+def _describe(t: dict) -> str:
+    """The row of a task, for the failure log."""
+    try:
+        shape = LayerShape(**t["shape"]).label
+    except (KeyError, TypeError):
+        shape = "?"
+    return f"{shape} {t.get('mode')} {t.get('dtype')} {t.get('pass_')}"
+
+
 def worker(tasks_path: str, done_path: str) -> int:
     """Compile every task in ``tasks_path``, writing ``ok`` or ``failed`` per task to
     ``done_path`` as it goes."""
@@ -116,7 +167,8 @@ def worker(tasks_path: str, done_path: str) -> int:
                 _compile_one(t)
                 done.write("ok\n")
             except Exception as e:  # the timing process compiles it again and reports
-                done.write(f"failed {type(e).__name__}: {e}\n".replace("\n", " ").strip() + "\n")
+                what = f"{_describe(t)}: {type(e).__name__}: {e}".replace("\n", " ")
+                done.write(f"failed {what}\n")
             done.flush()
     return 0
 

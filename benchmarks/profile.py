@@ -35,6 +35,14 @@ def representative_shapes(size: int, count: int):
     return picked
 
 
+def device_time_us(events) -> float:
+    """Device time of the profiled calls: the kernels' and copies' own events. An operator's
+    event on the CPU carries in its device time the kernels it launched, so summing those
+    too would count each kernel twice."""
+    return sum(e.self_device_time_total for e in events
+               if e.device_type != torch.autograd.DeviceType.CPU)
+
+
 def profile_call(call, inputs, device: str, iters: int) -> str:
     """The profiler's table of ``iters`` calls of ``call(inputs)``, after a warm-up, with
     times per call."""
@@ -52,7 +60,8 @@ def profile_call(call, inputs, device: str, iters: int) -> str:
             torch.cuda.synchronize()
     sort = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
     events = prof.key_averages()
-    total_us = sum(getattr(e, sort) for e in events) / iters
+    total_us = (device_time_us(events) if device == "cuda"
+                else sum(e.self_cpu_time_total for e in events)) / iters
     table = events.table(sort_by=sort, row_limit=14, max_name_column_width=70)
     unit = "device" if device == "cuda" else "self CPU"
     return f"{unit} time per call: {total_us / 1e3:.3f} ms (the table's totals cover {iters} calls)\n{table}"

@@ -30,6 +30,12 @@ class LayerShape:
         return (f"{self.c_in}->{self.c_out} k{self.kernel} s{self.stride} @{self.h}"
                 + ("" if self.h == self.w else f"x{self.w}"))
 
+    @property
+    def out_hw(self) -> tuple[int, int]:
+        """Height and width of the output."""
+        return ((self.h + 2 * self.padding - self.kernel) // self.stride + 1,
+                (self.w + 2 * self.padding - self.kernel) // self.stride + 1)
+
 
 def layer_shapes(model: torch.nn.Module, size: int) -> list[LayerShape]:
     """Distinct shapes of the ``PartialConv2d`` layers of ``model`` for a ``size``² input,
@@ -77,3 +83,28 @@ def distinct(shapes: dict[str, list[LayerShape]]) -> list[tuple[str, LayerShape]
         for s in layer_list:
             seen.setdefault(s, model)
     return [(m, s) for s, m in seen.items()]
+
+
+@dataclasses.dataclass(frozen=True)
+class PlannedShape:
+    """A layer shape to measure once, shown under the first UNet (``size``, ``model``) of
+    the plan that has it; ``also_in`` names the other (size, model) UNets that have it."""
+
+    size: int
+    model: str
+    shape: LayerShape
+    also_in: tuple[tuple[int, str], ...] = ()
+
+
+def distinct_across_sizes(sizes, models=("pconv", "modified")) -> list[PlannedShape]:
+    """Every layer shape of the UNets at ``sizes`` once, in the order of ``sizes`` and then
+    of the models. The deep layers of a UNet do not depend on its input size (512→512 k3
+    s2 @4 is in both the 256² and the 512² PConv UNet), and timing them twice would only
+    spend device time on the same measurement."""
+    where: dict[LayerShape, list[tuple[int, str]]] = {}
+    for size in sizes:
+        for model, shapes in unet_layer_shapes(size, which=models).items():
+            for s in shapes:
+                where.setdefault(s, []).append((size, model))
+    return [PlannedShape(places[0][0], places[0][1], s, tuple(places[1:]))
+            for s, places in where.items()]

@@ -6,6 +6,8 @@ import os
 import pathlib
 import subprocess
 import sys
+import time
+import types
 
 import pytest
 import torch
@@ -112,7 +114,7 @@ def test_resume_keeps_measured_rows_and_measures_the_rest(tmp_path, capsys):
 
     # Rows from another device are never mixed in.
     data = json.loads(path.read_text())
-    data["environment"]["device"] = "another machine"
+    data["configuration"]["device"] = "another machine"
     path.write_text(json.dumps(data))
     with pytest.raises(SystemExit, match="another machine"):
         run.main(common + ["--resume"])
@@ -271,8 +273,7 @@ def test_bounds_count_every_pass_of_the_cuda_op(tmp_path, capsys):
                                 "args": {"batch": 8}, "rows": [row]}))
     assert bounds.main(["--json", str(path)]) == 0
     out = capsys.readouterr().out
-    shapes = bounds._shapes([256], ["pconv"])
-    us, floor = bounds.row_floor(row, shapes, 8, 4000.0)
+    us, floor = bounds.row_floor(row, bounds._shapes([256], ["pconv"])[(256, label)], 8, 4000.0)
     assert floor == pytest.approx(1 + us / 50.0) and floor > 1.15
     assert f"| {us:.1f} | 1.600 | {floor:.3f} |" in out
     assert "fwd+bwd rows whose floor alone is over 1.15: 1 of 1" in out
@@ -311,3 +312,545 @@ def test_channels_last_weights_reach_every_implementation(tmp_path, monkeypatch)
     step = cases.unet_train_step(pconv_cuda.PartialConv2d, 64, 1, "cpu", torch.float32,
                                  layers=4, base_channels=8, weights="channels_last")
     step()
+
+
+# --- Timing: device time on a GPU, a new input set for every call -------------------------
+
+
+class _FakeCuda:
+    """Stands in for the CUDA calls of benchmarks.timing and logs them in order: the GPU
+    timer must be right before a GPU run, which has only minutes."""
+
+    def __init__(self, monkeypatch, clock_rate=1_500_000, kernel_ms=0.25):
+        self.log, self.kernel_ms, self.events = [], kernel_ms, 0
+        fake = self
+
+        class Event:
+            def __init__(self, enable_timing=False):
+                assert enable_timing
+                self.name = ("start", "end")[fake.events % 2]  # made in pairs
+                fake.events += 1
+
+            def record(self):
+                fake.log.append(f"{self.name}.record")
+
+            def synchronize(self):
+                fake.log.append(f"{self.name}.synchronize")
+
+            def elapsed_time(self, other):
+                return fake.kernel_ms
+
+        monkeypatch.setattr(torch.cuda, "Event", Event)
+        monkeypatch.setattr(torch.cuda, "_sleep", lambda cycles: self.log.append(f"sleep {cycles}"))
+        monkeypatch.setattr(torch.cuda, "synchronize", lambda: self.log.append("synchronize"))
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+        monkeypatch.setattr(torch.cuda, "get_device_properties",
+                            lambda _: types.SimpleNamespace(clock_rate=clock_rate))
+
+    def call(self, name):
+        def run(arg):
+            self.log.append(f"call {name} {arg}")
+        return run
+
+
+def test_gpu_timer_queues_the_call_behind_a_sleep(monkeypatch):
+    """The GPU sleeps before the start event, so the host has issued the whole call by the
+    time the GPU reaches it, and the events time the kernels, not the launches; the host
+    time is read without a synchronise."""
+    from benchmarks import timing
+
+    cuda = _FakeCuda(monkeypatch)
+    device_ms, host_ms = timing._time_cuda_call(cuda.call("fused"), "x", sleep_cycles=3000)
+    assert cuda.log == ["sleep 3000", "start.record", "call fused x", "end.record",
+                        "end.synchronize"]
+    assert device_ms == 0.25 and 0 <= host_ms < 1e3
+
+    _FakeCuda(monkeypatch, clock_rate=1_500_000)  # kHz: 1.5 M cycles per ms
+    assert timing.sleep_cycles_per_ms() == 1_500_000
+    _FakeCuda(monkeypatch, clock_rate=0)  # torch reports no clock: assume 2 GHz
+    assert timing.sleep_cycles_per_ms() == timing.FALLBACK_CYCLES_PER_MS
+
+
+def test_gpu_sleep_covers_the_slowest_call_of_the_row(monkeypatch):
+    """The sleep is sized from the warm-up: longer than the host's time to issue the
+    slowest call (timed from an idle queue), within 1 and 50 ms; the row keeps it and the
+    host's times beside the device times."""
+    from benchmarks import timing
+
+    assert timing.launch_cover_ms([]) == timing.LAUNCH_COVER_MIN_MS
+    assert timing.launch_cover_ms([0.1, 0.3]) == timing.LAUNCH_COVER_MIN_MS
+    assert timing.launch_cover_ms([0.5, 4.0]) == pytest.approx(6.0)
+    assert timing.launch_cover_ms([400.0]) == timing.LAUNCH_COVER_MAX_MS
+
+    cuda = _FakeCuda(monkeypatch)
+    clock = iter(range(1000))  # every reading of perf_counter 1 ms after the one before
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: next(clock) * 1e-3)
+    samples = timing.interleaved_samples({"conv": cuda.call("conv"), "fused": cuda.call("fused")},
+                                         [0, 1, 2], "cuda", warmup=1, repeats=2)
+    # Warm-up: an idle queue before each call; each call reads 1 ms of host time.
+    assert cuda.log[:4] == ["synchronize", "call conv 0", "synchronize", "call fused 1"]
+    assert samples.cover_ms == pytest.approx(1.5)
+    assert samples.device_ms == {"conv": [0.25, 0.25], "fused": [0.25, 0.25]}
+    assert samples.host_ms == {name: pytest.approx([1.0, 1.0]) for name in ("conv", "fused")}
+    assert cuda.log.count(f"sleep {int(1.5 * 1_500_000)}") == 4
+
+    row = {}
+    run.record_times(row, samples, base="conv")
+    assert row["host_ms"] == pytest.approx({"conv": 1.0, "fused": 1.0})
+    assert row["cover_ms"] == pytest.approx(1.5)
+    assert row["ms"] == {"conv": 0.25, "fused": 0.25} and row["ratio"]["fused"] == 1.0
+
+
+def test_every_call_takes_the_next_input_set():
+    """Consecutive calls never share inputs, and with more sets than implementations no two
+    calls of a repeat do: a call never finds its inputs in cache from the call before."""
+    from benchmarks import timing
+
+    seen = []
+    calls = {name: (lambda arg, name=name: seen.append((name, arg))) for name in "abc"}
+    timing.interleaved_samples(calls, [0, 1, 2, 3], "cpu", warmup=1, repeats=3)
+    assert [arg for _, arg in seen] == [i % 4 for i in range(12)]
+    timed = seen[3:]
+    for i in range(3):
+        repeat = timed[3 * i:3 * i + 3]
+        assert sorted(name for name, _ in repeat) == ["a", "b", "c"]
+        assert len({arg for _, arg in repeat}) == 3
+    assert run.DEFAULT_ROTATE > len(run.IMPLS)
+    args, _ = run.parse_args(["--smoke"])
+    assert args.rotate == run.DEFAULT_ROTATE
+
+
+def test_input_sets_stay_within_a_share_of_free_gpu_memory(monkeypatch):
+    from benchmarks.shapes import LayerShape
+
+    shape = LayerShape(64, 64, 3, 1, 1, 512, 512)
+    per_set = cases.input_set_bytes(shape, 8, "multi", torch.bfloat16)
+    assert per_set == 3 * 8 * 64 * 512 * 512 * 2  # x, a C_in-channel mask, grad_out
+    assert cases.input_set_bytes(shape, 8, "single", torch.float32) == \
+        (2 * 8 * 64 + 8) * 512 * 512 * 4
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: (40 * 2**30, 140 * 2**30))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda: 4 * 2**30)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda: 0)
+    assert run.rotation(6, per_set, "cuda") == 6  # 4.8 GB of 44 GB free
+    assert run.rotation(6, 4 * 2**30, "cuda") == 2  # 11 GB would fit 2, never fewer
+    assert run.rotation(6, 30 * 2**30, "cuda") == 2
+    assert run.rotation(1, 30 * 2**30, "cuda") == 1
+    assert run.rotation(6, 30 * 2**30, "cpu") == 6
+
+
+# --- Rows: shapes measured once, placed and keyed by their full shape ----------------------
+
+
+def test_shapes_shared_by_sizes_are_planned_once():
+    from benchmarks.shapes import distinct_across_sizes, distinct
+
+    planned = distinct_across_sizes([256, 512])
+    per_size = [distinct(unet_layer_shapes(s)) for s in (256, 512)]
+    assert len(planned) == len(per_size[0]) + len(per_size[1]) - 11
+    assert len({p.shape for p in planned}) == len(planned)
+    deep = next(p for p in planned if p.shape.label == "512->512 k3 s2 @4")
+    assert (deep.size, deep.model, deep.also_in) == (256, "pconv", ((512, "pconv"),))
+    # The same label in both UNets, with and without bias: two shapes, two rows.
+    at8 = [p for p in planned if p.shape.label == "1024->512 k3 s1 @8"]
+    assert sorted((p.model, p.shape.bias) for p in at8) == [("modified", True), ("pconv", False)]
+    first = distinct_across_sizes([512, 256])
+    assert next(p for p in first if p.shape.label == "512->512 k3 s2 @4").size == 512
+
+
+def _layer(size, model, shape, mode="multi", pass_="fwd+bwd", dtype="bfloat16", ms=None,
+           also_in=(), **extra):
+    import dataclasses
+
+    return dict(size=size, model=model, layer=shape.label, shape=dataclasses.asdict(shape),
+                mode=mode, dtype=dtype, pass_=pass_, batch=8,
+                also_in=[list(a) for a in also_in], ms=ms or {}, **extra)
+
+
+def test_markdown_has_a_table_per_size_and_model():
+    """Rows of two sizes, and one label in two UNets (with and without bias), all show;
+    a shape that a later UNet shares is shown once, and the later table says so."""
+    from benchmarks.markdown import format_markdown
+    from benchmarks.shapes import LayerShape
+
+    ms = dict(conv=1.0, fused=1.1, reference=2.0, lean=1.3, compiled=1.2)
+    deep = LayerShape(512, 512, 3, 2, 1, 4, 4, False)
+    rows = [_layer(256, "pconv", LayerShape(3, 64, 7, 2, 3, 256, 256), ms=ms),
+            _layer(256, "pconv", deep, ms=ms, also_in=[(512, "pconv")]),
+            _layer(256, "pconv", LayerShape(1024, 512, 3, 1, 1, 8, 8, False), ms=ms),
+            _layer(256, "modified", LayerShape(1024, 512, 3, 1, 1, 8, 8, True), ms=ms),
+            _layer(512, "pconv", LayerShape(3, 64, 7, 2, 3, 512, 512), ms=ms)]
+    text = format_markdown(rows, {"device": "GPU", "torch": "2", "cuda": "12", "cudnn": 9,
+                                  "tf32_matmul": False, "tf32_cudnn": False, "kind": "cuda"})
+    heads = [line for line in text.splitlines() if line.startswith("bfloat16, ")]
+    assert heads == ["bfloat16, PConv UNet at 256×256:", "bfloat16, modified UNet at 256×256:",
+                     "bfloat16, PConv UNet at 512×512:"]
+    body = [line for line in text.splitlines() if line.startswith("| ") and "(multi)" in line]
+    assert len(body) == len(rows)
+    at512 = text.split("PConv UNet at 512×512:")[1].split("Geometric")[0]
+    assert "Measured once and shown in a table above, this UNet also has: " in at512
+    assert "512→512 k3 s2 @4" in at512 and "| 512→512" not in at512
+
+
+def test_a_stored_row_is_found_wherever_the_plan_shows_its_shape():
+    from benchmarks.shapes import LayerShape, PlannedShape
+
+    shape = LayerShape(512, 512, 3, 2, 1, 4, 4, False)
+    stored = _layer(512, "pconv", shape, ms={"conv": 1.0})
+    wanted = run._layer_row(PlannedShape(256, "pconv", shape, ((512, "pconv"),)), "multi",
+                            "bfloat16", "fwd+bwd", 8)
+    assert run.row_key(stored) == run.row_key(wanted)
+    placed = run._placed(stored, wanted)
+    assert placed["size"] == 256 and placed["also_in"] == [[512, "pconv"]]
+    assert placed["ms"] == {"conv": 1.0}
+    other_batch = dict(wanted, batch=1)
+    assert run.row_key(other_batch) != run.row_key(wanted)
+
+
+def test_peak_memory_is_measured_for_the_rows_own_shape(monkeypatch):
+    """Two shapes with one label (the modified UNet's has a bias): each row's memory is
+    measured for its own."""
+    from benchmarks.shapes import LayerShape
+
+    seen = []
+    monkeypatch.setattr(cases, "make_params",
+                        lambda shape, *a, **k: seen.append(shape) or (None, None))
+    monkeypatch.setattr(cases, "make_inputs", lambda *a, **k: [None])
+    monkeypatch.setattr(run.timing, "peak_memory_mb", lambda fn, device: 1.0)
+    with_bias = LayerShape(1024, 512, 3, 1, 1, 8, 8, True)
+    row = _layer(256, "modified", with_bias, ms={"fused": 1.0, "reference": 2.0})
+    args = types.SimpleNamespace(batch=8, weights="nchw", retry_errors=False)
+    store = types.SimpleNamespace(add=lambda r: None)
+    impls = {"fused": None, "reference": None}
+    assert run._measure_peaks([row], impls, args, "cpu", store, lambda: False)
+    assert seen == [with_bias] and row["peak_mb"] == {"fused": 1.0, "reference": 1.0}
+
+
+# --- Resume: one configuration per file, missing columns measured ----------------------------
+
+
+def test_resume_refuses_another_configuration(tmp_path):
+    path = tmp_path / "bench.json"
+    common = ["--smoke", "--quiet", "--no-model", "--skip", "lean", "compiled", "--modes",
+              "single", "--json", str(path)]
+    assert run.main(common) == 0
+    config = json.loads(path.read_text())["configuration"]
+    for key in ("batch", "repeats", "warmup", "rotate", "model_batch", "model_repeats", "cuda",
+                "cudnn", "tf32_matmul", "cudnn_benchmark", "cudnn_deterministic", "timing",
+                "malloc", "weights", "torch", "device"):
+        assert key in config
+    with pytest.raises(SystemExit, match="repeats 2 there, 3 here"):
+        run.main(common + ["--resume", "--repeats", "3"])
+    with pytest.raises(SystemExit, match="batch 2 there, 4 here"):
+        run.main(common + ["--resume", "--batch", "4"])
+    data = json.loads(path.read_text())
+    del data["configuration"]  # as an older runner wrote it
+    path.write_text(json.dumps(data))
+    with pytest.raises(SystemExit, match="records no configuration"):
+        run.main(common + ["--resume"])
+
+
+def test_resume_measures_the_columns_a_first_run_skipped(tmp_path):
+    path = tmp_path / "bench.json"
+    common = ["--smoke", "--quiet", "--no-model", "--modes", "single", "--json", str(path)]
+    assert run.main(common + ["--skip", "lean", "compiled"]) == 0
+    first = json.loads(path.read_text())["rows"]
+    assert first and all("lean" not in r["ms"] for r in first)
+    assert run.main(common + ["--skip", "compiled", "--resume"]) == 0
+    rows = json.loads(path.read_text())["rows"]
+    assert len(rows) == len(first) and all("lean" in r["ms"] for r in rows)
+    # Memory does not depend on the columns: it is kept, not measured again.
+    assert [r.get("peak_mb") for r in rows] == [r.get("peak_mb") for r in first]
+
+
+def test_a_half_measured_plan_entry_stays_in_the_output(tmp_path, capsys):
+    """A stopped run saved an entry's forward row but not its forward + backward row: both
+    the text table and the Markdown still show the forward row, and the goals that need
+    the missing row say incomplete, never met."""
+    path, md = tmp_path / "bench.json", tmp_path / "bench.md"
+    common = ["--smoke", "--quiet", "--no-model", "--device", "cpu", "--modes", "single",
+              "--skip", "compiled", "--json", str(path)]  # the CPU's goals
+    assert run.main(common) == 0
+    data = json.loads(path.read_text())
+    label = run.SMOKE_SHAPES[-1].label
+    data["rows"] = [r for r in data["rows"] if (r["layer"], r["pass_"]) != (label, "fwd+bwd")]
+    path.write_text(json.dumps(data))
+    capsys.readouterr()
+    assert run.main(common + ["--resume", "--max-minutes", "0", "--markdown", str(md)]) == 0
+    out = capsys.readouterr()
+    assert f"| {label} | single | float32 | fwd |" in out.out
+    text = md.read_text()
+    line = next(x for x in text.splitlines() if x.startswith(f"| {label.replace('->', '→')} "))
+    assert line.count("×") == 3 and " - |" in line  # forward measured, the rest not
+    assert "float32 single fwd+bwd: geometric mean within 1.05x of the plain conv: incomplete " \
+           "(2 of 3 rows)" in text
+    assert "--resume --json" in out.err
+
+
+def test_goals_are_incomplete_while_rows_are_missing():
+    from benchmarks.markdown import format_goals
+    from benchmarks.shapes import LayerShape
+
+    a, b = LayerShape(8, 16, 3, 1, 1, 32, 32), LayerShape(16, 32, 3, 2, 1, 32, 32)
+    ms = dict(conv=1.0, fused=1.05, reference=3.0, lean=1.2, compiled=1.1)
+    rows = [_layer(32, "pconv", a, ms=ms, peak_mb={"fused": 50.0, "reference": 100.0}),
+            _layer(32, "pconv", b),  # planned, not measured
+            dict(size=256, model="pconv", layer="training step", mode="multi",
+                 dtype="bfloat16", pass_="step", batch=8, ms={})]
+    text = "\n".join(format_goals(rows, "cuda"))
+    assert "bfloat16 fused fwd+bwd within 1.15x of the plain conv at every shape: " \
+           "incomplete (1 of 2 rows)" in text
+    assert "multi-channel masks: incomplete (1 of 2 rows)" in text
+    assert "peak memory at most 0.7x the reference's: incomplete (1 of 2 rows)" in text
+    assert "training step at least 1.4x faster (bfloat16, multi): not measured" in text
+    assert ": met" not in text
+    # A measured row over a worst-row goal fails it whatever the missing rows give.
+    rows[0]["ms"]["fused"] = 1.3
+    text = "\n".join(format_goals(rows, "cuda"))
+    assert "at every shape: NOT met (1 of 2 rows measured): worst 1.300" in text
+    # A column the run asked for but that a row lacks (it raised) leaves its goal open.
+    rows[0]["ms"]["fused"] = 1.05
+    rows[1]["ms"] = dict(ms, fused=1.0)
+    del rows[1]["ms"]["compiled"]
+    rows[1]["errors"] = {"compiled": "EagerFallback: ..."}
+    text = "\n".join(format_goals(rows, "cuda"))
+    assert "fused faster than compiled at every shape: incomplete (1 of 2 rows)" in text
+    assert "fused faster than lean at every shape: met" in text
+
+
+def test_the_training_step_ratio_is_the_paired_one_everywhere():
+    """Markdown and goals give the step's paired ratio (the text table's), not the ratio
+    of the medians; the GPU preset times enough steps for it."""
+    from benchmarks.markdown import format_goals, format_markdown
+
+    step = dict(size=256, model="pconv", layer="training step", mode="multi", dtype="bfloat16",
+                pass_="step", batch=8, ms={"fused": 10.0, "reference": 15.0},
+                ratio={"fused": 1.0, "reference": 1.32}, ratio_base="fused",
+                fused_vs={"reference": 0.76})
+    assert "training step at least 1.4x faster (bfloat16, multi): NOT met: 1.32x" in \
+        "\n".join(format_goals([step], "cuda"))
+    text = format_markdown([step], {"device": "GPU", "torch": "2", "cuda": "12", "cudnn": 9,
+                                    "tf32_matmul": False, "tf32_cudnn": False, "kind": "cuda"})
+    assert "reference / fused 1.32 (paired)" in text and "1.50" not in text
+    assert run.PRESETS["gpu"]["model_repeats"] >= 20
+
+
+# --- Failures: recorded in their rows, the table goes on -----------------------------------
+
+
+def test_an_implementation_that_raises_is_recorded_and_the_table_goes_on(tmp_path, monkeypatch,
+                                                                          capsys):
+    real = cases.implementations
+
+    def with_a_broken_lean(names):
+        impls = real(names)
+        if "lean" in impls:
+            def lean(*a):
+                raise RuntimeError("lean broke\nsecond line")
+            impls["lean"] = lean
+        return impls
+
+    monkeypatch.setattr(cases, "implementations", with_a_broken_lean)
+    path, md = tmp_path / "bench.json", tmp_path / "bench.md"
+    assert run.main(["--smoke", "--quiet", "--no-model", "--modes", "single", "--skip",
+                     "compiled", "--json", str(path), "--markdown", str(md)]) == 0
+    rows = json.loads(path.read_text())["rows"]
+    assert len(rows) == len(run.SMOKE_SHAPES) * 2
+    for r in rows:
+        assert r["errors"] == {"lean": "RuntimeError: lean broke"}
+        assert set(r["ms"]) == {"conv", "fused", "reference"}
+    out = capsys.readouterr()
+    assert "| error |" in out.out and "lean: RuntimeError: lean broke" in out.out
+    assert "measurements failed" in out.err
+    text = md.read_text()
+    assert "error" in text and "fused faster than lean at every shape: not measured" in text
+
+
+def test_a_compiled_column_run_eagerly_is_an_error_in_its_row(tmp_path, monkeypatch):
+    """Where Dynamo runs the reference as plain Python (past a recompile limit) the row
+    records an error for the compiled column instead of an eager time under its name."""
+    monkeypatch.setattr(cases, "_compiled_reference", lambda: cases._reference_compiled_only)
+    path = tmp_path / "bench.json"
+    assert run.main(["--smoke", "--quiet", "--no-model", "--modes", "single", "--skip",
+                     "lean", "--json", str(path)]) == 0
+    rows = json.loads(path.read_text())["rows"]
+    assert rows and all("compiled" not in r["ms"] for r in rows)
+    assert all(r["errors"]["compiled"].startswith("EagerFallback") for r in rows)
+    assert all({"conv", "fused", "reference"} <= set(r["ms"]) for r in rows)
+
+
+def test_precompile_failures_are_logged(tmp_path):
+    from benchmarks.shapes import LayerShape
+
+    bad = precompile.task(LayerShape(3, 8, 3, 1, 1, 8, 8), 1, "single", "float64", "fwd", "cpu")
+    log_path = tmp_path / "precompile.log"
+    lines = []
+    assert precompile.precompile([bad], 1, lines.append, failure_log=str(log_path)) == 0
+    text = log_path.read_text()
+    assert "failed 3->8 k3 s1 @8 single float64 fwd: KeyError: 'float64'" in text
+    assert any("precompile failures: 1" in line and str(log_path) in line for line in lines)
+
+
+# --- Command line ---------------------------------------------------------------------------
+
+
+def test_command_line_refuses_what_it_cannot_do(tmp_path, capsys):
+    for bad in (["--repeats", "0"], ["--rotate", "0"], ["--model-repeats", "0"],
+                ["--warmup", "-1"], ["--batch", "0"], ["--max-minutes", "-1"],
+                ["--repeats", "two"]):
+        with pytest.raises(SystemExit) as stop:
+            run.parse_args(["--smoke"] + bad)
+        assert stop.value.code == 2
+        assert f"argument {bad[0]}" in capsys.readouterr().err
+    existing = tmp_path / "old.json"
+    existing.write_text("{}")
+    with pytest.raises(SystemExit):
+        run.parse_args(["--smoke", "--json", str(existing)])
+    assert "add --resume" in capsys.readouterr().err
+    args, _ = run.parse_args(["--smoke", "--json", str(existing), "--resume"])
+    assert args.resume
+
+
+def test_help_names_every_preset_default(capsys):
+    assert all(action.help for action in run.build_parser()._actions)
+    with pytest.raises(SystemExit):
+        run.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for phrase in ("presets: cpu 1, gpu 8, smoke 2", "presets: cpu 41, gpu 20, smoke 2",
+                   "presets: cpu 5, gpu 20, smoke 2", "presets: cpu 256, gpu 256 512, smoke 16",
+                   "cpu compiled, gpu none", "--retry-errors"):
+        assert phrase in text
+
+
+def test_the_stop_message_without_json_says_how_to_keep_rows(capsys):
+    assert run.main(["--smoke", "--quiet", "--no-model", "--max-minutes", "0"]) == 0
+    err = capsys.readouterr().err
+    assert "None" not in err and "give --json FILE" in err
+
+
+def test_environment_records_cudnn_flags_and_the_driver(monkeypatch):
+    from benchmarks import timing
+
+    env = timing.environment("cpu")
+    for key in ("cudnn_benchmark", "cudnn_deterministic", "float32_matmul_precision"):
+        assert key in env
+    assert env["timing"] == timing.CPU_TIMING
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # no NVML: nvidia-smi answers
+    monkeypatch.setattr(timing.shutil, "which", lambda name: "/usr/bin/nvidia-smi")
+    monkeypatch.setattr(timing.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(
+        a, 0, stdout="550.54.15\n", stderr=""))
+    assert timing.driver_version() == "550.54.15"
+    monkeypatch.setattr(timing.shutil, "which", lambda name: None)
+    assert timing.driver_version() is None
+
+
+def test_bounds_read_the_shapes_a_run_recorded(tmp_path, capsys):
+    """The smoke preset's shapes are in no UNet: bounds take each row's own shape."""
+    from benchmarks import bounds
+
+    path = tmp_path / "bench.json"
+    assert run.main(["--smoke", "--quiet", "--no-model", "--modes", "single", "--skip", "lean",
+                     "reference", "compiled", "--json", str(path)]) == 0
+    capsys.readouterr()
+    assert bounds.main(["--json", str(path), "--bandwidth", "100"]) == 0
+    out = capsys.readouterr().out
+    assert "| batch 2" in out
+    assert sum(line.startswith("16 | ") for line in out.splitlines()) == len(run.SMOKE_SHAPES) * 2
+    assert "fwd+bwd rows whose floor alone is over 1.15" in out
+
+
+def test_profile_counts_each_kernel_once():
+    """An operator's event on the CPU carries its kernels' device time: only the device's
+    own events are summed."""
+    from benchmarks.profile import device_time_us
+
+    cpu, cuda = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
+    events = [types.SimpleNamespace(device_type=cpu, self_device_time_total=30.0),
+              types.SimpleNamespace(device_type=cuda, self_device_time_total=20.0),
+              types.SimpleNamespace(device_type=cuda, self_device_time_total=10.0)]
+    assert device_time_us(events) == 30.0
+
+
+# --- On a GPU (pytest -m gpu): the timer's CUDA path, in seconds -----------------------------
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_times_are_device_times_with_launches_hidden():
+    """Tiny kernels issued slowly: the host takes far longer to issue them than the GPU to
+    run them. The device time is the kernels' (events straight around the call would give
+    the host's time instead)."""
+    import statistics
+
+    from benchmarks import timing
+
+    x = torch.zeros(1, device="cuda")
+
+    def slow_launches(arg):
+        for _ in range(50):
+            x.add_(1)
+            until = time.perf_counter() + 20e-6  # 20 µs of host work per launch
+            while time.perf_counter() < until:
+                pass
+
+    samples = timing.interleaved_samples({"slow": slow_launches}, [None], "cuda", warmup=2,
+                                         repeats=5)
+    device = statistics.median(samples.device_ms["slow"])
+    host = statistics.median(samples.host_ms["slow"])
+    assert host >= 50 * 20e-3 and samples.cover_ms > host
+    assert 0 < device < 0.5 * host
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_smoke_table_on_a_gpu_records_device_and_host_times(tmp_path):
+    from benchmarks import timing
+
+    path = tmp_path / "bench.json"
+    assert run.main(["--smoke", "--quiet", "--device", "cuda", "--no-model", "--modes",
+                     "single", "--skip", "compiled", "--json", str(path)]) == 0
+    data = json.loads(path.read_text())
+    assert data["environment"]["timing"] == timing.CUDA_TIMING
+    assert data["environment"]["sleep_cycles_per_ms"] > 0
+    for r in data["rows"]:
+        assert "errors" not in r and set(r["ms"]) == {"conv", "fused", "reference", "lean"}
+        assert set(r["host_ms"]) == set(r["ms"]) and r["cover_ms"] >= 1.0
+        assert all(math.isfinite(v) and v > 0 for v in r["ms"].values())
+
+
+# Last: it resets Dynamo, after which the tests above would compile their graphs again.
+def test_dynamo_limits_allow_a_graph_per_row_and_an_eager_run_raises():
+    from benchmarks.shapes import LayerShape
+
+    cases._compiled_reference()
+    config = torch._dynamo.config
+    # The names torch 2.13 uses, else the older ones.
+    per_code = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    assert getattr(config, per_code) >= cases.GRAPH_LIMIT
+    for name in ("accumulated_recompile_limit", "accumulated_cache_size_limit"):
+        if hasattr(config, name):
+            assert getattr(config, name) >= cases.GRAPH_LIMIT
+    if hasattr(config, "fail_on_recompile_limit_hit"):
+        assert config.fail_on_recompile_limit_hit
+
+    def call(compiled, c_in):
+        shape = LayerShape(c_in, 2, 3, 1, 1, 5, 5)
+        (inputs,) = cases.make_inputs(shape, 1, "single", torch.float32, "cpu", 1)
+        w, b = cases.make_params(shape, torch.float32, "cpu")
+        return cases.forward_call(lambda *a: compiled(*a)[0], shape, w, b)(inputs)
+
+    with pytest.raises(cases.EagerFallback):
+        call(cases._reference_compiled_only, 1)
+    try:
+        torch._dynamo.reset()
+        compiled = torch.compile(cases._reference_compiled_only, dynamic=False)
+        one_graph = {per_code: 1}
+        if hasattr(config, "fail_on_recompile_limit_hit"):
+            one_graph["fail_on_recompile_limit_hit"] = False  # the probe alone must catch it
+        with torch._dynamo.config.patch(one_graph):
+            call(compiled, 1)  # the one graph the limit allows
+            with pytest.raises(cases.EagerFallback):
+                call(compiled, 2)  # past it: Dynamo runs the function eagerly
+    finally:
+        torch._dynamo.reset()
