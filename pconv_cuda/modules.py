@@ -52,7 +52,8 @@ class PartialConv2d(nn.Conv2d):
         """``'valid'`` or ``'same'`` as ``(symmetric padding, extra bottom/right padding)``.
         Resolved on use, so a ``padding`` set after construction takes effect."""
         key = (self.padding, self.kernel_size, self.dilation)
-        if self._string_padding is None or self._string_padding[0] != key:
+        cached = getattr(self, "_string_padding", None)  # absent in modules pickled before it
+        if cached is None or cached[0] != key:
             if self.padding == "valid":
                 pads = ((0, 0), (0, 0))
             else:
