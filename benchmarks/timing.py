@@ -171,20 +171,6 @@ def interleaved_samples(calls: Mapping[str, Callable[[object], object]],
     return Samples({n: device_ms[n] for n in ok}, {n: host_ms[n] for n in ok}, errors, cover_ms)
 
 
-def interleaved_times_ms(calls: Mapping[str, Callable[[object], object]],
-                         inputs: Sequence[object], device: str, warmup: int,
-                         repeats: int) -> dict[str, list[float]]:
-    """The device times (wall times on the CPU) in ms of :func:`interleaved_samples`."""
-    return interleaved_samples(calls, inputs, device, warmup, repeats).device_ms
-
-
-def median_times_ms(calls: Mapping[str, Callable[[object], object]], inputs: Sequence[object],
-                    device: str, warmup: int, repeats: int) -> dict[str, float]:
-    """Median of :func:`interleaved_times_ms` for each call."""
-    times = interleaved_times_ms(calls, inputs, device, warmup, repeats)
-    return {name: statistics.median(v) for name, v in times.items()}
-
-
 def paired_ratio(times: Sequence[float], base: Sequence[float]) -> float:
     """Median over repeats of times[i] / base[i]: the ratio of two interleaved series.
 
@@ -198,7 +184,8 @@ def median_time_ms(fn: Callable[[object], object], inputs: Sequence[object], dev
                    warmup: int, repeats: int) -> float:
     """Median time in ms (device time on CUDA) of ``fn(input set)`` over ``repeats``
     calls, after ``warmup`` untimed calls."""
-    return median_times_ms({"fn": fn}, inputs, device, warmup, repeats)["fn"]
+    samples = interleaved_samples({"fn": fn}, inputs, device, warmup, repeats)
+    return statistics.median(samples.device_ms["fn"])
 
 
 @contextlib.contextmanager
