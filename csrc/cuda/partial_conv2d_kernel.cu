@@ -315,6 +315,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
       }
       auto grads = convolution_backward(grad_raw, xm, weight.contiguous(format), stride, padding,
                                         dilation, g.groups, {need_dx, need_dw, false});
+      // Read: their memory goes back to the allocator before dx * m may take a buffer of
+      // its own (a layout change), so the peak holds no more than it must.
+      xm.reset();
+      grad_raw.reset();
       if (need_dx) {
         at::Tensor dx = std::get<0>(grads);
         if (g.has_mask) {
