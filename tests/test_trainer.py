@@ -242,6 +242,16 @@ def test_train_steps_checkpoints_and_log(tmp_path, tiny_images):
     assert cfglib.load_config(run / "config.toml")["train"]["steps"] == 4
 
 
+def test_progress_off_a_terminal_is_plain_lines(tmp_path, tiny_images, capsys):
+    """Standard error here is not a terminal (a log file, a batch job): the progress is a
+    plain line with the count, rate and loss, not a bar's carriage returns."""
+    assert train_main(["--config", str(write_config(tmp_path, tiny_images)),
+                       "--out", str(tmp_path / "run"), "--set", "train.progress=true"]) == 0
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    assert "tiny: 4/4 step (100%)" in err and "loss=" in err and "img_s=" in err
+
+
 def test_refuses_to_overwrite_and_resume_errors(tmp_path, tiny_images, caplog):
     config = str(write_config(tmp_path, tiny_images))
     run = tmp_path / "run"

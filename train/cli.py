@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--channels-last", action="store_true", help="= --set train.channels_last=true")
     p.add_argument("--vgg-random", action="store_true",
                    help="= --set vgg.random=true (smoke runs without VGG weights; warns)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress (a bar on a terminal, else a line a minute)")
     p.add_argument("--print-config", action="store_true",
                    help="print the resolved config as TOML and exit")
     return p

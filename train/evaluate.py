@@ -64,6 +64,7 @@ from .masks import (NVIDIA_TEST_MASKS_INVERT, PAPER_BUCKETS, REPORT_RATIOS, buck
                     eval_masks_from_folder, make_eval_masks)
 from .metrics import CONVENTIONS, METRIC_NAMES, REGIONS, inpainting_metrics
 from .models import composite
+from .progress import Progress
 
 __all__ = ["EvalOptions", "BASELINES", "BUCKET_SETS", "evaluate", "write_report",
            "run_evaluation", "load_named_models", "main"]
@@ -266,7 +267,8 @@ def evaluate(models: list[tuple[str, nn.Module]], images, *, buckets, masks_per_
     names = _names(images)
     pool = ThreadPoolExecutor(threads or min(8, os.cpu_count() or 1))
     loader = DataLoader(images, batch_size=batch_size, num_workers=workers)
-    bar = _bar(n * len(labels), progress)
+    bar = Progress(n * len(labels), desc="evaluating", unit="img", enabled=progress,
+                   say=logger.info)
 
     def record(row, label, result, target, mask):
         for key, values in inpainting_metrics(result, target, mask).items():
@@ -310,20 +312,6 @@ def evaluate(models: list[tuple[str, nn.Module]], images, *, buckets, masks_per_
     return {"methods": rows, "buckets": labels, "names": names, "scores": scores,
             "images": n, "masks_per_bucket": count,
             "mask_source": "files" if mask_root is not None else "seeded"}
-
-
-def _bar(total: int, enabled: bool):
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover - depends on the environment
-        enabled = False
-    if not enabled:
-        class _Quiet:
-            def update(self, n=1): pass
-
-            def close(self): pass
-        return _Quiet()
-    return tqdm(total=total, desc="evaluating", unit="img", dynamic_ncols=True)
 
 
 def _mean(values: list[float]) -> float:
@@ -469,7 +457,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0,
                    help="threads for the classical baselines (0 = min(8, cores))")
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress (a bar on a terminal, else a line a minute)")
     return p
 
 

@@ -27,7 +27,8 @@ What one run does (see :mod:`train.config` for every setting):
   steps as an uninterrupted one (bit for bit on the same machine and thread count).
 * Logging (rank 0): every ``train.log_every`` steps a line in ``<run>/log.jsonl``
   (step, epoch, phase, lr, total loss, every unweighted term, images/s), TensorBoard
-  scalars for the same, the tqdm bar's loss and images/s; every ``train.image_every``
+  scalars for the same, and loss and images/s on the progress (a tqdm bar on a terminal,
+  else a line a minute, :mod:`train.progress`); every ``train.image_every``
   steps an image grid (masked input, mask, output, composite, ground truth); every
   ``val.every`` steps the PSNR/SSIM of a fixed validation set (:mod:`train.metrics`).
 
@@ -69,6 +70,7 @@ from .losses import InpaintingLoss
 from .masks import FreeFormMasks, MaskFolder
 from .metrics import inpainting_metrics
 from .models import composite
+from .progress import Progress
 from .vgg import VGG16Features
 
 __all__ = ["DistInfo", "setup_distributed", "cleanup_distributed", "pick_device",
@@ -754,8 +756,8 @@ class Trainer:
             (self.out / "config.toml").write_text(cfglib.to_toml(self.config))
             if tc["tensorboard"]:
                 writer = _summary_writer(self.out / "tb", purge_step=self.step + 1)
-        bar = _progress(total_steps, self.step, self.config["name"],
-                        enabled=main and tc["progress"])
+        bar = Progress(total_steps, desc=self.config["name"], unit="step", initial=self.step,
+                       enabled=main and tc["progress"], say=logger.info)
         if main:
             self._trim_log()
             self._remove_unfinished_saves()
@@ -892,7 +894,7 @@ class Trainer:
                   "images_per_s": rate}
         log_file.write(json.dumps(record) + "\n")
         log_file.flush()
-        bar.set_postfix(loss=f"{values[0]:.4f}", img_s=f"{rate:.1f}", refresh=False)
+        bar.set_postfix(loss=f"{values[0]:.4f}", img_s=f"{rate:.1f}")
         if writer is not None:
             writer.add_scalar("loss/total", values[0], self.step)
             for name, value in zip(names, values[1:]):
@@ -926,29 +928,6 @@ def _summary_writer(folder: Path, purge_step: int):
                        "(pip install tensorboard, or set train.tensorboard = false)")
         return None
     return SummaryWriter(str(folder), purge_step=purge_step)
-
-
-class _NoBar:
-    """Stand-in for a disabled tqdm bar."""
-
-    def update(self, n=1): pass
-
-    def set_postfix(self, *a, **k): pass
-
-    def write(self, text): logger.info(text)
-
-    def close(self): pass
-
-
-def _progress(total: int, initial: int, name: str, enabled: bool):
-    if not enabled:
-        return _NoBar()
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover - depends on the environment
-        logger.warning("tqdm is not installed: no progress bar")
-        return _NoBar()
-    return tqdm(total=total, initial=initial, desc=name, unit="step", dynamic_ncols=True)
 
 
 def train(config: dict[str, Any], out: str | os.PathLike,

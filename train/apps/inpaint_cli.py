@@ -41,6 +41,7 @@ from ..images import IMAGE_EXTENSIONS, ImageLoadError, find_images, find_non_ima
     is_image_file, keeps_alpha, load_mask, read_image, save_image
 from ..inpaint import METHODS, PADDING_MODES, inpaint, resolve_device
 from ..masks import resize_mask
+from ..progress import Progress
 from . import HOLE_WARNING_SHARE, AppError, add_device_arg, add_max_side_arg, \
     is_out_of_memory, load_network, output_losses, run_main, same_file
 
@@ -97,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-existing", action="store_true",
                    help="leave out images whose result file exists (results are written "
                         "atomically, so an existing one is whole): resumes a stopped run")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress (a bar on a terminal, else a line a minute)")
     add_device_arg(p)
     return p
 
@@ -282,34 +284,6 @@ def non_image_files(input_path: str | Path, mask_path: str | Path,
     return find_non_images(input_path, _image_search_exclusions(mask_path, output))
 
 
-class _Progress:
-    """A tqdm bar on stderr, or nothing when tqdm is missing or ``quiet``; :meth:`say`
-    prints a message without breaking the bar."""
-
-    def __init__(self, total: int, quiet: bool):
-        try:
-            from tqdm import tqdm
-        except ImportError:  # pragma: no cover - tqdm is in the apps extra
-            tqdm = None
-        self._tqdm = tqdm
-        self._bar = None if tqdm is None or quiet else tqdm(
-            total=total, unit="img", desc=PROG, file=sys.stderr, dynamic_ncols=True)
-
-    def say(self, message: str) -> None:
-        if self._bar is not None:
-            self._tqdm.write(message, file=sys.stderr)
-        else:
-            print(message, file=sys.stderr)
-
-    def update(self, n: int = 1) -> None:
-        if self._bar is not None:
-            self._bar.update(n)
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-
-
 @dataclass
 class _Queued:
     """A loaded job waiting for its batch."""
@@ -328,7 +302,7 @@ class _Run:
     def __init__(self, args: argparse.Namespace, model, total: int):
         self.args = args
         self.model = model
-        self.bar = _Progress(total, args.quiet)
+        self.bar = Progress(total, desc=PROG, unit="img", enabled=not args.quiet)
         self.total = total
         self.failures = 0
         self._warned: set[str] = set()
@@ -361,11 +335,11 @@ class _Run:
 
     def _fail(self, message: str) -> None:
         self.failures += 1
-        self.bar.say(f"{PROG}: error: {message}; skipped")
+        self.bar.write(f"{PROG}: error: {message}; skipped")
         self.bar.update()
 
     def _warn(self, message: str) -> None:
-        self.bar.say(f"{PROG}: warning: {message}")
+        self.bar.write(f"{PROG}: warning: {message}")
 
     def _warn_once(self, kind: str, message: str) -> None:
         if kind not in self._warned:
