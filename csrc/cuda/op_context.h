@@ -43,9 +43,20 @@ inline bool on_kernel_device(const at::Tensor& t) { return t.is_cuda(); }
 // CPU kernel avoids both the same way). The host build is there to test the CUDA code
 // around the convolution, not the CPU's convolution.
 #ifdef PCONV_CUDA_HOST
-// A copy with NCHW strides. Not contiguous(): a channels_last tensor with one channel is
-// NCHW-contiguous as it is, and oneDNN would still take its strides for channels_last.
-inline at::Tensor nchw_copy(const at::Tensor& t) { return t.clone(at::MemoryFormat::Contiguous); }
+// t with NCHW strides: t itself where it has them, else a copy. Not contiguous(): a
+// channels_last tensor with one channel is NCHW-contiguous as it is, and oneDNN would still
+// take its strides for channels_last. No copy where none is needed: the tensors the host
+// build allocates are then those of the op code, as on the device, and ATen's CPU
+// convolution's own.
+inline at::Tensor nchw_copy(const at::Tensor& t) {
+  bool nchw_strides = true;
+  int64_t expected = 1;
+  for (int64_t d = t.dim() - 1; d >= 0; --d) {
+    nchw_strides = nchw_strides && t.stride(d) == expected;
+    expected *= t.size(d);
+  }
+  return nchw_strides ? t : t.clone(at::MemoryFormat::Contiguous);
+}
 #endif
 
 inline at::Tensor convolution(const at::Tensor& input, const at::Tensor& weight,
