@@ -1027,13 +1027,14 @@ def _out_hw(h, w, kernel, stride, padding, dilation):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64],
                          ids=str)
-@pytest.mark.parametrize("channels", [16, 35, 67])
+@pytest.mark.parametrize("channels", [2, 3, 16, 35, 67])
 @pytest.mark.parametrize("mask_channels", ["single", "multi"])
 @pytest.mark.parametrize("direction", ["to_channels_last", "from_channels_last"])
 def test_layout_change_of_x_times_m_is_exact(dtype, channels, mask_channels, direction):
     """The relayout passes move x * m between NCHW and channels_last in tiles of pixels x
-    channels (23 x 29 pixels and 35 or 67 channels leave partial tiles both ways). The
-    x * m the training op keeps must equal torch's x * m in that layout, bit for bit."""
+    channels (23 x 29 pixels and 35 or 67 channels leave partial tiles both ways; 2 and 3
+    channels go into whole pixels by their own loop). The x * m the training op keeps must
+    equal torch's x * m in that layout, bit for bit."""
     g = torch.Generator().manual_seed(7)
     x = torch.randn(2, channels, 23, 29, generator=g).to(dtype)
     m = (torch.rand(2, channels if mask_channels == "multi" else 1, 23, 29, generator=g) > 0.4)
