@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import pconv_cuda
+from benchmarks.timing import peak_memory_mb
 from pconv_cuda import reference
 
 from conftest import Case, make_inputs, pass_names, random_cases, run_tests_below_avx512
@@ -619,14 +620,6 @@ def test_memory_from_the_op_caches_is_reported_to_the_profiler():
         assert sum(events) == 0
 
 
-def _peak_bytes(events: list[int]) -> int:
-    live = peak = 0
-    for nbytes in events:
-        live += nbytes
-        peak = max(peak, live)
-    return peak
-
-
 @pytest.mark.parametrize("mask_channels", [1, 40])
 def test_last_layer_backward_frees_its_copies_before_the_input_gradient(mask_channels):
     """A float32 layer with few outputs keeps x * m NCHW and runs its backward
@@ -644,10 +637,9 @@ def test_last_layer_backward_frees_its_copies_before_the_input_gradient(mask_cha
             out.sum().backward()
         return run
 
-    peaks = {}
-    for name, fn in (("op", pconv_cuda.partial_conv2d), ("reference", reference.partial_conv2d)):
-        step(fn)()
-        peaks[name] = _peak_bytes(_profiled_memory_events(step(fn)))
+    peaks = {name: peak_memory_mb(step(fn), "cpu")
+             for name, fn in (("op", pconv_cuda.partial_conv2d),
+                              ("reference", reference.partial_conv2d))}
     assert peaks["op"] <= peaks["reference"], peaks
 
 
