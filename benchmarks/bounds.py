@@ -40,11 +40,20 @@ def pass_bytes(shape: LayerShape, batch: int, mode: str, dtype: str, pass_: str)
     m = n * (shape.c_in if mode == "multi" else 1) * shape.h * shape.w * e
     y = n * shape.c_out * oh * ow * e
     stats = n * oh * ow * RATIO_BYTES  # one of r, u
-    parts = {
-        "mask pass": m + 2 * stats + n * oh * ow * e,  # reads m; writes r, u and u as dtype
-        "masking": 2 * x + m,  # reads x and m, writes x * m
-        "epilogue": 2 * y + 2 * stats,  # reads raw, r and u, writes y in place
-    }
+    if mode == "multi":
+        # The masking reads the mask and writes its channel sum (float32, a plane per
+        # sample), which the mask pass reads instead of the mask.
+        channel_sum = n * shape.h * shape.w * RATIO_BYTES
+        parts = {
+            "masking": 2 * x + m + channel_sum,
+            "mask pass": channel_sum + 2 * stats + n * oh * ow * e,
+        }
+    else:
+        parts = {
+            "mask pass": m + 2 * stats + n * oh * ow * e,  # reads m; writes r, u and u as dtype
+            "masking": 2 * x + m,  # reads x and m, writes x * m
+        }
+    parts["epilogue"] = 2 * y + 2 * stats  # reads raw, r and u, writes y in place
     if pass_ == "fwd+bwd":
         parts["grad prologue"] = 2 * y + 2 * stats  # reads g_y, r and u, writes g_raw
         parts["dx * m"] = 2 * x + m  # reads dx and m, writes dx

@@ -68,6 +68,17 @@ struct MaskRatio {
   int64_t batch;      // N_m
 };
 
+// The dtype of r, u and the mask's window sums for an input dtype: float64 for float64,
+// else float32.
+inline at::ScalarType mask_ratio_dtype(at::ScalarType input_dtype) {
+  return input_dtype == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// Uninitialised r and u, [planes, 1, H', W'] each, contiguous, with `options` (device, and
+// the dtype of mask_ratio_dtype).
+MaskRatio empty_mask_ratio(int64_t planes, const at::TensorOptions& options,
+                           const ConvGeometry& g);
+
 // Validates every argument of partial_conv2d and returns the resolved geometry.
 // Errors name the argument and the shapes involved.
 ConvGeometry check_partial_conv2d_args(

@@ -204,4 +204,11 @@ at::Tensor masked_input(const at::Tensor& input, const c10::optional<at::Tensor>
   return out;
 }
 
+MaskRatio empty_mask_ratio(int64_t planes, const at::TensorOptions& options,
+                           const ConvGeometry& g) {
+  const auto dense = options.memory_format(at::MemoryFormat::Contiguous);
+  return {at::empty({planes, 1, g.out_h, g.out_w}, dense),
+          at::empty({planes, 1, g.out_h, g.out_w}, dense), planes};
+}
+
 }  // namespace pconv

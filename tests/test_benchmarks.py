@@ -259,7 +259,8 @@ def test_bounds_count_every_pass_of_the_cuda_op(tmp_path, capsys):
                    "epilogue": 2 * 192 + 2 * 64}
     train = bounds.pass_bytes(shape, 1, "multi", "bfloat16", "fwd+bwd")
     x, m, y, stats = 64, 64, 96, 64  # bfloat16, mask with C_in channels
-    assert train == {"mask pass": m + 2 * stats + 32, "masking": 2 * x + m,
+    channel_sum = 64  # the masking sums the mask's channels (float32); the mask pass reads that
+    assert train == {"masking": 2 * x + m + channel_sum, "mask pass": channel_sum + 2 * stats + 32,
                      "epilogue": 2 * y + 2 * stats, "grad prologue": 2 * y + 2 * stats,
                      "dx * m": 2 * x + m}
     assert bounds.floor_us({"all": 4000}, bandwidth_gbs=4.0) == 1.0

@@ -157,6 +157,25 @@ def test_deterministic(deterministic_cudnn):
         assert torch.equal(db, db1)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_masking_that_sums_the_channels_gives_the_two_pass_bits(dtype, layout,
+                                                                 deterministic_cudnn):
+    """A multi-channel mask of x's layout takes the masking that also sums its channels; a
+    mask of the same values in other strides takes the mask pass over the mask and a
+    separate x * m. Every output of the training forward is the same bit for bit."""
+    cfg = make_cfg(2, 16, 8, 24, 24, 3, 1, 1, 1, 1, "soft", multi=True, layout=layout)
+    x, m, w, b, _ = make_inputs(cfg, dtype, CUDA)
+    other = m.transpose(2, 3).contiguous().transpose(2, 3)
+    assert other.stride() != m.stride() == x.stride()
+    geo = (list(cfg.stride), list(cfg.padding), list(cfg.dilation), cfg.groups)
+    one_read = torch.ops.pconv.partial_conv2d_train(x, m, w, b, *geo)
+    two_pass = torch.ops.pconv.partial_conv2d_train(x, other, w, b, *geo)
+    for a, e in zip(one_read, two_pass):
+        assert torch.equal(a, e)
+    assert torch.equal(one_read[2], x * m)
+
+
 @pytest.mark.parametrize("mask_batch", [0, 1])
 def test_empty_batch(mask_batch):
     x = torch.randn(0, 3, 8, 8, device=CUDA)

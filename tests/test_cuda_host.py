@@ -161,6 +161,43 @@ def test_results_do_not_depend_on_grid_size(host, cfg, multiprocessors):
     torch.testing.assert_close(base[1], other[1], atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+# NCHW planes of 13 x 16 and 13 x 13: a multiple of every vector width, and of none.
+@pytest.mark.parametrize("width", [16, 13], ids=["w16", "w13"])
+def test_masking_that_sums_the_channels_gives_the_two_pass_bits(host, dtype, layout, width):
+    """A multi-channel mask of x's shape and layout is summed over its channels by the
+    masking pass, and the mask pass reads that sum: x * m, r and u come out bit for bit as
+    from a mask of other strides (same values), which takes the mask pass over the
+    C-channel mask and a separate x * m; the results match the reference."""
+    cfg = make_cfg(2, 8, 6, 13, width, 3, 1, 1, 1, 1, "soft", multi=True, layout=layout)
+    x, m, w, b, go = make_inputs(cfg, dtype, "cpu")
+    other = m.transpose(2, 3).contiguous().transpose(2, 3)  # same values, other strides
+    assert other.stride() != m.stride() == x.stride()
+    geo = geometry(cfg)
+    host.take_launch_log()
+    one_read = ops().partial_conv2d_train(x, m, w, b, *geo)
+    fused = {_kernel_name(r) for r in host.take_launch_log()}
+    two_pass = ops().partial_conv2d_train(x, other, w, b, *geo)
+    separate = {_kernel_name(r) for r in host.take_launch_log()}
+    assert any(k.startswith("masked_input_kernel") for k in fused)
+    assert not any(k.startswith("masked_input_kernel") for k in separate)
+    # The mask pass reads the float channel sum in one case, the mask's own dtype in the other.
+    acc = ACC[dtype]
+    assert f"mask_ratio_kernel<{acc}, {acc}, true, true>" in fused
+    assert f"mask_ratio_kernel<{SCALAR[dtype]}, {acc}, true, true>" in separate
+    for a, e in zip(one_read, two_pass):
+        assert a.stride() == e.stride()
+        torch.testing.assert_close(a, e, atol=0, rtol=0)
+    torch.testing.assert_close(one_read[2], x * m, atol=0, rtol=0)  # x * m, rounded as at::mul
+    result = host_run(cfg, x, m, w, b, go, train=True)
+    if dtype == torch.bfloat16:
+        assert_low_precision_matches(result, cfg, *nchw(x, m, w, b, go))
+    else:
+        tol = 1e-10 if dtype == torch.float64 else 1e-5
+        assert_matches(result, expected(cfg, x, m, w, b, go), tol, update_tol=min(tol, 1e-6))
+
+
 @pytest.mark.parametrize("reverse", [False, True], ids=["in_order", "reversed"])
 def test_blocks_that_loop_over_several_tiles(host, reverse):
     """With one multiprocessor the mask pass gets 64 blocks for 80 tiles (5 planes of 16
@@ -292,6 +329,12 @@ def expected_kernels(dtype):
     names = set()
     for has_mask, staged in ((False, False), (True, True), (True, False)):
         names.add(f"mask_ratio_kernel<{t}, {a}, {str(has_mask).lower()}, {str(staged).lower()}>")
+    # A multi-channel mask of x's layout: the masking sums its channels, and the mask pass
+    # reads that sum (in the ratio dtype).
+    for staged in (True, False):
+        names.add(f"mask_ratio_kernel<{a}, {a}, true, {str(staged).lower()}>")
+    for vec, cl in itertools.product((v, 1), (True, False)):
+        names.add(f"masked_input_kernel<{t}, {a}, {vec}, {str(cl).lower()}>")
     for vec, cl in itertools.product((v, 1), (True, False)):
         names.add(f"epilogue_kernel<{t}, {a}, {vec}, {str(cl).lower()}>")
     for vec in (v, 1):
@@ -309,7 +352,14 @@ COVERAGE_CONFIGS = [
     make_cfg(2, 3, 16, 12, 12, 3, 1, 1, 1, 1, "holes", layout="channels_last"),  # C 16: vector
     make_cfg(2, 3, 5, 12, 12, 3, 1, 1, 1, 1, "holes", mb1=True, layout="channels_last"),  # C 5
     make_cfg(1, 2, 4, 9, 9, 3, 1, 1, 1, 1, "none"),
-    make_cfg(1, 2, 3, 24, 40, 3, 1, 95, 100, 1, "binary", multi=True),  # unstaged mask pass
+    make_cfg(1, 2, 3, 24, 40, 3, 1, 95, 100, 1, "binary"),  # unstaged mask pass
+    # Multi-channel masks of x's layout, summed by the masking: the plane of 256 and the
+    # 16 channels take vectors, the plane of 143 and the 5 channels do not; the dilation
+    # of 100 leaves the mask pass over that sum unstaged.
+    make_cfg(2, 3, 8, 16, 16, 3, 1, 1, 1, 1, "holes", multi=True),
+    make_cfg(2, 16, 8, 12, 12, 3, 1, 1, 1, 1, "soft", multi=True, layout="channels_last"),
+    make_cfg(2, 5, 4, 12, 12, 3, 1, 1, 1, 1, "binary", multi=True, layout="channels_last"),
+    make_cfg(1, 2, 3, 24, 40, 3, 1, 95, 100, 1, "binary", multi=True),
 ]
 
 

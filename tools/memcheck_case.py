@@ -5,7 +5,8 @@ mask, bias and no bias (with its gradient: the two-stage bias reduction), the tr
 the recomputing backward, float32 and float16 (float64 and bfloat16 on one geometry), and
 an empty window, at sizes small enough to run under memcheck in seconds. The geometries
 reach the scalar and the vectorised passes (H' * W' odd, then a multiple of 8) and both
-mask passes (footprint staged in shared memory, and one too big for it).
+mask passes (footprint staged in shared memory, and one too big for it), and the masking
+that sums a multi-channel mask's channels (NCHW and channels_last).
 
 Run it with PYTORCH_NO_CUDA_MEMORY_CACHING=1: inside the caching allocator's blocks an
 out-of-bounds access is invisible to memcheck.
@@ -22,7 +23,8 @@ GEOMETRIES = (
 )
 
 
-def run(dtype, layout, mask_channels, mask_batch, bias, geometry, train=True):
+def run(dtype, layout, mask_channels, mask_batch, bias, geometry, train=True,
+        mask_layout=torch.contiguous_format):
     h, w_, stride, padding, dilation = geometry
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 6, h, w_, generator=g).to("cuda", dtype).contiguous(memory_format=layout)
@@ -32,6 +34,7 @@ def run(dtype, layout, mask_channels, mask_batch, bias, geometry, train=True):
     if mask_channels:
         m = (torch.rand(mask_batch, mask_channels, h, w_, generator=g) > 0.4).to("cuda", dtype)
         m[..., 2:6, 2:6] = 0  # windows with no known pixel
+        m = m.contiguous(memory_format=mask_layout)
     x.requires_grad_(True)
     # A weight gradient with a mask takes the training pair; without, the recomputing
     # backward (mask pass again, x * m formed only for dW).
@@ -48,6 +51,9 @@ def run(dtype, layout, mask_channels, mask_batch, bias, geometry, train=True):
 
 
 MASKS = ((1, 2), (6, 2), (1, 1), (0, 1))  # (channels, batch); 0 channels: no mask
+# A 6-channel mask in NCHW is in x's layout for an NCHW x (the masking sums its channels),
+# not for a channels_last one (mask pass over the mask, then x * m); the channels_last one
+# runs again with its mask in channels_last.
 
 
 def main():
@@ -58,10 +64,12 @@ def main():
                     for bias in (True, False):
                         run(dtype, layout, mask_channels, mask_batch, bias, geometry)
                 run(dtype, layout, 6, 1, True, geometry, train=False)
+            run(dtype, torch.channels_last, 6, 2, True, geometry, mask_layout=torch.channels_last)
     for dtype in (torch.float64, torch.bfloat16):
         for layout in (torch.contiguous_format, torch.channels_last):
             for mask_channels, mask_batch in MASKS:
                 run(dtype, layout, mask_channels, mask_batch, True, GEOMETRIES[1])
+        run(dtype, torch.channels_last, 6, 2, True, GEOMETRIES[1], mask_layout=torch.channels_last)
     print("memcheck case: all paths ran")
 
 

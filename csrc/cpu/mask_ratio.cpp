@@ -175,12 +175,6 @@ MaskRatio ratio_from_sum(const at::Tensor& msum, at::ScalarType acc, const ConvG
 
 }  // namespace
 
-MaskRatio empty_mask_ratio(int64_t planes, at::ScalarType acc, const ConvGeometry& g) {
-  const auto options = at::TensorOptions().dtype(acc).device(at::kCPU);
-  return {at::empty({planes, 1, g.out_h, g.out_w}, options),
-          at::empty({planes, 1, g.out_h, g.out_w}, options), planes};
-}
-
 MaskRatio mask_ratio_cpu(const c10::optional<at::Tensor>& mask, const ConvGeometry& g,
                          at::ScalarType input_dtype) {
   const at::ScalarType acc = mask_ratio_dtype(input_dtype);

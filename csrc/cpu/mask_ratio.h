@@ -15,14 +15,10 @@ MaskRatio mask_ratio_cpu(const c10::optional<at::Tensor>& mask, const ConvGeomet
 // float64 for float64 inputs, contiguous) when a pass over the mask has already formed it.
 MaskRatio mask_ratio_from_channel_sum(const at::Tensor& msum, const ConvGeometry& g);
 
-// The dtype of r, u and the mask's window sums for an input dtype: float64 for float64,
-// else float32.
-inline at::ScalarType mask_ratio_dtype(at::ScalarType input_dtype) {
-  return input_dtype == at::kDouble ? at::kDouble : at::kFloat;
+// Uninitialised r and u on the CPU, [planes, 1, H', W'] each, in `acc` (mask_ratio_dtype).
+inline MaskRatio empty_mask_ratio(int64_t planes, at::ScalarType acc, const ConvGeometry& g) {
+  return empty_mask_ratio(planes, at::TensorOptions().dtype(acc).device(at::kCPU), g);
 }
-
-// Uninitialised r and u, [planes, 1, H', W'] each, in `acc` (mask_ratio_dtype).
-MaskRatio empty_mask_ratio(int64_t planes, at::ScalarType acc, const ConvGeometry& g);
 
 // Rows [oh0, oh1) of r and u (out_w values a row, at ratio and update), from the mask's
 // channel sum over the input rows those windows read: input row ih at

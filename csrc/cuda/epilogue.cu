@@ -31,19 +31,10 @@ void launch_epilogue(const EpilogueParams<scalar_t, acc_type<scalar_t>>& p, cuda
   // A group of kVec values must share (n, c) (NCHW) or the pixel (channels_last).
   const int64_t inner = p.channels_last ? p.channels : p.plane;
   const bool vec = inner % kVec == 0 && aligned16(p.out);
-  if (p.channels_last) {
-    if (vec) {
-      epilogue_launch<scalar_t, acc_t, kVec, true>(p, stream);
-    } else {
-      epilogue_launch<scalar_t, acc_t, 1, true>(p, stream);
-    }
-  } else {
-    if (vec) {
-      epilogue_launch<scalar_t, acc_t, kVec, false>(p, stream);
-    } else {
-      epilogue_launch<scalar_t, acc_t, 1, false>(p, stream);
-    }
-  }
+  with_vec_and_layout<kVec>(vec, p.channels_last, [&](auto width, auto channels_last) {
+    epilogue_launch<scalar_t, acc_t, decltype(width)::value, decltype(channels_last)::value>(
+        p, stream);
+  });
 }
 
 #define PCONV_INSTANTIATE(T)                                                          \

@@ -4,9 +4,9 @@
 // (partial_conv2d_kernel.cu) fills from tensors, picks a kernel instantiation and a launch
 // shape, launches on the given stream (the current stream of the current device) and
 // checks the launch. They are explicitly instantiated for float, double, c10::Half and
-// c10::BFloat16 in mask_ratio.cu, epilogue.cu and grad_prologue.cu, which include no ATen
-// header: those files compile quickly and in parallel, and the one file that includes
-// ATen has no device code.
+// c10::BFloat16 in mask_ratio.cu, masked_input.cu, epilogue.cu and grad_prologue.cu, which
+// include no ATen header: those files compile quickly and in parallel, and the one file
+// that includes ATen has no device code.
 #pragma once
 
 #include "params.cuh"
@@ -17,6 +17,11 @@ namespace cuda {
 // The mask pass (mask_ratio_kernel.cuh). Sets the launch-shape fields of p itself.
 template <typename scalar_t>
 void launch_mask_ratio(MaskRatioParams<scalar_t, acc_type<scalar_t>> p, cudaStream_t stream);
+
+// x * m and the mask's channel sum in one pass (masked_input_kernel.cuh).
+template <typename scalar_t>
+void launch_masked_input(const MaskedInputParams<scalar_t, acc_type<scalar_t>>& p,
+                         cudaStream_t stream);
 
 // The forward epilogue, in place (elementwise_kernel.cuh).
 template <typename scalar_t>

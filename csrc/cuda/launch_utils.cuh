@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 namespace pconv {
 namespace cuda {
@@ -22,6 +23,22 @@ inline bool aligned16(const void* ptr) {
 template <typename T>
 constexpr int vec_width() {
   return static_cast<int>(16 / sizeof(T));
+}
+
+// Calls launch(std::integral_constant<int, VEC>{}, std::integral_constant<bool, CL>{}) with
+// VEC = kVec where `vec` holds (else 1) and CL = channels_last: the one instantiation of an
+// elementwise kernel that a launch picks.
+template <int kVec, typename Launch>
+void with_vec_and_layout(bool vec, bool channels_last, Launch&& launch) {
+  using ChannelsLast = std::true_type;
+  using Nchw = std::false_type;
+  using Wide = std::integral_constant<int, kVec>;
+  using Narrow = std::integral_constant<int, 1>;
+  if (channels_last) {
+    vec ? launch(Wide{}, ChannelsLast{}) : launch(Narrow{}, ChannelsLast{});
+  } else {
+    vec ? launch(Wide{}, Nchw{}) : launch(Narrow{}, Nchw{});
+  }
 }
 
 }  // namespace cuda

@@ -55,6 +55,20 @@ struct MaskRatioParams {
 };
 
 // ---------------------------------------------------------------------------------------
+// Masking of a multi-channel mask that has the input's shape and layout, with the mask's
+// channel sum from the same read: out = x * m, channel_sum[n, p] = sum over c of m[n, c, p].
+// The mask pass then reads the one-channel sum instead of the C-channel mask.
+template <typename scalar_t, typename acc_t>
+struct MaskedInputParams {
+  const scalar_t* input;  // x, [N, C, H, W] contiguous in its layout
+  const scalar_t* mask;   // m, same shape and strides
+  scalar_t* out;          // x * m, same shape and strides
+  acc_t* channel_sum;     // [N, H, W] contiguous
+  int64_t batch, channels, plane;  // N, C, H * W
+  bool channels_last;              // layout of all three
+};
+
+// ---------------------------------------------------------------------------------------
 // Forward epilogue, in place on the convolution output raw (NCHW or channels_last
 // contiguous): y = (raw * r + b) * u with a bias, y = raw * r without.
 template <typename scalar_t, typename acc_t>

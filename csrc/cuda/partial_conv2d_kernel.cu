@@ -7,7 +7,10 @@
 //                    and updated mask u, single-channel [N_m, 1, H', W'] in float32
 //                    (float64 for float64 inputs), never C_out times;
 //   2. masking     - x * m in one elementwise pass, written in the layout the convolution
-//                    reads (the input's suggested memory format);
+//                    reads (the input's suggested memory format). A multi-channel mask of
+//                    the input's shape and layout is summed over its channels by this pass
+//                    instead, which then runs first: the mask pass reads that one-channel
+//                    sum, and the mask is read once;
 //   3. convolution - at::convolution (cuDNN) on x * m, without bias;
 //   4. epilogue    - one in-place kernel over the output: y = (raw * r + b) * u.
 // Backward: the mask pass again (the training pair reuses r, u and x * m from its forward
@@ -29,6 +32,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/ops/mul.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
@@ -52,16 +56,37 @@ bool is_dense(const at::Tensor& t) {
 
 // ------------------------------------------------------------------------ mask pass
 
+// The fields of the mask pass's parameters that come from the geometry: all but the mask
+// itself and the outputs.
+template <typename mask_t, typename acc_t>
+void set_mask_pass_geometry(MaskRatioParams<mask_t, acc_t>& p, const ConvGeometry& g) {
+  p.in_h = g.in_h;
+  p.in_w = g.in_w;
+  p.out_h = g.out_h;
+  p.out_w = g.out_w;
+  p.kernel_h = g.kernel_h;
+  p.kernel_w = g.kernel_w;
+  p.stride_h = g.stride_h;
+  p.stride_w = g.stride_w;
+  p.pad_h = g.pad_h;
+  p.pad_w = g.pad_w;
+  p.dil_h = g.dil_h;
+  p.dil_w = g.dil_w;
+  p.window = static_cast<acc_t>(g.window_size());
+}
+
+// Uninitialised r and u on the input's device.
+MaskRatio empty_mask_ratio_for(const at::Tensor& input, int64_t planes, const ConvGeometry& g) {
+  return empty_mask_ratio(planes, input.options().dtype(mask_ratio_dtype(input.scalar_type())), g);
+}
+
 // r and u ([N_m, 1, H', W'], float32, float64 for float64 inputs) from one read of the mask
 // (any strides); with no mask, S counts the in-bounds taps. When update_out is given it
 // receives u in the input dtype as well.
 MaskRatio mask_ratio_cuda(const c10::optional<at::Tensor>& mask, const ConvGeometry& g,
                           const at::Tensor& input, at::Tensor* update_out) {
-  const at::ScalarType acc = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const int64_t planes = g.has_mask ? g.mask_batch : 1;
-  const auto options = input.options().dtype(acc).memory_format(at::MemoryFormat::Contiguous);
-  MaskRatio mr{at::empty({planes, 1, g.out_h, g.out_w}, options),
-               at::empty({planes, 1, g.out_h, g.out_w}, options), planes};
+  MaskRatio mr = empty_mask_ratio_for(input, planes, g);
   if (update_out != nullptr) {
     *update_out = at::empty({planes, 1, g.out_h, g.out_w},
                             input.options().memory_format(at::MemoryFormat::Contiguous));
@@ -84,21 +109,75 @@ MaskRatio mask_ratio_cuda(const c10::optional<at::Tensor>& mask, const ConvGeome
     p.update_out = update_out != nullptr ? update_out->mutable_data_ptr<scalar_t>() : nullptr;
     p.planes = planes;
     p.channels = g.mask_channels;
-    p.in_h = g.in_h;
-    p.in_w = g.in_w;
-    p.out_h = g.out_h;
-    p.out_w = g.out_w;
-    p.kernel_h = g.kernel_h;
-    p.kernel_w = g.kernel_w;
-    p.stride_h = g.stride_h;
-    p.stride_w = g.stride_w;
-    p.pad_h = g.pad_h;
-    p.pad_w = g.pad_w;
-    p.dil_h = g.dil_h;
-    p.dil_w = g.dil_w;
-    p.window = static_cast<acc_t>(g.window_size());
+    set_mask_pass_geometry(p, g);
     launch_mask_ratio<scalar_t>(p, current_stream());
   });
+  return mr;
+}
+
+// True when the forward's masking sums the mask's channels as it goes
+// (masked_input_kernel.cuh): a multi-channel mask with a plane per sample and the input's
+// strides, both contiguous in the layout x * m is written in. The mask is then read once,
+// not twice (mask pass and masking).
+bool masks_with_channel_sum(const at::Tensor& input, const c10::optional<at::Tensor>& mask,
+                            const ConvGeometry& g, at::MemoryFormat format) {
+  return g.has_mask && g.mask_channels > 1 && g.batch > 0 && g.in_h * g.in_w > 0 &&
+         mask->sizes() == input.sizes() && mask->strides() == input.strides() &&
+         input.is_contiguous(format);
+}
+
+// x * m (returned, in the input's layout) and the mask's channel sum ([N, H, W] in the ratio
+// dtype), in one pass. Only where masks_with_channel_sum holds.
+std::tuple<at::Tensor, at::Tensor> masked_input_with_channel_sum(const at::Tensor& input,
+                                                                 const at::Tensor& mask,
+                                                                 const ConvGeometry& g) {
+  at::Tensor out = at::empty_like(input);
+  at::Tensor sum = at::empty({g.batch, g.in_h, g.in_w},
+                             input.options().dtype(mask_ratio_dtype(input.scalar_type()))
+                                 .memory_format(at::MemoryFormat::Contiguous));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
+                                  "pconv_masked_input_cuda", [&] {
+    using acc_t = acc_type<scalar_t>;
+    MaskedInputParams<scalar_t, acc_t> p{};
+    p.input = input.const_data_ptr<scalar_t>();
+    p.mask = mask.const_data_ptr<scalar_t>();
+    p.out = out.mutable_data_ptr<scalar_t>();
+    p.channel_sum = sum.mutable_data_ptr<acc_t>();
+    p.batch = g.batch;
+    p.channels = g.in_channels;
+    p.plane = g.in_h * g.in_w;
+    p.channels_last = is_channels_last(input);
+    launch_masked_input<scalar_t>(p, current_stream());
+  });
+  return {out, sum};
+}
+
+// r and u from the mask's channel sum of masked_input_with_channel_sum: the mask pass over
+// that one-channel plane, with the window of the C-channel mask (r and u as
+// mask_ratio_cuda gives them). *update_out receives u in the input dtype.
+MaskRatio mask_ratio_from_channel_sum(const at::Tensor& channel_sum, const ConvGeometry& g,
+                                      const at::Tensor& input, at::Tensor* update_out) {
+  MaskRatio mr = empty_mask_ratio_for(input, g.batch, g);
+  const bool same_dtype = input.scalar_type() == channel_sum.scalar_type();
+  if (same_dtype) *update_out = at::empty_like(mr.update);
+  if (mr.ratio.numel() > 0) {
+    AT_DISPATCH_FLOATING_TYPES(channel_sum.scalar_type(), "pconv_mask_ratio_cuda", [&] {
+      MaskRatioParams<scalar_t, acc_type<scalar_t>> p{};
+      p.mask = channel_sum.const_data_ptr<scalar_t>();
+      p.mask_stride_n = g.in_h * g.in_w;
+      p.mask_stride_c = g.in_h * g.in_w;
+      p.mask_stride_h = g.in_w;
+      p.mask_stride_w = 1;
+      p.ratio = mr.ratio.mutable_data_ptr<scalar_t>();
+      p.update = mr.update.mutable_data_ptr<scalar_t>();
+      p.update_out = same_dtype ? update_out->mutable_data_ptr<scalar_t>() : nullptr;
+      p.planes = g.batch;
+      p.channels = 1;
+      set_mask_pass_geometry(p, g);  // the window counts the mask's C channels
+      launch_mask_ratio<scalar_t>(p, current_stream());
+    });
+  }
+  if (!same_dtype) *update_out = mr.update.to(input.scalar_type());
   return mr;
 }
 
@@ -219,11 +298,17 @@ ForwardResult forward_cuda(const at::Tensor& input, const c10::optional<at::Tens
   // written channels_last, so cuDNN reads the weight as it is (no copy per call).
   const at::MemoryFormat format = conv_output_format(input, weight);
   ForwardResult res;
-  res.mr = mask_ratio_cuda(mask, g, input, &res.update);
+  if (masks_with_channel_sum(input, mask, g, format)) {
+    at::Tensor channel_sum;
+    std::tie(res.masked_input, channel_sum) = masked_input_with_channel_sum(input, *mask, g);
+    res.mr = mask_ratio_from_channel_sum(channel_sum, g, input, &res.update);
+  } else {
+    res.mr = mask_ratio_cuda(mask, g, input, &res.update);
+    res.masked_input = masked_input(input, mask, format);
+  }
   if (res.mr.batch != g.batch) {
     res.update = res.update.expand({g.batch, 1, g.out_h, g.out_w}).contiguous();
   }
-  res.masked_input = masked_input(input, mask, format);
   if (g.batch == 0) {
     res.output = at::empty({0, g.out_channels, g.out_h, g.out_w},
                            input.options().memory_format(format));
