@@ -155,7 +155,8 @@ def format_markdown(rows, env, wanted=None) -> str:
     layers = _layer_rows(rows)
     impls = _wanted(layers, wanted)
     measured = _with(layers, ("conv",))
-    out = [f"Device: {env['device']}; torch {env['torch']}; CUDA {env['cuda']}; "
+    isa = f" [{env['cpu_isa']}]" if env.get("cpu_isa") else ""
+    out = [f"Device: {env['device']}{isa}; torch {env['torch']}; CUDA {env['cuda']}; "
            f"cuDNN {env['cudnn']}; TF32 matmul={env['tf32_matmul']} cudnn={env['tf32_cudnn']}; "
            f"malloc: {env.get('malloc', 'default')}; weights: {env.get('weights', 'nchw')}; "
            f"times: {env.get('timing', 'wall time')}.", ""]

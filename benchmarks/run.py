@@ -371,7 +371,8 @@ def _error_lines(rows) -> list[str]:
 
 
 def format_table(rows, env) -> str:
-    head = (f"device: {env['device']} | torch {env['torch']} | CUDA {env['cuda']} | "
+    isa = f" [{env['cpu_isa']}]" if env.get("cpu_isa") else ""
+    head = (f"device: {env['device']}{isa} | torch {env['torch']} | CUDA {env['cuda']} | "
             f"cuDNN {env['cudnn']} | TF32 matmul={env['tf32_matmul']} cudnn={env['tf32_cudnn']} | "
             f"malloc: {env.get('malloc', 'default')}; weights: {env.get('weights', 'nchw')}")
     cols = ["size", "model", "layer", "mode", "dtype", "pass"] + list(IMPLS) + ["peak MB fused/ref"]

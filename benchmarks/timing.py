@@ -274,6 +274,8 @@ def environment(device: str) -> dict:
         "mkldnn": torch.backends.mkldnn.is_available(),
         "timing": CUDA_TIMING if device == "cuda" else CPU_TIMING,
     }
+    if device == "cpu":
+        info["cpu_isa"] = cpu_isa()
     if device == "cuda":
         info["driver"] = driver_version()
         info["sleep_cycles_per_ms"] = sleep_cycles_per_ms()
@@ -315,6 +317,30 @@ def copy_bandwidth_gbs(megabytes: int = 1024, repeats: int = 10) -> float:
     ms = copy_ms()
     torch.cuda.empty_cache()  # the 2 GB of the copy stay out of the rows' memory
     return 2 * megabytes * 2**20 / (ms * 1e-3) / 1e9
+
+
+# The instruction-set extensions that decide which convolution kernels oneDNN and the op
+# run: the same model name ("Intel(R) Xeon(R) Processor" on a VM) may come with or without
+# AMX, and bfloat16 convolutions differ several-fold between the two.
+CPU_ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16")
+
+
+def cpu_isa(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """ATen's CPU capability and which of CPU_ISA_FLAGS the CPU has, e.g.
+    ``"AVX512; avx2 avx512f avx512_bf16; no amx_bf16"``."""
+    flags: set[str] = set()
+    with contextlib.suppress(OSError):
+        with open(cpuinfo) as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    have = [f for f in CPU_ISA_FLAGS if f in flags]
+    lacking = [f for f in CPU_ISA_FLAGS if f not in flags]
+    parts = [torch.backends.cpu.get_cpu_capability(), " ".join(have) or "none of " + " ".join(CPU_ISA_FLAGS)]
+    if have and lacking:
+        parts.append("no " + " ".join(lacking))
+    return "; ".join(parts)
 
 
 def _cpu_name() -> str:

@@ -744,6 +744,27 @@ def test_environment_records_cudnn_flags_and_the_driver(monkeypatch):
     assert timing.driver_version() is None
 
 
+def test_cpu_environment_names_the_instruction_sets(tmp_path):
+    """Two CPUs of one model name, with and without AMX, are told apart in the JSON and in
+    the table's head."""
+    from benchmarks import markdown, timing
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nmodel name\t: Xeon\n"
+                    "flags\t\t: fpu sse avx2 avx512f avx512_bf16 amx_tile amx_bf16\n")
+    isa = timing.cpu_isa(str(info))
+    capability = torch.backends.cpu.get_cpu_capability()
+    assert isa == f"{capability}; avx2 avx512f avx512_bf16 amx_bf16; no avx512_fp16"
+    info.write_text("flags\t\t: fpu sse avx2\n")
+    assert timing.cpu_isa(str(info)) == (
+        f"{capability}; avx2; no avx512f avx512_bf16 avx512_fp16 amx_bf16")
+    assert timing.cpu_isa(str(tmp_path / "absent")).startswith(f"{capability}; none of avx2")
+    env = timing.environment("cpu")
+    assert env["cpu_isa"] == timing.cpu_isa()
+    assert f"[{env['cpu_isa']}]" in markdown.format_markdown([], env).splitlines()[0]
+    assert f"[{env['cpu_isa']}]" in run.format_table([], env).splitlines()[0]
+
+
 def test_bounds_read_the_shapes_a_run_recorded(tmp_path, capsys):
     """The smoke preset's shapes are in no UNet: bounds take each row's own shape."""
     from benchmarks import bounds
