@@ -42,11 +42,13 @@ DEFAULT_ROTATE = len(IMPLS) + 1
 INPUT_MEMORY_SHARE = 0.25
 
 PRESETS = {
-    # Batch 1 on CPU: the inference case, and what 2 cores can time in minutes.
+    # Batch 1 on CPU: the inference case, and what 2 cores can time in minutes. A training
+    # step's paired ratio scatters by ±15% from one repeat to the next on a small VM, so
+    # its median takes 11 (a minute and a half per step row).
     # torch.compile is left out on CPU (a compile per shape and dtype costs more than the
     # whole table); name it with --skip to keep it (--skip with no value).
     "cpu": dict(sizes=[256], batch=1, dtypes=["float32", "bfloat16"], warmup=3, repeats=41,
-                model_size=256, model_batch=1, model_repeats=5, skip=["compiled"],
+                model_size=256, model_batch=1, model_repeats=11, skip=["compiled"],
                 malloc="retain"),
     # GPU: 660 rows (the 11 shapes both sizes share measured once). CUDA-event times
     # scatter far less than CPU wall times, so 20 repeats give a steady median and the
@@ -66,7 +68,7 @@ SMOKE_SHAPES = [LayerShape(3, 8, 7, 2, 3, 16, 16), LayerShape(8, 16, 3, 1, 1, 8,
 CONFIG_ENV = ("device", "torch", "cuda", "cudnn", "tf32_matmul", "tf32_cudnn",
               "float32_matmul_precision", "fp16_reduced_precision_reduction",
               "bf16_reduced_precision_reduction", "cudnn_benchmark", "cudnn_deterministic",
-              "timing", "malloc", "weights")
+              "timing", "malloc", "weights", "cpu_isa")
 CONFIG_ARGS = ("smoke", "batch", "warmup", "repeats", "rotate", "model_size", "model_batch",
                "model_repeats")
 

@@ -537,7 +537,7 @@ def test_resume_refuses_another_configuration(tmp_path):
     config = json.loads(path.read_text())["configuration"]
     for key in ("batch", "repeats", "warmup", "rotate", "model_batch", "model_repeats", "cuda",
                 "cudnn", "tf32_matmul", "cudnn_benchmark", "cudnn_deterministic", "timing",
-                "malloc", "weights", "torch", "device"):
+                "malloc", "weights", "torch", "device", "cpu_isa"):
         assert key in config
     with pytest.raises(SystemExit, match="repeats 2 there, 3 here"):
         run.main(common + ["--resume", "--repeats", "3"])
@@ -717,7 +717,7 @@ def test_help_names_every_preset_default(capsys):
         run.parse_args(["--help"])
     text = " ".join(capsys.readouterr().out.split())
     for phrase in ("presets: cpu 1, gpu 8, smoke 2", "presets: cpu 41, gpu 20, smoke 2",
-                   "presets: cpu 5, gpu 20, smoke 2", "presets: cpu 256, gpu 256 512, smoke 16",
+                   "presets: cpu 11, gpu 20, smoke 2", "presets: cpu 256, gpu 256 512, smoke 16",
                    "cpu compiled, gpu none", "--retry-errors"):
         assert phrase in text
 
