@@ -1,8 +1,11 @@
 // Small host helpers the kernel launchers share.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <type_traits>
+
+#include "runtime.cuh"
 
 namespace pconv {
 namespace cuda {
@@ -23,6 +26,16 @@ inline bool aligned16(const void* ptr) {
 template <typename T>
 constexpr int vec_width() {
   return static_cast<int>(16 / sizeof(T));
+}
+
+// Block size of the elementwise kernels, and their grid for `items` work items (one per
+// thread): at most 32 blocks a multiprocessor, whose grid-stride loops take the rest.
+constexpr int kElementwiseThreads = 256;
+inline dim3 elementwise_grid(int64_t items) {
+  const int64_t max_blocks = static_cast<int64_t>(multiprocessor_count()) * 32;
+  const int64_t blocks =
+      std::max<int64_t>(1, std::min(ceil_div(items, kElementwiseThreads), max_blocks));
+  return dim3(static_cast<unsigned>(blocks));
 }
 
 // Calls launch(std::integral_constant<int, VEC>{}, std::integral_constant<bool, CL>{}) with
