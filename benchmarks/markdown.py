@@ -149,14 +149,18 @@ def _error_lines(rows) -> list[str]:
             for r in rows for name, message in r.get("errors", {}).items()]
 
 
+def device_label(env: dict) -> str:
+    """The device of an environment, with its CPU's instruction sets where recorded."""
+    return env["device"] + (f" [{env['cpu_isa']}]" if env.get("cpu_isa") else "")
+
+
 def format_markdown(rows, env, wanted=None) -> str:
     """Markdown tables of the runner's rows (see the module docstring); ``wanted``: the
     implementations the run measured (default: those in the rows), which the goals need."""
     layers = _layer_rows(rows)
     impls = _wanted(layers, wanted)
     measured = _with(layers, ("conv",))
-    isa = f" [{env['cpu_isa']}]" if env.get("cpu_isa") else ""
-    out = [f"Device: {env['device']}{isa}; torch {env['torch']}; CUDA {env['cuda']}; "
+    out = [f"Device: {device_label(env)}; torch {env['torch']}; CUDA {env['cuda']}; "
            f"cuDNN {env['cudnn']}; TF32 matmul={env['tf32_matmul']} cudnn={env['tf32_cudnn']}; "
            f"malloc: {env.get('malloc', 'default')}; weights: {env.get('weights', 'nchw')}; "
            f"times: {env.get('timing', 'wall time')}.", ""]

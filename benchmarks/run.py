@@ -28,7 +28,7 @@ import time
 import torch
 
 from . import cases, precompile, timing
-from .markdown import format_markdown, geomean, ratio
+from .markdown import device_label, format_markdown, geomean, ratio
 from .shapes import LayerShape, PlannedShape, distinct_across_sizes
 
 IMPLS = ("conv", "fused", "reference", "lean", "compiled")
@@ -373,8 +373,7 @@ def _error_lines(rows) -> list[str]:
 
 
 def format_table(rows, env) -> str:
-    isa = f" [{env['cpu_isa']}]" if env.get("cpu_isa") else ""
-    head = (f"device: {env['device']}{isa} | torch {env['torch']} | CUDA {env['cuda']} | "
+    head = (f"device: {device_label(env)} | torch {env['torch']} | CUDA {env['cuda']} | "
             f"cuDNN {env['cudnn']} | TF32 matmul={env['tf32_matmul']} cudnn={env['tf32_cudnn']} | "
             f"malloc: {env.get('malloc', 'default')}; weights: {env.get('weights', 'nchw')}")
     cols = ["size", "model", "layer", "mode", "dtype", "pass"] + list(IMPLS) + ["peak MB fused/ref"]
