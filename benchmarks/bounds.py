@@ -2,6 +2,12 @@
 move (csrc/cuda: mask pass, masking, epilogue; in backward the gradient prologue and
 ``dx * m``), taken as time at the device's copy bandwidth.
 
+Layers with at most 4 output channels and 9 taps (the UNets' last layers) take the direct
+kernels of csrc/cuda/few_outputs_kernel.cuh instead: the inference forward convolves with
+masking on load and the epilogue inside, and the input gradient comes masked from its
+kernel. Their floor counts what those kernels read beyond a plain convolution's operands
+(the mask), not what they compute, whose time against cuDNN's only a run shows.
+
 The CUDA op runs cuDNN's convolution on ``x * m`` plus those passes, so no tuning of the
 passes brings a row's fused / conv ratio under its floor, ``1 + t_passes / t_conv``. With a
 benchmark JSON this floor is set against each GPU row's measured conv time and fused ratio:
@@ -29,10 +35,19 @@ ELEMENT_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 RATIO_BYTES = 4  # r and u are float32 whatever the input dtype
 
 
+FEW_OUTPUTS, FEW_OUTPUT_TAPS = 4, 9  # kFewOutputs, kFewOutputsTaps of csrc/cuda/params.cuh
+
+
+def takes_direct_kernels(shape: LayerShape) -> bool:
+    """The CUDA op's rule (few_outputs_direct, groups 1 as in every UNet layer)."""
+    return shape.c_out <= FEW_OUTPUTS and shape.kernel ** 2 <= FEW_OUTPUT_TAPS
+
+
 def pass_bytes(shape: LayerShape, batch: int, mode: str, dtype: str, pass_: str) -> dict[str, int]:
     """Bytes each of the CUDA op's own passes reads and writes at the least (every value
     once, halos of the mask windows left out) for one benchmark row; masks have the batch
-    of the input and C_in channels ("multi") or 1 ("single")."""
+    of the input and C_in channels ("multi") or 1 ("single"). A "fwd" row is inference (the
+    op without autograd), a "fwd+bwd" row training (the training pair)."""
     e = ELEMENT_BYTES[dtype]
     oh, ow = shape.out_hw
     n = batch
@@ -40,6 +55,10 @@ def pass_bytes(shape: LayerShape, batch: int, mode: str, dtype: str, pass_: str)
     m = n * (shape.c_in if mode == "multi" else 1) * shape.h * shape.w * e
     y = n * shape.c_out * oh * ow * e
     stats = n * oh * ow * RATIO_BYTES  # one of r, u
+    direct = takes_direct_kernels(shape)
+    if direct and pass_ == "fwd":
+        # The mask pass, then the direct forward, which reads m besides x.
+        return {"mask pass": m + 2 * stats + n * oh * ow * e, "direct forward: m": m}
     if mode == "multi":
         # The masking reads the mask and writes its channel sum (float32, a plane per
         # sample), which the mask pass reads instead of the mask.
@@ -56,7 +75,10 @@ def pass_bytes(shape: LayerShape, batch: int, mode: str, dtype: str, pass_: str)
     parts["epilogue"] = 2 * y + 2 * stats  # reads raw, r and u, writes y in place
     if pass_ == "fwd+bwd":
         parts["grad prologue"] = 2 * y + 2 * stats  # reads g_y, r and u, writes g_raw
-        parts["dx * m"] = 2 * x + m  # reads dx and m, writes dx
+        if direct:
+            parts["direct input gradient: m"] = m  # masks dx before its one write
+        else:
+            parts["dx * m"] = 2 * x + m  # reads dx and m, writes dx
     return parts
 
 

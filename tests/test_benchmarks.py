@@ -252,17 +252,28 @@ def test_bounds_count_every_pass_of_the_cuda_op(tmp_path, capsys):
     from benchmarks import bounds
     from benchmarks.shapes import LayerShape
 
-    shape = LayerShape(2, 3, 3, 1, 1, 4, 4)  # 2->3 k3 s1 p1 on 4x4: outputs 4x4
+    shape = LayerShape(2, 5, 3, 1, 1, 4, 4)  # 2->5 k3 s1 p1 on 4x4: outputs 4x4
     fwd = bounds.pass_bytes(shape, 1, "single", "float32", "fwd")
-    # x 128 B, single-channel m 64 B, y 192 B, r or u 64 B (float32 whatever the dtype).
+    # x 128 B, single-channel m 64 B, y 320 B, r or u 64 B (float32 whatever the dtype).
     assert fwd == {"mask pass": 64 + 2 * 64 + 64, "masking": 2 * 128 + 64,
-                   "epilogue": 2 * 192 + 2 * 64}
+                   "epilogue": 2 * 320 + 2 * 64}
     train = bounds.pass_bytes(shape, 1, "multi", "bfloat16", "fwd+bwd")
-    x, m, y, stats = 64, 64, 96, 64  # bfloat16, mask with C_in channels
+    x, m, y, stats = 64, 64, 160, 64  # bfloat16, mask with C_in channels
     channel_sum = 64  # the masking sums the mask's channels (float32); the mask pass reads that
     assert train == {"masking": 2 * x + m + channel_sum, "mask pass": channel_sum + 2 * stats + 32,
                      "epilogue": 2 * y + 2 * stats, "grad prologue": 2 * y + 2 * stats,
                      "dx * m": 2 * x + m}
+    # 2->3: the direct kernels (inference forward; masked input gradient in training).
+    few = LayerShape(2, 3, 3, 1, 1, 4, 4)
+    assert bounds.takes_direct_kernels(few) and not bounds.takes_direct_kernels(shape)
+    assert not bounds.takes_direct_kernels(LayerShape(64, 3, 5, 1, 2, 8, 8))  # 25 taps
+    assert bounds.pass_bytes(few, 1, "single", "float32", "fwd") == {
+        "mask pass": 64 + 2 * 64 + 64, "direct forward: m": 64}
+    y = 96  # 3 channels, bfloat16
+    assert bounds.pass_bytes(few, 1, "multi", "bfloat16", "fwd+bwd") == {
+        "masking": 2 * x + m + channel_sum, "mask pass": channel_sum + 2 * stats + 32,
+        "epilogue": 2 * y + 2 * stats, "grad prologue": 2 * y + 2 * stats,
+        "direct input gradient: m": m}
     assert bounds.floor_us({"all": 4000}, bandwidth_gbs=4.0) == 1.0
 
     # Against a run: the floor is 1 + passes / conv time; rows over the goal are counted.
@@ -876,3 +887,40 @@ def test_dynamo_limits_allow_a_graph_per_row_and_an_eager_run_raises():
                 call(compiled, 2)  # past it: Dynamo runs the function eagerly
     finally:
         torch._dynamo.reset()
+
+
+def test_routes_time_both_routes_of_the_few_output_layers(tmp_path, capsys, monkeypatch):
+    """benchmarks.routes finds the UNets' layers that take the CUDA op's direct kernels,
+    runs each call on its route (the variable set for the call, then put back) and writes
+    complete, finite rows."""
+    import math
+    import os
+
+    from benchmarks import routes
+
+    assert [s.label for s in routes.few_output_shapes([256, 512])] == [
+        "67->3 k3 s1 @256", "64->3 k3 s1 @256", "67->3 k3 s1 @512", "64->3 k3 s1 @512"]
+    seen = []
+    monkeypatch.setenv(routes.ROUTE_VARIABLE, "1")
+    for direct in (True, False):
+        routes._on_route(lambda _: seen.append(os.environ.get(routes.ROUTE_VARIABLE)), direct)(None)
+    assert seen == [None, "0"] and os.environ[routes.ROUTE_VARIABLE] == "1"
+    monkeypatch.delenv(routes.ROUTE_VARIABLE)
+
+    path = tmp_path / "routes.json"
+    assert routes.main(["--device", "cpu", "--sizes", "256", "--batch", "1", "--dtypes",
+                        "float32", "--modes", "single", "--warmup", "1", "--repeats", "2",
+                        "--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert routes.HEADER in out and "both routes run the same code" in out
+    rows = json.loads(path.read_text())["rows"]
+    assert [(r["layer"], r["pass_"]) for r in rows] == [
+        ("67->3 k3 s1 @256", "fwd"), ("67->3 k3 s1 @256", "fwd+bwd"),
+        ("64->3 k3 s1 @256", "fwd"), ("64->3 k3 s1 @256", "fwd+bwd")]
+    for r in rows:
+        assert set(r["ms"]) == {"conv", "direct", "cudnn"}
+        values = list(r["ms"].values()) + [r["direct_vs_cudnn"], r["direct_vs_conv"],
+                                           r["cudnn_vs_conv"]]
+        assert all(math.isfinite(v) and v > 0 for v in values)
+        assert routes.format_row(r) in out
+    assert "fwd+bwd: direct / cuDNN route, geometric mean" in out

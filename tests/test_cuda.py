@@ -17,7 +17,8 @@ pytestmark = [
 
 import pconv_cuda  # noqa: E402
 from cuda_cases import (  # noqa: E402
-    CL, CPU_CONFIGS, F32_CONFIGS, F64_CONFIGS, LOWP_CONFIGS, assert_close_scaled,
+    CL, CPU_CONFIGS, F32_CONFIGS, F64_CONFIGS, FEW_OUTPUT_CONFIGS, LOWP_CONFIGS,
+    assert_close_scaled,
     assert_low_precision_matches, assert_matches, check_layouts, expected_f64, make_cfg,
     make_inputs, run_with_grads)
 from pconv_cuda import reference  # noqa: E402
@@ -174,6 +175,37 @@ def test_masking_that_sums_the_channels_gives_the_two_pass_bits(dtype, layout,
     for a, e in zip(one_read, two_pass):
         assert torch.equal(a, e)
     assert torch.equal(one_read[2], x * m)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("cfg", FEW_OUTPUT_CONFIGS, ids=str)
+def test_few_output_layers_direct_and_cudnn_agree(cfg, dtype, monkeypatch):
+    """Layers with at most 4 outputs and 9 taps take the direct kernels for the inference
+    forward and the input gradient: they match the reference, and the cuDNN route
+    (PCONV_CUDA_DIRECT=0) within rounding and in the same layouts."""
+    x, m, w, b, go = make_inputs(cfg, dtype, CUDA)
+    geo = (list(cfg.stride), list(cfg.padding), list(cfg.dilation), cfg.groups)
+
+    def run_ops():
+        out, upd = torch.ops.pconv.partial_conv2d(x, m, w, b, *geo)
+        grads = torch.ops.pconv.partial_conv2d_backward(go, x, m, w, b is not None, *geo,
+                                                        [True, True, True])
+        return out, upd, tuple(grads[:2]) + ((grads[2],) if b is not None else ())
+
+    direct = run_ops()
+    monkeypatch.setenv("PCONV_CUDA_DIRECT", "0")
+    cudnn = run_ops()
+    tol = {torch.bfloat16: 1e-2, torch.float32: 1e-5, torch.float64: 1e-12}[dtype]
+    for name, d, c in zip(("output", "updated mask", "grad_input", "grad_weight", "grad_bias"),
+                          direct[:2] + direct[2], cudnn[:2] + cudnn[2]):
+        for layout in (torch.contiguous_format, CL):
+            assert d.is_contiguous(memory_format=layout) == c.is_contiguous(memory_format=layout)
+        assert_close_scaled(d, c, tol, name)
+    if dtype == torch.bfloat16:
+        assert_low_precision_matches(direct, cfg, x, m, w, b, go)
+    else:
+        assert_matches(direct, expected_f64(cfg, x, m, w, b, go),
+                       1e-10 if dtype == torch.float64 else 1e-5)
 
 
 @pytest.mark.parametrize("mask_batch", [0, 1])

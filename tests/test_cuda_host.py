@@ -19,8 +19,9 @@ import torch
 
 import cuda_host
 from cuda_cases import (
-    EDGE_CONFIGS, F32_CONFIGS, F64_CONFIGS, LOWP_CONFIGS, assert_low_precision_matches,
-    assert_matches, check_layouts, expected_f64, make_cfg, make_inputs)
+    EDGE_CONFIGS, F32_CONFIGS, F64_CONFIGS, FEW_OUTPUT_CONFIGS, LOWP_CONFIGS,
+    assert_close_scaled, assert_low_precision_matches, assert_matches, check_layouts,
+    expected_f64, make_cfg, make_inputs)
 from torch._prims_common import suggest_memory_format
 
 ALL = [True, True, True]
@@ -190,12 +191,59 @@ def test_masking_that_sums_the_channels_gives_the_two_pass_bits(host, dtype, lay
         assert a.stride() == e.stride()
         torch.testing.assert_close(a, e, atol=0, rtol=0)
     torch.testing.assert_close(one_read[2], x * m, atol=0, rtol=0)  # x * m, rounded as at::mul
-    result = host_run(cfg, x, m, w, b, go, train=True)
-    if dtype == torch.bfloat16:
+    _check_result(host_run(cfg, x, m, w, b, go, train=True), cfg, dtype, x, m, w, b, go)
+
+
+def _check_result(result, cfg, dtype, x, m, w, b, go):
+    if dtype in (torch.float16, torch.bfloat16):
         assert_low_precision_matches(result, cfg, *nchw(x, m, w, b, go))
     else:
         tol = 1e-10 if dtype == torch.float64 else 1e-5
         assert_matches(result, expected(cfg, x, m, w, b, go), tol, update_tol=min(tol, 1e-6))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("cfg", FEW_OUTPUT_CONFIGS, ids=str)
+def test_few_output_layers_take_the_direct_kernels(host, cfg, dtype, monkeypatch):
+    """A layer with at most 4 outputs and 9 taps: the inference forward is the mask pass
+    and one direct kernel (no x * m, no epilogue), and both backward ops take the input
+    gradient, already masked, from the other direct kernel (no dx * m pass). The results
+    match the reference, the same bits with the threads of a block in reverse order, and
+    the cuDNN route (PCONV_CUDA_DIRECT=0) within rounding."""
+    x, m, w, b, go = make_inputs(cfg, dtype, "cpu")
+    geo = geometry(cfg)
+    t, a, masked = SCALAR[dtype], ACC[dtype], str(m is not None).lower()
+    host.take_launch_log()
+    out, upd = ops().partial_conv2d(x, m, w, b, *geo)
+    forward = [_kernel_name(r) for r in host.take_launch_log()]
+    assert forward[1:] == [f"few_outputs_forward_kernel<{t}, {a}, {cfg.cout}, {masked}>"]
+    assert forward[0].startswith("mask_ratio_kernel")
+    grads = ops().partial_conv2d_backward(go, x, m, w, b is not None, *geo, ALL)
+    input_grad = f"few_outputs_input_grad_kernel<{t}, {a}, {cfg.cout}, {masked}>"
+    assert input_grad in {_kernel_name(r) for r in host.take_launch_log()}
+    grads = tuple(grads[:2]) + ((grads[2],) if b is not None else ())
+    _check_result((out, upd, grads), cfg, dtype, x, m, w, b, go)
+    check_layouts(cfg, x, w, out, upd, grads[0])
+    train = host_run(cfg, x, m, w, b, go, train=True)
+    if m is not None:
+        assert input_grad in {_kernel_name(r) for r in host.take_launch_log()}
+    _check_result(train, cfg, dtype, x, m, w, b, go)
+
+    with runtime(host, reverse=True):
+        again = host_run(cfg, x, m, w, b, go, train=False)
+    for e, r in zip((out, upd) + grads, again[:2] + again[2]):
+        assert torch.equal(e, r)
+
+    host.take_launch_log()
+    monkeypatch.setenv("PCONV_CUDA_DIRECT", "0")
+    cudnn = host_run(cfg, x, m, w, b, go, train=False)
+    assert not any("few_outputs" in r[0] for r in host.take_launch_log())
+    tol = {torch.bfloat16: 1e-2, torch.float32: 1e-5, torch.float64: 1e-12}[dtype]
+    for name, e, r in zip(("output", "updated mask", "grad_input", "grad_weight", "grad_bias"),
+                          (out, upd) + grads, cudnn[:2] + cudnn[2]):
+        for layout in (torch.contiguous_format, torch.channels_last):
+            assert e.is_contiguous(memory_format=layout) == r.is_contiguous(memory_format=layout)
+        assert_close_scaled(e, r, tol, name)
 
 
 @pytest.mark.parametrize("reverse", [False, True], ids=["in_order", "reversed"])
@@ -341,6 +389,9 @@ def expected_kernels(dtype):
         names.add(f"grad_prologue_nchw_kernel<{t}, {a}, {vec}, 4>")
         names.add(f"grad_prologue_cl_kernel<{t}, {a}, {vec}>")
     names.add(f"bias_grad_finalize_kernel<{t}, {a}>")
+    for outputs, has_mask in itertools.product((1, 2, 3, 4), ("true", "false")):
+        names.add(f"few_outputs_forward_kernel<{t}, {a}, {outputs}, {has_mask}>")
+        names.add(f"few_outputs_input_grad_kernel<{t}, {a}, {outputs}, {has_mask}>")
     return names
 
 
@@ -360,6 +411,13 @@ COVERAGE_CONFIGS = [
     make_cfg(2, 16, 8, 12, 12, 3, 1, 1, 1, 1, "soft", multi=True, layout="channels_last"),
     make_cfg(2, 5, 4, 12, 12, 3, 1, 1, 1, 1, "binary", multi=True, layout="channels_last"),
     make_cfg(1, 2, 3, 24, 40, 3, 1, 95, 100, 1, "binary", multi=True),
+    # The direct kernels of 1 to 4 output channels, with a mask and without (C_out 3 and
+    # 4 with masks are above).
+    make_cfg(2, 3, 1, 9, 9, 3, 1, 1, 1, 1, "soft"),
+    make_cfg(1, 3, 2, 9, 9, 3, 1, 1, 1, 1, "binary", multi=True, layout="channels_last"),
+    make_cfg(1, 2, 1, 8, 8, 3, 1, 1, 1, 1, "none"),
+    make_cfg(1, 2, 2, 8, 8, 3, 1, 1, 1, 1, "none"),
+    make_cfg(1, 2, 3, 8, 8, 3, 1, 1, 1, 1, "none"),
 ]
 
 
@@ -373,9 +431,9 @@ def test_every_kernel_instantiation_runs_and_matches(host, dtype):
     """The configurations above launch every instantiation the launchers can pick, each
     result matching the reference; the log shows which ran, and with which shapes."""
     host.take_launch_log()
-    for cfg in COVERAGE_CONFIGS:
+    for cfg, train in itertools.product(COVERAGE_CONFIGS, (True, False)):
         x, m, w, b, go = make_inputs(cfg, dtype, "cpu")
-        result = host_run(cfg, x, m, w, b, go, train=True)
+        result = host_run(cfg, x, m, w, b, go, train=train)
         if dtype in (torch.float16, torch.bfloat16):
             assert_low_precision_matches(result, cfg, *nchw(x, m, w, b, go))
         else:

@@ -8,6 +8,8 @@
 #   tests     every GPU test: pytest -m gpu (the CPU tests are CI's; the CUDA code's logic
 #             is also tested without a GPU there, by the host build in test_cuda_host.py)
 #   memcheck  compute-sanitizer memcheck on tools/memcheck_case.py (every kernel path, small)
+#   routes    the UNets' few-output layers (64->3, 67->3) on the direct kernels and on the
+#             cuDNN route side by side (benchmarks.routes, PCONV_CUDA_DIRECT), about a minute
 #   bench     the GPU table, for whatever time is left: the training-step rows, then bfloat16,
 #             float32 and float16, each at 512 then 256, multi-channel then single-channel
 #             masks; rows are saved as measured and a later run goes on from BENCH_FROM;
@@ -17,16 +19,16 @@
 #   profile   the kernels behind the fused op's time at five layer shapes (benchmarks.profile)
 #
 #   bash tools/prebuild_device.sh                       # here, first: prebuilt/ (optional)
-#   OUT=$OUT bash tools/gpu_check.sh                    # build tests memcheck bench
+#   OUT=$OUT bash tools/gpu_check.sh                    # build tests memcheck routes bench
 #   STEPS="build bench" BUDGET_MINUTES=9 bash tools/gpu_check.sh
 #
-# Logs, the benchmark JSON, its Markdown and the floors land in $OUT (default ./gpu-out),
-# eight files with the profile. To go on with the table in a later run, copy
+# Logs, the benchmark JSON, its Markdown, the routes' JSON and the floors land in $OUT
+# (default ./gpu-out), at most eight files (a call brings back eight). To go on with the table in a later run, copy
 # $OUT/bench.json to benchmarks/results/gpu.json (BENCH_FROM) and commit it first.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-out}
-STEPS=${STEPS:-"build tests memcheck bench"}
+STEPS=${STEPS:-"build tests memcheck routes bench"}
 BUDGET=$(( ${BUDGET_MINUTES:-9} * 60 ))
 PY=${PYTHON:-python3}
 mkdir -p "$OUT"
@@ -127,6 +129,13 @@ if step memcheck; then
       "$OUT/sanitizer.log"; then
     echo "memcheck: exit 9 from CUDA API errors only, no invalid access in a kernel"
   fi
+  status=$((status | rc))
+fi
+if step routes; then
+  limit=$(cap 90 $(step bench && echo 60 || echo 0))
+  note "routes of the few-output layers (limit ${limit} s)"
+  timeout -s INT -k 15 "$limit" $PY -m benchmarks.routes --json "$OUT/routes.json" 2>&1 | tail -20
+  rc=${PIPESTATUS[0]}
   status=$((status | rc))
 fi
 if step bench; then

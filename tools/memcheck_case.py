@@ -6,7 +6,9 @@ the recomputing backward, float32 and float16 (float64 and bfloat16 on one geome
 an empty window, at sizes small enough to run under memcheck in seconds. The geometries
 reach the scalar and the vectorised passes (H' * W' odd, then a multiple of 8) and both
 mask passes (footprint staged in shared memory, and one too big for it), and the masking
-that sums a multi-channel mask's channels (NCHW and channels_last).
+that sums a multi-channel mask's channels (NCHW and channels_last). Layers 6 -> 3 take the
+direct kernels for few output channels: the forward (when no weight gradient is wanted) and
+the input gradient.
 
 Run it with PYTORCH_NO_CUDA_MEMORY_CACHING=1: inside the caching allocator's blocks an
 out-of-bounds access is invisible to memcheck.
@@ -24,12 +26,12 @@ GEOMETRIES = (
 
 
 def run(dtype, layout, mask_channels, mask_batch, bias, geometry, train=True,
-        mask_layout=torch.contiguous_format):
+        mask_layout=torch.contiguous_format, out_channels=8):
     h, w_, stride, padding, dilation = geometry
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 6, h, w_, generator=g).to("cuda", dtype).contiguous(memory_format=layout)
-    w = torch.randn(8, 6, 3, 3, generator=g).to("cuda", dtype)
-    b = torch.randn(8, generator=g).to("cuda", dtype) if bias else None
+    w = torch.randn(out_channels, 6, 3, 3, generator=g).to("cuda", dtype)
+    b = torch.randn(out_channels, generator=g).to("cuda", dtype) if bias else None
     m = None
     if mask_channels:
         m = (torch.rand(mask_batch, mask_channels, h, w_, generator=g) > 0.4).to("cuda", dtype)
@@ -70,6 +72,13 @@ def main():
             for mask_channels, mask_batch in MASKS:
                 run(dtype, layout, mask_channels, mask_batch, True, GEOMETRIES[1])
         run(dtype, torch.channels_last, 6, 2, True, GEOMETRIES[1], mask_layout=torch.channels_last)
+    for geometry in GEOMETRIES[:2]:
+        for dtype in (torch.float32, torch.bfloat16):
+            for layout in (torch.contiguous_format, torch.channels_last):
+                for mask_channels, mask_batch in MASKS:
+                    for train in (True, False):
+                        run(dtype, layout, mask_channels, mask_batch, train, geometry, train=train,
+                            out_channels=3)
     print("memcheck case: all paths ran")
 
 

@@ -4,9 +4,9 @@
 // (partial_conv2d_kernel.cu) fills from tensors, picks a kernel instantiation and a launch
 // shape, launches on the given stream (the current stream of the current device) and
 // checks the launch. They are explicitly instantiated for float, double, c10::Half and
-// c10::BFloat16 in mask_ratio.cu, masked_input.cu, epilogue.cu and grad_prologue.cu, which
-// include no ATen header: those files compile quickly and in parallel, and the one file
-// that includes ATen has no device code.
+// c10::BFloat16 in mask_ratio.cu, masked_input.cu, epilogue.cu, grad_prologue.cu and
+// few_outputs.cu, which include no ATen header: those files compile quickly and in
+// parallel, and the one file that includes ATen has no device code.
 #pragma once
 
 #include "params.cuh"
@@ -41,6 +41,17 @@ void launch_grad_prologue(const GradPrologueParams<scalar_t, acc_type<scalar_t>>
 template <typename scalar_t>
 void launch_bias_grad_finalize(const BiasGradParams<scalar_t, acc_type<scalar_t>>& p,
                                cudaStream_t stream);
+
+// The direct forward of a layer with few output channels (few_outputs_kernel.cuh); sets
+// p.conv.chunk_channels itself.
+template <typename scalar_t>
+void launch_few_outputs_forward(FewOutputsForwardParams<scalar_t, acc_type<scalar_t>> p,
+                                cudaStream_t stream);
+
+// The direct input gradient of a layer with few output channels, masked.
+template <typename scalar_t>
+void launch_few_outputs_input_grad(FewOutputsInputGradParams<scalar_t, acc_type<scalar_t>> p,
+                                   cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace pconv

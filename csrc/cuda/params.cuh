@@ -116,5 +116,60 @@ struct BiasGradParams {
   scalar_t* grad_bias;    // [C]
 };
 
+// ---------------------------------------------------------------------------------------
+// Layers with few output channels (the UNets' last layers, C_out = 3), as a direct
+// convolution on CUDA cores: every thread makes all C_out outputs of one pixel. Forward:
+// y = (conv(x * m, W) * r + b) * u, masking on load, the epilogue applied before the one
+// write of y. Input gradient: dx = conv_input_grad(g_raw, W) * m, the mask applied before
+// the one write of dx. kFewOutputs is the most output channels they take; the kernel
+// footprint is at most kFewOutputsTaps taps, whose C_out * taps gradient values the input
+// gradient holds in registers.
+constexpr int kFewOutputs = 4;
+constexpr int kFewOutputsTaps = 9;
+
+// 4-D strides of a tensor, in elements.
+struct Strides4 {
+  int64_t n, c, h, w;
+};
+
+// The geometry and the weight both kernels read. The weight ([C_out, C_in, kh, kw], any
+// strides) is staged in shared memory in acc_t as [c][tap][co] (co padded to kOut), chunk
+// by chunk of chunk_channels input channels.
+template <typename scalar_t, typename acc_t>
+struct FewOutputsConv {
+  const scalar_t* weight;
+  Strides4 weight_strides;
+  int64_t batch, in_channels, out_channels;
+  int64_t in_h, in_w, out_h, out_w;
+  int64_t kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w;
+  int64_t chunk_channels;  // set by the launcher from the shared memory it gives
+};
+
+template <typename scalar_t, typename acc_t>
+struct FewOutputsForwardParams {
+  FewOutputsConv<scalar_t, acc_t> conv;
+  const scalar_t* input;  // x, [N, C_in, H, W]
+  Strides4 input_strides;
+  const scalar_t* mask;   // m, [N_m, C_m, H, W]; nullptr: none (no mask, or x * m given)
+  Strides4 mask_strides;  // n: 0 for one mask over the batch; c: 0 for one channel
+  const acc_t* ratio;     // [N_m, 1, H', W'] contiguous
+  const acc_t* update;    // [N_m, 1, H', W'] contiguous
+  int64_t mask_plane_stride;  // H' * W', or 0 when one mask broadcasts over the batch
+  const scalar_t* bias;   // [C_out] or nullptr
+  scalar_t* out;          // y, [N, C_out, H', W'], dense in its layout
+  Strides4 out_strides;
+};
+
+template <typename scalar_t, typename acc_t>
+struct FewOutputsInputGradParams {
+  FewOutputsConv<scalar_t, acc_t> conv;
+  const scalar_t* grad_raw;  // g_raw, [N, C_out, H', W']
+  Strides4 grad_raw_strides;
+  const scalar_t* mask;      // as in the forward; nullptr: no mask
+  Strides4 mask_strides;
+  scalar_t* grad_input;      // dx, [N, C_in, H, W], dense in its layout
+  Strides4 grad_input_strides;
+};
+
 }  // namespace cuda
 }  // namespace pconv

@@ -17,6 +17,10 @@
 // instead), one kernel forming g_raw = g_y * r (* u) and the bias gradient (two-stage,
 // deterministic), at::convolution_backward for dx and dW (dW on x * m), and dx * m in one
 // pass that also fixes the layout.
+// Layers with at most kFewOutputs output channels (the UNets' last layers) take direct
+// kernels instead (few_outputs_kernel.cuh) for the inference forward, which then masks on
+// load and renormalises before its one write (no x * m, no epilogue pass), and for the
+// input gradient, which applies m before its one write (no dx * m pass).
 //
 // Headers: only c10/cuda (guard, stream; through op_context.h) and per-operator ATen
 // headers; no ATen/cuda/CUDAContext.h, which pulls cuBLAS/cuSPARSE/cuSOLVER headers this
@@ -38,7 +42,10 @@
 #include <torch/library.h>
 
 #include <array>
+#include <cstdlib>
+#include <cstring>
 #include <tuple>
+#include <type_traits>
 
 namespace pconv {
 namespace cuda {
@@ -260,6 +267,114 @@ void grad_prologue_cuda(const at::Tensor& grad_output, const MaskRatio& mr, bool
   });
 }
 
+// ------------------------------------------------------- layers with few output channels
+
+// True when the direct kernels take this layer: groups 1, at most kFewOutputs output
+// channels and kFewOutputsTaps kernel taps (64 -> 3 and 67 -> 3 at 3x3). PCONV_CUDA_DIRECT=0
+// in the environment keeps such layers on cuDNN (read at every call), so that both routes
+// can be timed in one process.
+bool few_outputs_direct(const ConvGeometry& g) {
+  const char* env = std::getenv("PCONV_CUDA_DIRECT");
+  const bool disabled = env != nullptr && std::strcmp(env, "0") == 0;
+  return !disabled && g.groups == 1 && g.out_channels <= kFewOutputs &&
+         g.kernel_h * g.kernel_w <= kFewOutputsTaps;
+}
+
+Strides4 strides_of(const at::Tensor& t) {
+  return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
+}
+
+// The mask's strides as the direct kernels index it: 0 over a broadcast batch and over the
+// channels of a single-channel mask.
+Strides4 mask_strides_of(const at::Tensor& mask) {
+  Strides4 s = strides_of(mask);
+  if (mask.size(0) == 1) s.n = 0;
+  if (mask.size(1) == 1) s.c = 0;
+  return s;
+}
+
+// The mask fields of either kernel's parameters (left null without a mask).
+template <typename Params>
+void set_few_outputs_mask(Params& p, const c10::optional<at::Tensor>& mask, const ConvGeometry& g) {
+  using scalar_t = std::remove_const_t<std::remove_pointer_t<decltype(p.mask)>>;
+  if (!g.has_mask) return;
+  p.mask = mask->const_data_ptr<scalar_t>();
+  p.mask_strides = mask_strides_of(*mask);
+}
+
+template <typename scalar_t, typename acc_t>
+FewOutputsConv<scalar_t, acc_t> few_outputs_conv(const at::Tensor& weight, const ConvGeometry& g) {
+  FewOutputsConv<scalar_t, acc_t> c{};
+  c.weight = weight.const_data_ptr<scalar_t>();
+  c.weight_strides = strides_of(weight);
+  c.batch = g.batch;
+  c.in_channels = g.in_channels;
+  c.out_channels = g.out_channels;
+  c.in_h = g.in_h;
+  c.in_w = g.in_w;
+  c.out_h = g.out_h;
+  c.out_w = g.out_w;
+  c.kernel_h = g.kernel_h;
+  c.kernel_w = g.kernel_w;
+  c.stride_h = g.stride_h;
+  c.stride_w = g.stride_w;
+  c.pad_h = g.pad_h;
+  c.pad_w = g.pad_w;
+  c.dil_h = g.dil_h;
+  c.dil_w = g.dil_w;
+  return c;
+}
+
+// y ([N, C_out, H', W'] in `format`) of a few-output layer from x and m directly (any
+// strides; no mask: none applied), with r and u of the mask pass.
+at::Tensor few_outputs_forward_cuda(const at::Tensor& input, const c10::optional<at::Tensor>& mask,
+                                    const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                                    const ConvGeometry& g, const MaskRatio& mr,
+                                    at::MemoryFormat format) {
+  at::Tensor out = at::empty({g.batch, g.out_channels, g.out_h, g.out_w},
+                             input.options().memory_format(format));
+  const at::Tensor bias_c =
+      bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
+                                  "pconv_few_outputs_forward_cuda", [&] {
+    using acc_t = acc_type<scalar_t>;
+    FewOutputsForwardParams<scalar_t, acc_t> p{};
+    p.conv = few_outputs_conv<scalar_t, acc_t>(weight, g);
+    p.input = input.const_data_ptr<scalar_t>();
+    p.input_strides = strides_of(input);
+    set_few_outputs_mask(p, mask, g);
+    p.ratio = mr.ratio.const_data_ptr<acc_t>();
+    p.update = mr.update.const_data_ptr<acc_t>();
+    p.mask_plane_stride = mr.batch == 1 ? 0 : g.out_h * g.out_w;
+    p.bias = bias_c.defined() ? bias_c.const_data_ptr<scalar_t>() : nullptr;
+    p.out = out.mutable_data_ptr<scalar_t>();
+    p.out_strides = strides_of(out);
+    launch_few_outputs_forward<scalar_t>(p, current_stream());
+  });
+  return out;
+}
+
+// dx = conv_input_grad(g_raw, W) * m of a few-output layer ([N, C_in, H, W] in `format`).
+at::Tensor few_outputs_input_grad_cuda(const at::Tensor& grad_raw,
+                                       const c10::optional<at::Tensor>& mask,
+                                       const at::Tensor& weight, const at::Tensor& source,
+                                       const ConvGeometry& g, at::MemoryFormat format) {
+  at::Tensor dx = at::empty(source.sizes(), source.options().memory_format(format));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_raw.scalar_type(),
+                                  "pconv_few_outputs_input_grad_cuda", [&] {
+    using acc_t = acc_type<scalar_t>;
+    FewOutputsInputGradParams<scalar_t, acc_t> p{};
+    p.conv = few_outputs_conv<scalar_t, acc_t>(weight, g);
+    p.grad_raw = grad_raw.const_data_ptr<scalar_t>();
+    p.grad_raw_strides = strides_of(grad_raw);
+    set_few_outputs_mask(p, mask, g);
+    p.grad_input = dx.mutable_data_ptr<scalar_t>();
+    p.grad_input_strides = strides_of(dx);
+    launch_few_outputs_input_grad<scalar_t>(p, current_stream());
+  });
+  return dx;
+}
+
 // ------------------------------------------------------------------------------ ops
 
 // The convolution's result as the epilogue kernels read it: NCHW- or channels_last-
@@ -290,14 +405,25 @@ struct ForwardResult {
   MaskRatio mr;
 };
 
+// keep_masked_input: the training op, which hands x * m to its backward; the inference op
+// forms it only where cuDNN convolves it.
 ForwardResult forward_cuda(const at::Tensor& input, const c10::optional<at::Tensor>& mask,
                            const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                            c10::IntArrayRef stride, c10::IntArrayRef padding,
-                           c10::IntArrayRef dilation, const ConvGeometry& g) {
+                           c10::IntArrayRef dilation, const ConvGeometry& g,
+                           bool keep_masked_input) {
   // The output's layout, ATen's: with a channels_last weight and an NCHW input, x * m is
   // written channels_last, so cuDNN reads the weight as it is (no copy per call).
   const at::MemoryFormat format = conv_output_format(input, weight);
   ForwardResult res;
+  if (!keep_masked_input && g.batch > 0 && few_outputs_direct(g)) {
+    res.mr = mask_ratio_cuda(mask, g, input, &res.update);
+    if (res.mr.batch != g.batch) {
+      res.update = res.update.expand({g.batch, 1, g.out_h, g.out_w}).contiguous();
+    }
+    res.output = few_outputs_forward_cuda(input, mask, weight, bias, g, res.mr, format);
+    return res;
+  }
   if (masks_with_channel_sum(input, mask, g, format)) {
     at::Tensor channel_sum;
     std::tie(res.masked_input, channel_sum) = masked_input_with_channel_sum(input, *mask, g);
@@ -329,7 +455,8 @@ std::tuple<at::Tensor, at::Tensor> partial_conv2d_cuda(
   TORCH_CHECK(on_kernel_device(input), "partial_conv2d: the CUDA kernel got input on ",
               input.device());
   const DeviceGuard device_guard(input.device());
-  ForwardResult res = forward_cuda(input, mask, weight, bias, stride, padding, dilation, g);
+  ForwardResult res =
+      forward_cuda(input, mask, weight, bias, stride, padding, dilation, g, /*keep_masked_input=*/false);
   return {res.output, res.update};
 }
 
@@ -342,7 +469,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> partial_c
   TORCH_CHECK(on_kernel_device(input), "partial_conv2d: the CUDA kernel got input on ",
               input.device());
   const DeviceGuard device_guard(input.device());
-  ForwardResult res = forward_cuda(input, mask, weight, bias, stride, padding, dilation, g);
+  ForwardResult res =
+      forward_cuda(input, mask, weight, bias, stride, padding, dilation, g, /*keep_masked_input=*/true);
   return {res.output, res.update, res.masked_input, res.mr.ratio, res.mr.update};
 }
 
@@ -386,25 +514,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
             at::zeros(weight.sizes(), weight.options().memory_format(weight.suggest_memory_format()));
       }
     } else {
+      // A few-output layer's input gradient comes masked, in its layout, from one kernel;
+      // cuDNN then computes the weight gradient alone.
+      const bool direct_dx = need_dx && few_outputs_direct(g);
+      if (direct_dx) {
+        grad_input = few_outputs_input_grad_cuda(grad_raw, mask, weight, source, g,
+                                                 grad_input_format);
+      }
+      const bool cudnn_dx = need_dx && !direct_dx;
       // The weight gradient reads x * m; the input gradient only needs the input's shape
       // (and layout), so without dW an unwritten tensor stands in for an input in another.
       at::Tensor xm;
-      if (source_is_masked) {
-        xm = source.contiguous(format);
-      } else if (need_dw) {
-        xm = masked_input(source, mask, format);
-      } else {
-        xm = source.is_contiguous(format)
-                 ? source
-                 : at::empty(source.sizes(), source.options().memory_format(format));
+      std::tuple<at::Tensor, at::Tensor, at::Tensor> grads;
+      if (cudnn_dx || need_dw) {
+        if (source_is_masked) {
+          xm = source.contiguous(format);
+        } else if (need_dw) {
+          xm = masked_input(source, mask, format);
+        } else {
+          xm = source.is_contiguous(format)
+                   ? source
+                   : at::empty(source.sizes(), source.options().memory_format(format));
+        }
+        grads = convolution_backward(grad_raw, xm, weight.contiguous(format), stride, padding,
+                                     dilation, g.groups, {cudnn_dx, need_dw, false});
       }
-      auto grads = convolution_backward(grad_raw, xm, weight.contiguous(format), stride, padding,
-                                        dilation, g.groups, {need_dx, need_dw, false});
       // Read: their memory goes back to the allocator before dx * m may take a buffer of
       // its own (a layout change), so the peak holds no more than it must.
       xm.reset();
       grad_raw.reset();
-      if (need_dx) {
+      if (cudnn_dx) {
         at::Tensor dx = std::get<0>(grads);
         if (g.has_mask) {
           // dx * m: in place when dx already has the wanted layout, else one pass that

@@ -1,0 +1,152 @@
+"""The CUDA op's two routes for layers with few output channels, timed side by side.
+
+Layers with at most 4 output channels and 9 taps (the UNets' last layers, 64->3 and 67->3)
+take the direct kernels of csrc/cuda/few_outputs_kernel.cuh: the inference forward masks on
+load and renormalises before its one write, and the input gradient comes masked from its
+kernel. ``PCONV_CUDA_DIRECT=0`` sends them through cuDNN and the passes around it instead.
+This times both routes and the plain ``nn.Conv2d`` of the same shape, interleaved in one
+process (the variable is read at every call), for every such layer of the two UNets, so
+that the rule can follow the device:
+
+    python -m benchmarks.routes                      # GPU: 256² and 512², batch 8
+    python -m benchmarks.routes --json routes.json
+
+Only the CUDA op reads the variable: on a CPU the two routes are the same code, and a run
+there only checks that the tool works.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+from . import bounds, cases, timing
+from .markdown import geomean
+from .shapes import distinct_across_sizes
+
+ROUTE_VARIABLE = "PCONV_CUDA_DIRECT"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def few_output_shapes(sizes):
+    """The distinct UNet layer shapes (both models, every size) that take the direct
+    kernels."""
+    planned = distinct_across_sizes(sizes)
+    return [p.shape for p in planned if bounds.takes_direct_kernels(p.shape)]
+
+
+def _on_route(call, direct: bool):
+    """call, run with the route variable set for it (and put back after)."""
+    value = None if direct else "0"
+
+    def run(inputs):
+        saved = os.environ.get(ROUTE_VARIABLE)
+        _set(value)
+        try:
+            return call(inputs)
+        finally:
+            _set(saved)
+    return run
+
+
+def _set(value):
+    if value is None:
+        os.environ.pop(ROUTE_VARIABLE, None)
+    else:
+        os.environ[ROUTE_VARIABLE] = value
+
+
+def measure(shapes, batch, dtypes, modes, device, warmup, repeats, log=print):
+    """One row per (shape, dtype, mask mode, pass): median times in ms of the plain conv
+    and of the fused op on each route, and the paired ratios direct / cuDNN route and each
+    route / conv."""
+    impls = cases.implementations(["conv", "fused"])
+    rows = []
+    for shape in shapes:
+        for dtype_name in dtypes:
+            w, b = cases.make_params(shape, DTYPES[dtype_name], device)
+            for mode in modes:
+                inputs = cases.make_inputs(shape, batch, mode, DTYPES[dtype_name], device, 4)
+                for pass_, make_call in timing_passes():
+                    calls = {"conv": make_call(impls["conv"], shape, w, b),
+                             "direct": _on_route(make_call(impls["fused"], shape, w, b), True),
+                             "cudnn": _on_route(make_call(impls["fused"], shape, w, b), False)}
+                    samples = timing.interleaved_samples(calls, inputs, device, warmup, repeats)
+                    t = samples.device_ms
+                    row = dict(layer=shape.label, shape=shape.__dict__, dtype=dtype_name,
+                               mode=mode, pass_=pass_, batch=batch,
+                               ms={n: sorted(v)[len(v) // 2] for n, v in t.items()},
+                               direct_vs_cudnn=timing.paired_ratio(t["direct"], t["cudnn"]),
+                               direct_vs_conv=timing.paired_ratio(t["direct"], t["conv"]),
+                               cudnn_vs_conv=timing.paired_ratio(t["cudnn"], t["conv"]))
+                    rows.append(row)
+                    log(format_row(row))
+    return rows
+
+
+def timing_passes():
+    return (("fwd", cases.forward_call), ("fwd+bwd", cases.train_call))
+
+
+HEADER = ("layer | dtype | mask | pass | conv ms | direct / conv | cuDNN route / conv | "
+          "direct / cuDNN route")
+
+
+def format_row(r) -> str:
+    return (f"{r['layer']} | {r['dtype']} | {r['mode']} | {r['pass_']} | {r['ms']['conv']:.4f} | "
+            f"{r['direct_vs_conv']:.3f} | {r['cudnn_vs_conv']:.3f} | {r['direct_vs_cudnn']:.3f}")
+
+
+def summary(rows) -> str:
+    lines = []
+    for pass_ in ("fwd", "fwd+bwd"):
+        picked = [r["direct_vs_cudnn"] for r in rows if r["pass_"] == pass_]
+        if picked:
+            lines.append(f"{pass_}: direct / cuDNN route, geometric mean {geomean(picked):.3f}, "
+                         f"{sum(v < 1 for v in picked)} of {len(picked)} rows faster")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m benchmarks.routes", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=["cpu", "cuda"])
+    p.add_argument("--sizes", type=int, nargs="+", help="UNet input sizes (default: 256 512)")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=["bfloat16", "float32"])
+    p.add_argument("--modes", nargs="+", choices=["single", "multi"], default=["single", "multi"])
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--json", help="write the rows and the environment here")
+    args = p.parse_args(argv)
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    args.sizes = args.sizes or [256, 512]
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("benchmarks.routes: --device cuda but no CUDA device is visible", file=sys.stderr)
+        return 2
+    env = timing.environment(args.device)
+    print(f"# routes of few-output layers on {env['device']} (torch {env['torch']}, "
+          f"CUDA {env['cuda']}, cuDNN {env['cudnn']}), batch {args.batch}")
+    if args.device != "cuda":
+        print("# CPU: both routes run the same code (only the CUDA op reads "
+              f"{ROUTE_VARIABLE})")
+    print(HEADER)
+    rows = measure(few_output_shapes(args.sizes), args.batch, args.dtypes, args.modes,
+                   args.device, args.warmup, args.repeats)
+    print(summary(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"environment": env, "rows": rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

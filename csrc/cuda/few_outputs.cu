@@ -1,0 +1,91 @@
+// Launchers of the direct convolutions for few output channels (few_outputs_kernel.cuh) and
+// their instantiations. No ATen header: see launch.cuh.
+#include "few_outputs_kernel.cuh"
+#include "launch.cuh"
+#include "launch_utils.cuh"
+
+#include <algorithm>
+#include <type_traits>
+
+namespace pconv {
+namespace cuda {
+namespace {
+
+constexpr int64_t kMaxWeightBytes = 48 * 1024;  // dynamic shared memory without opt-in
+constexpr int kThreads = 256;
+// Blocks per multiprocessor in the grid. At 48-80 registers a thread (sm_90; the input
+// gradient keeps C_out * 9 gradient values in registers) 3 to 5 blocks of 256 are resident
+// at a time; 16 keeps the last wave short, and a block stages the weight once for all the
+// pixels it walks.
+constexpr int64_t kBlocksPerMultiprocessor = 16;
+
+// Sets chunk_channels for the shared memory a block may use; returns its bytes.
+template <int kOut, typename scalar_t, typename acc_t>
+size_t plan_weight_chunks(FewOutputsConv<scalar_t, acc_t>& g) {
+  const int64_t per_channel = static_cast<int64_t>(kFewOutputsTaps * kOut * sizeof(acc_t));
+  g.chunk_channels = std::max<int64_t>(1, std::min(g.in_channels, kMaxWeightBytes / per_channel));
+  return static_cast<size_t>(g.chunk_channels * per_channel);
+}
+
+dim3 pixel_grid(int64_t pixels) {
+  const int64_t max_blocks = static_cast<int64_t>(multiprocessor_count()) * kBlocksPerMultiprocessor;
+  return dim3(static_cast<unsigned>(std::max<int64_t>(1, std::min(ceil_div(pixels, kThreads), max_blocks))));
+}
+
+// Calls launch(std::integral_constant<int, C_out>{}, std::integral_constant<bool, has_mask>{}).
+template <typename Launch>
+void with_outputs_and_mask(int64_t out_channels, bool has_mask, Launch&& launch) {
+  auto outputs = [&](auto mask_flag) {
+    switch (out_channels) {
+      case 1: launch(std::integral_constant<int, 1>{}, mask_flag); break;
+      case 2: launch(std::integral_constant<int, 2>{}, mask_flag); break;
+      case 3: launch(std::integral_constant<int, 3>{}, mask_flag); break;
+      default: launch(std::integral_constant<int, 4>{}, mask_flag); break;
+    }
+  };
+  has_mask ? outputs(std::true_type{}) : outputs(std::false_type{});
+}
+
+}  // namespace
+
+template <typename scalar_t>
+void launch_few_outputs_forward(FewOutputsForwardParams<scalar_t, acc_type<scalar_t>> p,
+                                cudaStream_t stream) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t pixels = p.conv.batch * p.conv.out_h * p.conv.out_w;
+  if (pixels <= 0) return;
+  with_outputs_and_mask(p.conv.out_channels, p.mask != nullptr, [&](auto outputs, auto mask) {
+    constexpr int kOut = decltype(outputs)::value;
+    const size_t smem = plan_weight_chunks<kOut>(p.conv);
+    launch_kernel(few_outputs_forward_kernel<scalar_t, acc_t, kOut, decltype(mask)::value>,
+                  pixel_grid(pixels), dim3(kThreads), smem, stream, p);
+  });
+}
+
+template <typename scalar_t>
+void launch_few_outputs_input_grad(FewOutputsInputGradParams<scalar_t, acc_type<scalar_t>> p,
+                                   cudaStream_t stream) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t pixels = p.conv.batch * p.conv.in_h * p.conv.in_w;
+  if (pixels <= 0 || p.conv.in_channels <= 0) return;
+  with_outputs_and_mask(p.conv.out_channels, p.mask != nullptr, [&](auto outputs, auto mask) {
+    constexpr int kOut = decltype(outputs)::value;
+    const size_t smem = plan_weight_chunks<kOut>(p.conv);
+    launch_kernel(few_outputs_input_grad_kernel<scalar_t, acc_t, kOut, decltype(mask)::value>,
+                  pixel_grid(pixels), dim3(kThreads), smem, stream, p);
+  });
+}
+
+#define PCONV_INSTANTIATE(T)                                                                  \
+  template void launch_few_outputs_forward<T>(FewOutputsForwardParams<T, acc_type<T>>,        \
+                                              cudaStream_t);                                  \
+  template void launch_few_outputs_input_grad<T>(FewOutputsInputGradParams<T, acc_type<T>>,   \
+                                                 cudaStream_t);
+PCONV_INSTANTIATE(float)
+PCONV_INSTANTIATE(double)
+PCONV_INSTANTIATE(c10::Half)
+PCONV_INSTANTIATE(c10::BFloat16)
+#undef PCONV_INSTANTIATE
+
+}  // namespace cuda
+}  // namespace pconv

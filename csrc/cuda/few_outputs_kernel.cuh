@@ -1,0 +1,221 @@
+// Direct convolutions on CUDA cores for layers with at most kFewOutputs output channels (the
+// UNets' last layers: 64 -> 3 and 67 -> 3, 3x3), whose GEMM is too narrow to keep tensor
+// cores busy: there the passes around cuDNN's convolution (x * m before it, the epilogue
+// after it, dx * m after its input gradient) move the whole input once more each.
+//
+//   forward:        one thread makes all C_out outputs of one output pixel. It reads x and m
+//                   for its window (x * m rounded to the input dtype, as at::mul rounds it),
+//                   accumulates in acc_t and writes y = (raw * r + b) * u once.
+//   input gradient: one thread makes all C_in values of one input pixel. It gathers the
+//                   C_out * taps values of g_raw its pixel feeds into registers once, then
+//                   for each input channel sums them against the weight and writes
+//                   dx = sum * m once.
+//
+// The weight is staged in shared memory as acc_t w_s[c][tap][co] (tap = i * kw + j, padded
+// with zeros to kFewOutputsTaps taps), chunk_channels input channels at a time: every thread
+// of a warp reads the same entry, which shared memory broadcasts. Blocks walk the pixels in
+// a grid-stride loop whose trip count depends on blockIdx only, so the barriers around a
+// chunk are reached by every thread.
+#pragma once
+
+#include "device_utils.cuh"
+#include "params.cuh"
+
+namespace pconv {
+namespace cuda {
+
+// w_s[(c - c0) * kFewOutputsTaps * kOut + t * kOut + co] = W[co, c, t / kw, t % kw] for the
+// input channels [c0, c0 + count); zero for taps past kh * kw and outputs past C_out.
+template <int kOut, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void stage_weight_chunk(const FewOutputsConv<scalar_t, acc_t>& g,
+                                                   int64_t c0, int64_t count, acc_t* w_s) {
+  constexpr int64_t kPerChannel = kFewOutputsTaps * kOut;
+  const int64_t taps = g.kernel_h * g.kernel_w;
+  const Strides4& s = g.weight_strides;
+  for (int64_t e = threadIdx.x; e < count * kPerChannel; e += blockDim.x) {
+    const int64_t c = e / kPerChannel;
+    const int64_t t = (e - c * kPerChannel) / kOut;
+    const int64_t co = e - c * kPerChannel - t * kOut;
+    acc_t v = 0;
+    if (t < taps && co < g.out_channels) {
+      const int64_t i = t / g.kernel_w;
+      const int64_t j = t - i * g.kernel_w;
+      v = static_cast<acc_t>(g.weight[co * s.n + (c0 + c) * s.c + i * s.h + j * s.w]);
+    }
+    w_s[e] = v;
+  }
+}
+
+// Stages the chunk of input channels that starts at c0 and returns its size. With one chunk
+// (the usual case) the weight is staged once, before the pixel loop, and this only returns
+// the size.
+template <int kOut, typename scalar_t, typename acc_t>
+__device__ __forceinline__ int64_t next_weight_chunk(const FewOutputsConv<scalar_t, acc_t>& g,
+                                                     int64_t c0, acc_t* w_s) {
+  const int64_t left = g.in_channels - c0;
+  const int64_t count = left < g.chunk_channels ? left : g.chunk_channels;
+  if (g.chunk_channels < g.in_channels) {
+    __syncthreads();  // every thread is done with the previous chunk
+    stage_weight_chunk<kOut>(g, c0, count, w_s);
+    __syncthreads();
+  }
+  return count;
+}
+
+template <int kOut, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void stage_whole_weight(const FewOutputsConv<scalar_t, acc_t>& g,
+                                                   acc_t* w_s) {
+  if (g.chunk_channels >= g.in_channels) {
+    stage_weight_chunk<kOut>(g, 0, g.in_channels, w_s);
+    __syncthreads();
+  }
+}
+
+// The pixel of flat index idx over [N, height, width]; (0, 0, 0) for a thread past the
+// end, which still takes part in the barriers of its block.
+struct Pixel {
+  int64_t n, h, w;
+};
+__device__ __forceinline__ Pixel pixel_of(int64_t idx, bool active, int64_t height,
+                                          int64_t width) {
+  if (!active) return {0, 0, 0};
+  return {idx / (width * height), (idx / width) % height, idx % width};
+}
+
+// x * m as the masking pass writes it: rounded to the input dtype.
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ acc_t masked_value(scalar_t x, acc_t m) {
+  return static_cast<acc_t>(static_cast<scalar_t>(static_cast<acc_t>(x) * m));
+}
+
+template <typename scalar_t, typename acc_t, int kOut, bool kHasMask>
+__global__ void few_outputs_forward_kernel(const FewOutputsForwardParams<scalar_t, acc_t> p) {
+  acc_t* w_s = dynamic_shared_memory<acc_t>();
+  const FewOutputsConv<scalar_t, acc_t>& g = p.conv;
+  const Strides4 &xs = p.input_strides, &ms = p.mask_strides, &ys = p.out_strides;
+  const int64_t pixels = g.batch * g.out_h * g.out_w;
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  stage_whole_weight<kOut>(g, w_s);
+
+  for (int64_t base = static_cast<int64_t>(blockIdx.x) * blockDim.x; base < pixels;
+       base += step) {
+    const int64_t idx = base + threadIdx.x;
+    const bool active = idx < pixels;
+    const Pixel out = pixel_of(idx, active, g.out_h, g.out_w);
+    const int64_t n = out.n, oh = out.h, ow = out.w;
+    const int64_t h0 = oh * g.stride_h - g.pad_h, w0 = ow * g.stride_w - g.pad_w;
+    // Taps outside the image read padding, which is a hole: they add nothing.
+    const int64_t i_lo = taps_in_bounds_lo(h0, g.dil_h);
+    const int64_t i_hi = active ? taps_in_bounds_hi(h0, g.in_h, g.kernel_h, g.dil_h) : 0;
+    const int64_t j_lo = taps_in_bounds_lo(w0, g.dil_w);
+    const int64_t j_hi = taps_in_bounds_hi(w0, g.in_w, g.kernel_w, g.dil_w);
+
+    acc_t acc[kOut];
+#pragma unroll
+    for (int co = 0; co < kOut; ++co) acc[co] = 0;
+    for (int64_t c0 = 0; c0 < g.in_channels; c0 += g.chunk_channels) {
+      const int64_t count = next_weight_chunk<kOut>(g, c0, w_s);
+      for (int64_t i = i_lo; i < i_hi; ++i) {
+        const int64_t ih = h0 + i * g.dil_h;
+        for (int64_t j = j_lo; j < j_hi; ++j) {
+          const int64_t iw = w0 + j * g.dil_w;
+          const scalar_t* x = p.input + n * xs.n + c0 * xs.c + ih * xs.h + iw * xs.w;
+          const scalar_t* m =
+              kHasMask ? p.mask + n * ms.n + c0 * ms.c + ih * ms.h + iw * ms.w : nullptr;
+          const acc_t m_pixel = kHasMask ? static_cast<acc_t>(*m) : acc_t(1);  // one channel
+          const acc_t* w = w_s + (i * g.kernel_w + j) * kOut;
+          for (int64_t c = 0; c < count; ++c) {
+            acc_t v;
+            if (kHasMask) {
+              v = masked_value(x[c * xs.c], ms.c == 0 ? m_pixel : static_cast<acc_t>(m[c * ms.c]));
+            } else {
+              v = static_cast<acc_t>(x[c * xs.c]);
+            }
+            const acc_t* wc = w + c * (kFewOutputsTaps * kOut);
+#pragma unroll
+            for (int co = 0; co < kOut; ++co) acc[co] += v * wc[co];
+          }
+        }
+      }
+    }
+    if (!active) continue;
+    const int64_t mi = n * p.mask_plane_stride + oh * g.out_w + ow;
+    const acc_t r = p.ratio[mi];
+    const acc_t u = p.update[mi];
+    scalar_t* y = p.out + n * ys.n + oh * ys.h + ow * ys.w;
+#pragma unroll
+    for (int co = 0; co < kOut; ++co) {
+      const acc_t v = p.bias != nullptr
+                          ? (acc[co] * r + static_cast<acc_t>(p.bias[co])) * u
+                          : acc[co] * r;
+      y[co * ys.c] = static_cast<scalar_t>(v);
+    }
+  }
+}
+
+template <typename scalar_t, typename acc_t, int kOut, bool kHasMask>
+__global__ void few_outputs_input_grad_kernel(
+    const FewOutputsInputGradParams<scalar_t, acc_t> p) {
+  acc_t* w_s = dynamic_shared_memory<acc_t>();
+  const FewOutputsConv<scalar_t, acc_t>& g = p.conv;
+  const Strides4 &gs = p.grad_raw_strides, &ms = p.mask_strides, &xs = p.grad_input_strides;
+  const int64_t pixels = g.batch * g.in_h * g.in_w;
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const int64_t taps = g.kernel_h * g.kernel_w;
+  stage_whole_weight<kOut>(g, w_s);
+
+  for (int64_t base = static_cast<int64_t>(blockIdx.x) * blockDim.x; base < pixels;
+       base += step) {
+    const int64_t idx = base + threadIdx.x;
+    const bool active = idx < pixels;
+    const Pixel in = pixel_of(idx, active, g.in_h, g.in_w);
+    const int64_t n = in.n, ih = in.h, iw = in.w;
+
+    // Tap (i, j) of output (oh, ow) reads this pixel when oh * s - pad + i * d == ih (and
+    // the same across): the gradient values that reach it, zero for taps that none sends.
+    acc_t gv[kFewOutputsTaps][kOut];
+#pragma unroll
+    for (int t = 0; t < kFewOutputsTaps; ++t) {
+      int64_t oh = 0, ow = 0;
+      bool feeds = active && t < taps;
+      if (feeds) {
+        const int64_t i = t / g.kernel_w;
+        const int64_t j = t - i * g.kernel_w;
+        const int64_t hs = ih + g.pad_h - i * g.dil_h;
+        const int64_t ws = iw + g.pad_w - j * g.dil_w;
+        oh = hs / g.stride_h;
+        ow = ws / g.stride_w;
+        feeds = hs >= 0 && ws >= 0 && hs == oh * g.stride_h && ws == ow * g.stride_w &&
+                oh < g.out_h && ow < g.out_w;
+      }
+      const scalar_t* gr = p.grad_raw + n * gs.n + oh * gs.h + ow * gs.w;
+#pragma unroll
+      for (int co = 0; co < kOut; ++co) {
+        gv[t][co] = feeds ? static_cast<acc_t>(gr[co * gs.c]) : acc_t(0);
+      }
+    }
+    const scalar_t* m = kHasMask ? p.mask + n * ms.n + ih * ms.h + iw * ms.w : nullptr;
+    const acc_t m_pixel = kHasMask && active ? static_cast<acc_t>(*m) : acc_t(1);
+    scalar_t* dx = p.grad_input + n * xs.n + ih * xs.h + iw * xs.w;
+
+    for (int64_t c0 = 0; c0 < g.in_channels; c0 += g.chunk_channels) {
+      const int64_t count = next_weight_chunk<kOut>(g, c0, w_s);
+      if (!active) continue;  // after the barriers of the chunk
+      for (int64_t c = 0; c < count; ++c) {
+        const acc_t* wc = w_s + c * (kFewOutputsTaps * kOut);
+        acc_t sum = 0;
+#pragma unroll
+        for (int t = 0; t < kFewOutputsTaps; ++t) {
+#pragma unroll
+          for (int co = 0; co < kOut; ++co) sum += wc[t * kOut + co] * gv[t][co];
+        }
+        const int64_t ch = c0 + c;
+        if (kHasMask) sum *= ms.c == 0 ? m_pixel : static_cast<acc_t>(m[ch * ms.c]);
+        dx[ch * xs.c] = static_cast<scalar_t>(sum);
+      }
+    }
+  }
+}
+
+}  // namespace cuda
+}  // namespace pconv
