@@ -3,9 +3,9 @@ move (csrc/cuda: mask pass, masking, epilogue; in backward the gradient prologue
 ``dx * m``), taken as time at the device's copy bandwidth.
 
 Layers with at most 4 output channels and 9 taps (the UNets' last layers) take the direct
-kernels of csrc/cuda/few_outputs_kernel.cuh instead: the inference forward convolves with
-masking on load and the epilogue inside, and the input gradient comes masked from its
-kernel. Their floor counts what those kernels read beyond a plain convolution's operands
+kernels of csrc/cuda/few_outputs_kernel.cuh instead: the forward convolves with the
+epilogue inside (masking on load in inference; on the x * m it keeps in training), and the
+input gradient comes masked from its kernel. Their floor counts what those kernels read beyond a plain convolution's operands
 (the mask), not what they compute, whose time against cuDNN's only a run shows.
 
 The CUDA op runs cuDNN's convolution on ``x * m`` plus those passes, so no tuning of the
@@ -72,7 +72,8 @@ def pass_bytes(shape: LayerShape, batch: int, mode: str, dtype: str, pass_: str)
             "mask pass": m + 2 * stats + n * oh * ow * e,  # reads m; writes r, u and u as dtype
             "masking": 2 * x + m,  # reads x and m, writes x * m
         }
-    parts["epilogue"] = 2 * y + 2 * stats  # reads raw, r and u, writes y in place
+    if not direct:
+        parts["epilogue"] = 2 * y + 2 * stats  # reads raw, r and u, writes y in place
     if pass_ == "fwd+bwd":
         parts["grad prologue"] = 2 * y + 2 * stats  # reads g_y, r and u, writes g_raw
         if direct:

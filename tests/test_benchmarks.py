@@ -263,7 +263,7 @@ def test_bounds_count_every_pass_of_the_cuda_op(tmp_path, capsys):
     assert train == {"masking": 2 * x + m + channel_sum, "mask pass": channel_sum + 2 * stats + 32,
                      "epilogue": 2 * y + 2 * stats, "grad prologue": 2 * y + 2 * stats,
                      "dx * m": 2 * x + m}
-    # 2->3: the direct kernels (inference forward; masked input gradient in training).
+    # 2->3: the direct kernels (forward with its epilogue; masked input gradient).
     few = LayerShape(2, 3, 3, 1, 1, 4, 4)
     assert bounds.takes_direct_kernels(few) and not bounds.takes_direct_kernels(shape)
     assert not bounds.takes_direct_kernels(LayerShape(64, 3, 5, 1, 2, 8, 8))  # 25 taps
@@ -272,8 +272,7 @@ def test_bounds_count_every_pass_of_the_cuda_op(tmp_path, capsys):
     y = 96  # 3 channels, bfloat16
     assert bounds.pass_bytes(few, 1, "multi", "bfloat16", "fwd+bwd") == {
         "masking": 2 * x + m + channel_sum, "mask pass": channel_sum + 2 * stats + 32,
-        "epilogue": 2 * y + 2 * stats, "grad prologue": 2 * y + 2 * stats,
-        "direct input gradient: m": m}
+        "grad prologue": 2 * y + 2 * stats, "direct input gradient: m": m}
     assert bounds.floor_us({"all": 4000}, bandwidth_gbs=4.0) == 1.0
 
     # Against a run: the floor is 1 + passes / conv time; rows over the goal are counted.

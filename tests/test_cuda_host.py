@@ -206,10 +206,11 @@ def _check_result(result, cfg, dtype, x, m, w, b, go):
 @pytest.mark.parametrize("cfg", FEW_OUTPUT_CONFIGS, ids=str)
 def test_few_output_layers_take_the_direct_kernels(host, cfg, dtype, monkeypatch):
     """A layer with at most 4 outputs and 9 taps: the inference forward is the mask pass
-    and one direct kernel (no x * m, no epilogue), and both backward ops take the input
-    gradient, already masked, from the other direct kernel (no dx * m pass). The results
-    match the reference, the same bits with the threads of a block in reverse order, and
-    the cuDNN route (PCONV_CUDA_DIRECT=0) within rounding."""
+    and one direct kernel (no x * m, no epilogue), the training forward the same kernel on
+    its x * m, and both backward ops take the input gradient, already masked, from the other
+    direct kernel (no dx * m pass). The results match the reference, the same bits with
+    the threads of a block in reverse order, and the cuDNN route (PCONV_CUDA_DIRECT=0)
+    within rounding."""
     x, m, w, b, go = make_inputs(cfg, dtype, "cpu")
     geo = geometry(cfg)
     t, a, masked = SCALAR[dtype], ACC[dtype], str(m is not None).lower()
@@ -224,9 +225,14 @@ def test_few_output_layers_take_the_direct_kernels(host, cfg, dtype, monkeypatch
     grads = tuple(grads[:2]) + ((grads[2],) if b is not None else ())
     _check_result((out, upd, grads), cfg, dtype, x, m, w, b, go)
     check_layouts(cfg, x, w, out, upd, grads[0])
+    # The training pair convolves the x * m it keeps for dW with the same kernel, unmasked:
+    # the output is the inference output bit for bit.
     train = host_run(cfg, x, m, w, b, go, train=True)
     if m is not None:
-        assert input_grad in {_kernel_name(r) for r in host.take_launch_log()}
+        launched = {_kernel_name(r) for r in host.take_launch_log()}
+        assert input_grad in launched
+        assert f"few_outputs_forward_kernel<{t}, {a}, {cfg.cout}, false>" in launched
+        assert torch.equal(train[0], out) and torch.equal(train[1], upd)
     _check_result(train, cfg, dtype, x, m, w, b, go)
 
     with runtime(host, reverse=True):

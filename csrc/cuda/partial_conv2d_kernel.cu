@@ -18,8 +18,8 @@
 // deterministic), at::convolution_backward for dx and dW (dW on x * m), and dx * m in one
 // pass that also fixes the layout.
 // Layers with at most kFewOutputs output channels (the UNets' last layers) take direct
-// kernels instead (few_outputs_kernel.cuh) for the inference forward, which then masks on
-// load and renormalises before its one write (no x * m, no epilogue pass), and for the
+// kernels instead (few_outputs_kernel.cuh) for the convolution, which renormalises before
+// its one write (no epilogue pass) and in inference masks on load (no x * m), and for the
 // input gradient, which applies m before its one write (no dx * m pass).
 //
 // Headers: only c10/cuda (guard, stream; through op_context.h) and per-operator ATen
@@ -293,11 +293,12 @@ Strides4 mask_strides_of(const at::Tensor& mask) {
   return s;
 }
 
-// The mask fields of either kernel's parameters (left null without a mask).
+// The mask fields of either kernel's parameters (left null without a mask: none given, or
+// x * m given in place of x).
 template <typename Params>
-void set_few_outputs_mask(Params& p, const c10::optional<at::Tensor>& mask, const ConvGeometry& g) {
+void set_few_outputs_mask(Params& p, const c10::optional<at::Tensor>& mask) {
   using scalar_t = std::remove_const_t<std::remove_pointer_t<decltype(p.mask)>>;
-  if (!g.has_mask) return;
+  if (!(mask.has_value() && mask->defined())) return;
   p.mask = mask->const_data_ptr<scalar_t>();
   p.mask_strides = mask_strides_of(*mask);
 }
@@ -326,7 +327,8 @@ FewOutputsConv<scalar_t, acc_t> few_outputs_conv(const at::Tensor& weight, const
 }
 
 // y ([N, C_out, H', W'] in `format`) of a few-output layer from x and m directly (any
-// strides; no mask: none applied), with r and u of the mask pass.
+// strides; no mask: none applied, as for x * m given as the input), with r and u of the
+// mask pass.
 at::Tensor few_outputs_forward_cuda(const at::Tensor& input, const c10::optional<at::Tensor>& mask,
                                     const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                                     const ConvGeometry& g, const MaskRatio& mr,
@@ -342,7 +344,7 @@ at::Tensor few_outputs_forward_cuda(const at::Tensor& input, const c10::optional
     p.conv = few_outputs_conv<scalar_t, acc_t>(weight, g);
     p.input = input.const_data_ptr<scalar_t>();
     p.input_strides = strides_of(input);
-    set_few_outputs_mask(p, mask, g);
+    set_few_outputs_mask(p, mask);
     p.ratio = mr.ratio.const_data_ptr<acc_t>();
     p.update = mr.update.const_data_ptr<acc_t>();
     p.mask_plane_stride = mr.batch == 1 ? 0 : g.out_h * g.out_w;
@@ -367,7 +369,7 @@ at::Tensor few_outputs_input_grad_cuda(const at::Tensor& grad_raw,
     p.conv = few_outputs_conv<scalar_t, acc_t>(weight, g);
     p.grad_raw = grad_raw.const_data_ptr<scalar_t>();
     p.grad_raw_strides = strides_of(grad_raw);
-    set_few_outputs_mask(p, mask, g);
+    set_few_outputs_mask(p, mask);
     p.grad_input = dx.mutable_data_ptr<scalar_t>();
     p.grad_input_strides = strides_of(dx);
     launch_few_outputs_input_grad<scalar_t>(p, current_stream());
@@ -406,7 +408,9 @@ struct ForwardResult {
 };
 
 // keep_masked_input: the training op, which hands x * m to its backward; the inference op
-// forms it only where cuDNN convolves it.
+// forms it only where cuDNN convolves it. A few-output layer's direct forward masks on load
+// for inference; in training it reads the x * m it has formed, whose values are the ones it
+// would have made on load, so y is the same bits either way.
 ForwardResult forward_cuda(const at::Tensor& input, const c10::optional<at::Tensor>& mask,
                            const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                            c10::IntArrayRef stride, c10::IntArrayRef padding,
@@ -416,7 +420,8 @@ ForwardResult forward_cuda(const at::Tensor& input, const c10::optional<at::Tens
   // written channels_last, so cuDNN reads the weight as it is (no copy per call).
   const at::MemoryFormat format = conv_output_format(input, weight);
   ForwardResult res;
-  if (!keep_masked_input && g.batch > 0 && few_outputs_direct(g)) {
+  const bool direct = g.batch > 0 && few_outputs_direct(g);
+  if (direct && !keep_masked_input) {
     res.mr = mask_ratio_cuda(mask, g, input, &res.update);
     if (res.mr.batch != g.batch) {
       res.update = res.update.expand({g.batch, 1, g.out_h, g.out_w}).contiguous();
@@ -438,6 +443,9 @@ ForwardResult forward_cuda(const at::Tensor& input, const c10::optional<at::Tens
   if (g.batch == 0) {
     res.output = at::empty({0, g.out_channels, g.out_h, g.out_w},
                            input.options().memory_format(format));
+  } else if (direct) {
+    res.output =
+        few_outputs_forward_cuda(res.masked_input, c10::nullopt, weight, bias, g, res.mr, format);
   } else {
     res.output = forward_cudnn_epilogue(res.masked_input, weight, bias, stride, padding, dilation,
                                         g, res.mr, format)
