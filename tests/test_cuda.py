@@ -180,9 +180,10 @@ def test_masking_that_sums_the_channels_gives_the_two_pass_bits(dtype, layout,
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("cfg", FEW_OUTPUT_CONFIGS, ids=str)
 def test_few_output_layers_direct_and_cudnn_agree(cfg, dtype, monkeypatch):
-    """Layers with at most 4 outputs and 9 taps take the direct kernels for the inference
-    forward and the input gradient: they match the reference, and the cuDNN route
-    (PCONV_CUDA_DIRECT=0) within rounding and in the same layouts."""
+    """Layers with at most 4 outputs and 9 taps take the direct kernels for the forward and
+    the input gradient: they match the reference, and the cuDNN route (PCONV_CUDA_DIRECT=0)
+    within rounding and in the same layouts; the training forward gives the inference
+    output bit for bit."""
     x, m, w, b, go = make_inputs(cfg, dtype, CUDA)
     geo = (list(cfg.stride), list(cfg.padding), list(cfg.dilation), cfg.groups)
 
@@ -193,6 +194,9 @@ def test_few_output_layers_direct_and_cudnn_agree(cfg, dtype, monkeypatch):
         return out, upd, tuple(grads[:2]) + ((grads[2],) if b is not None else ())
 
     direct = run_ops()
+    if m is not None:  # the training forward convolves its x * m with the same kernel
+        train = torch.ops.pconv.partial_conv2d_train(x, m, w, b, *geo)
+        assert torch.equal(train[0], direct[0]) and torch.equal(train[1], direct[1])
     monkeypatch.setenv("PCONV_CUDA_DIRECT", "0")
     cudnn = run_ops()
     tol = {torch.bfloat16: 1e-2, torch.float32: 1e-5, torch.float64: 1e-12}[dtype]
