@@ -1,12 +1,14 @@
 """The CUDA op's two routes for layers with few output channels, timed side by side.
 
 Layers with at most 4 output channels and 9 taps (the UNets' last layers, 64->3 and 67->3)
-take the direct kernels of csrc/cuda/few_outputs_kernel.cuh: the inference forward masks on
-load and renormalises before its one write, and the input gradient comes masked from its
-kernel. ``PCONV_CUDA_DIRECT=0`` sends them through cuDNN and the passes around it instead.
-This times both routes and the plain ``nn.Conv2d`` of the same shape, interleaved in one
-process (the variable is read at every call), for every such layer of the two UNets, so
-that the rule can follow the device:
+take the direct kernels of csrc/cuda/few_outputs_kernel.cuh: the forward renormalises before
+its one write (and masks on load in inference), and the input gradient comes masked from its
+kernel. ``PCONV_CUDA_DIRECT`` picks them: unset or 1 both, 0 neither (cuDNN and the passes
+around it), ``forward`` or ``input_grad`` one. This times those routes and the plain
+``nn.Conv2d`` of the same shape, interleaved in one process (the variable is read at every
+call), for every such layer of the two UNets, so that the rule can follow the device. The
+forward rows time both and neither (the input gradient's kernel has no part there); the
+forward + backward rows all four:
 
     python -m benchmarks.routes                      # GPU: 256² and 512², batch 8
     python -m benchmarks.routes --json routes.json
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 
 import torch
@@ -38,10 +41,14 @@ def few_output_shapes(sizes):
     return [p.shape for p in planned if bounds.takes_direct_kernels(p.shape)]
 
 
-def _on_route(call, direct: bool):
-    """call, run with the route variable set for it (and put back after)."""
-    value = None if direct else "0"
+# Route name -> the variable's value (None: unset, both kernels).
+ROUTES = {"direct": None, "forward": "forward", "input_grad": "input_grad", "cudnn": "0"}
+PASS_ROUTES = {"fwd": ("direct", "cudnn"), "fwd+bwd": tuple(ROUTES)}
 
+
+def _on_route(call, value):
+    """call, run with the route variable set to value for it (None: unset), and put back
+    after."""
     def run(inputs):
         saved = os.environ.get(ROUTE_VARIABLE)
         _set(value)
@@ -61,8 +68,8 @@ def _set(value):
 
 def measure(shapes, batch, dtypes, modes, device, warmup, repeats, log=print):
     """One row per (shape, dtype, mask mode, pass): median times in ms of the plain conv
-    and of the fused op on each route, and the paired ratios direct / cuDNN route and each
-    route / conv."""
+    and of the fused op on each route of PASS_ROUTES, and the paired ratios of each route
+    to the conv and to the cuDNN route."""
     impls = cases.implementations(["conv", "fused"])
     rows = []
     for shape in shapes:
@@ -71,17 +78,19 @@ def measure(shapes, batch, dtypes, modes, device, warmup, repeats, log=print):
             for mode in modes:
                 inputs = cases.make_inputs(shape, batch, mode, DTYPES[dtype_name], device, 4)
                 for pass_, make_call in timing_passes():
-                    calls = {"conv": make_call(impls["conv"], shape, w, b),
-                             "direct": _on_route(make_call(impls["fused"], shape, w, b), True),
-                             "cudnn": _on_route(make_call(impls["fused"], shape, w, b), False)}
+                    calls = {"conv": make_call(impls["conv"], shape, w, b)}
+                    for route in PASS_ROUTES[pass_]:
+                        calls[route] = _on_route(make_call(impls["fused"], shape, w, b),
+                                                 ROUTES[route])
                     samples = timing.interleaved_samples(calls, inputs, device, warmup, repeats)
                     t = samples.device_ms
+                    routes = PASS_ROUTES[pass_]
                     row = dict(layer=shape.label, shape=shape.__dict__, dtype=dtype_name,
                                mode=mode, pass_=pass_, batch=batch,
-                               ms={n: sorted(v)[len(v) // 2] for n, v in t.items()},
-                               direct_vs_cudnn=timing.paired_ratio(t["direct"], t["cudnn"]),
-                               direct_vs_conv=timing.paired_ratio(t["direct"], t["conv"]),
-                               cudnn_vs_conv=timing.paired_ratio(t["cudnn"], t["conv"]))
+                               ms={n: statistics.median(v) for n, v in t.items()},
+                               vs_conv={r: timing.paired_ratio(t[r], t["conv"]) for r in routes},
+                               vs_cudnn={r: timing.paired_ratio(t[r], t["cudnn"])
+                                         for r in routes if r != "cudnn"})
                     rows.append(row)
                     log(format_row(row))
     return rows
@@ -91,22 +100,31 @@ def timing_passes():
     return (("fwd", cases.forward_call), ("fwd+bwd", cases.train_call))
 
 
-HEADER = ("layer | dtype | mask | pass | conv ms | direct / conv | cuDNN route / conv | "
-          "direct / cuDNN route")
+HEADER = ("layer | dtype | mask | pass | conv ms | route / conv: direct, forward, "
+          "input_grad, cudnn | route / cudnn route: direct, forward, input_grad")
+
+
+def _cells(ratios, routes):
+    return ", ".join(f"{ratios[r]:.3f}" if r in ratios else "-" for r in routes)
 
 
 def format_row(r) -> str:
     return (f"{r['layer']} | {r['dtype']} | {r['mode']} | {r['pass_']} | {r['ms']['conv']:.4f} | "
-            f"{r['direct_vs_conv']:.3f} | {r['cudnn_vs_conv']:.3f} | {r['direct_vs_cudnn']:.3f}")
+            f"{_cells(r['vs_conv'], ROUTES)} | {_cells(r['vs_cudnn'], list(ROUTES)[:3])}")
 
 
 def summary(rows) -> str:
+    """Per pass and route: the geometric mean over the rows of route / cuDNN route, and in
+    how many rows the route was the faster."""
     lines = []
-    for pass_ in ("fwd", "fwd+bwd"):
-        picked = [r["direct_vs_cudnn"] for r in rows if r["pass_"] == pass_]
-        if picked:
-            lines.append(f"{pass_}: direct / cuDNN route, geometric mean {geomean(picked):.3f}, "
-                         f"{sum(v < 1 for v in picked)} of {len(picked)} rows faster")
+    for pass_, routes in PASS_ROUTES.items():
+        picked = [r for r in rows if r["pass_"] == pass_]
+        for route in routes:
+            if route == "cudnn" or not picked:
+                continue
+            values = [r["vs_cudnn"][route] for r in picked]
+            lines.append(f"{pass_}: {route} / cuDNN route, geometric mean {geomean(values):.3f}, "
+                         f"faster in {sum(v < 1 for v in values)} of {len(values)} rows")
     return "\n".join(lines)
 
 

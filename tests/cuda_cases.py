@@ -114,14 +114,14 @@ EDGE_CONFIGS = [
 
 # Layers the direct kernels for few output channels take (at most 4 outputs and 9 taps,
 # groups 1): the UNets' last layer in small, stride and padding over k // 2, a 1x3 kernel
-# with a row dilation and one mask over the batch, no mask, more pixels than the blocks of
+# with a row dilation and one soft mask over the batch, no mask, more pixels than the blocks of
 # two multiprocessors hold (the grid-stride loop wraps) with more input channels than one
 # chunk of the staged weight (341 in float32, 170 in float64), no bias with a
 # channels_last weight.
 FEW_OUTPUT_CONFIGS = [
     make_cfg(2, 5, 3, 11, 13, 3, 1, 1, 1, 1, "holes"),
     make_cfg(2, 4, 1, 9, 10, 3, 2, 2, 1, 1, "soft", multi=True, layout="channels_last"),
-    make_cfg(3, 6, 2, 12, 9, (1, 3), (1, 2), (0, 1), (1, 2), 1, "binary", mb1=True,
+    make_cfg(3, 6, 2, 12, 9, (1, 3), (1, 2), (0, 1), (1, 2), 1, "soft", mb1=True,
              layout="mixed"),
     make_cfg(2, 3, 4, 8, 8, 3, 1, 1, 2, 1, "none", layout="noncontig"),
     make_cfg(1, 400, 4, 46, 46, 3, 1, 1, 1, 1, "holes", multi=True),

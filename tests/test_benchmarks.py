@@ -901,9 +901,10 @@ def test_routes_time_both_routes_of_the_few_output_layers(tmp_path, capsys, monk
         "67->3 k3 s1 @256", "64->3 k3 s1 @256", "67->3 k3 s1 @512", "64->3 k3 s1 @512"]
     seen = []
     monkeypatch.setenv(routes.ROUTE_VARIABLE, "1")
-    for direct in (True, False):
-        routes._on_route(lambda _: seen.append(os.environ.get(routes.ROUTE_VARIABLE)), direct)(None)
-    assert seen == [None, "0"] and os.environ[routes.ROUTE_VARIABLE] == "1"
+    for value in routes.ROUTES.values():
+        routes._on_route(lambda _: seen.append(os.environ.get(routes.ROUTE_VARIABLE)), value)(None)
+    assert seen == [None, "forward", "input_grad", "0"]
+    assert os.environ[routes.ROUTE_VARIABLE] == "1"
     monkeypatch.delenv(routes.ROUTE_VARIABLE)
 
     path = tmp_path / "routes.json"
@@ -917,9 +918,13 @@ def test_routes_time_both_routes_of_the_few_output_layers(tmp_path, capsys, monk
         ("67->3 k3 s1 @256", "fwd"), ("67->3 k3 s1 @256", "fwd+bwd"),
         ("64->3 k3 s1 @256", "fwd"), ("64->3 k3 s1 @256", "fwd+bwd")]
     for r in rows:
-        assert set(r["ms"]) == {"conv", "direct", "cudnn"}
-        values = list(r["ms"].values()) + [r["direct_vs_cudnn"], r["direct_vs_conv"],
-                                           r["cudnn_vs_conv"]]
+        timed = set(routes.PASS_ROUTES[r["pass_"]])
+        assert set(r["ms"]) == {"conv"} | timed and set(r["vs_conv"]) == timed
+        assert set(r["vs_cudnn"]) == timed - {"cudnn"}
+        values = [*r["ms"].values(), *r["vs_conv"].values(), *r["vs_cudnn"].values()]
         assert all(math.isfinite(v) and v > 0 for v in values)
         assert routes.format_row(r) in out
-    assert "fwd+bwd: direct / cuDNN route, geometric mean" in out
+    assert len(routes.PASS_ROUTES["fwd+bwd"]) == 4 and routes.PASS_ROUTES["fwd"] == ("direct", "cudnn")
+    for line in ("fwd: direct / cuDNN route, geometric mean",
+                 "fwd+bwd: input_grad / cuDNN route, geometric mean"):
+        assert line in out

@@ -252,6 +252,36 @@ def test_few_output_layers_take_the_direct_kernels(host, cfg, dtype, monkeypatch
         assert_close_scaled(e, r, tol, name)
 
 
+@pytest.mark.parametrize("value, forward, input_grad", [
+    (None, True, True), ("1", True, True), ("0", False, False), ("forward", True, False),
+    ("input_grad", False, True)])
+def test_direct_kernels_follow_the_variable(host, monkeypatch, value, forward, input_grad):
+    """PCONV_CUDA_DIRECT picks the direct kernels of a few-output layer one by one (for
+    timing the routes apart); the results stay within rounding of each other."""
+    cfg = FEW_OUTPUT_CONFIGS[0]
+    x, m, w, b, go = make_inputs(cfg, torch.float64, "cpu")
+    if value is None:
+        monkeypatch.delenv("PCONV_CUDA_DIRECT", raising=False)
+    else:
+        monkeypatch.setenv("PCONV_CUDA_DIRECT", value)
+    host.take_launch_log()
+    result = host_run(cfg, x, m, w, b, go, train=True)
+    launched = " ".join(r[0] for r in host.take_launch_log())
+    assert ("few_outputs_forward_kernel" in launched) == forward
+    assert ("epilogue_kernel" in launched) == (not forward)
+    assert ("few_outputs_input_grad_kernel" in launched) == input_grad
+    assert_matches(result, expected(cfg, x, m, w, b, go), 1e-10)
+
+
+def test_an_unknown_route_is_an_error(host, monkeypatch):
+    cfg = FEW_OUTPUT_CONFIGS[0]
+    x, m, w, b, go = make_inputs(cfg, torch.float32, "cpu")
+    monkeypatch.setenv("PCONV_CUDA_DIRECT", "fast")
+    with pytest.raises(RuntimeError, match="PCONV_CUDA_DIRECT must be 0, 1, forward or "
+                                           "input_grad, not 'fast'"):
+        ops().partial_conv2d(x, m, w, b, *geometry(cfg))
+
+
 @pytest.mark.parametrize("reverse", [False, True], ids=["in_order", "reversed"])
 def test_blocks_that_loop_over_several_tiles(host, reverse):
     """With one multiprocessor the mask pass gets 64 blocks for 80 tiles (5 planes of 16

@@ -8,8 +8,8 @@
 #   tests     every GPU test: pytest -m gpu (the CPU tests are CI's; the CUDA code's logic
 #             is also tested without a GPU there, by the host build in test_cuda_host.py)
 #   memcheck  compute-sanitizer memcheck on tools/memcheck_case.py (every kernel path, small)
-#   routes    the UNets' few-output layers (64->3, 67->3) on the direct kernels and on the
-#             cuDNN route side by side (benchmarks.routes, PCONV_CUDA_DIRECT), about a minute
+#   routes    the UNets' few-output layers (64->3, 67->3) with and without each direct
+#             kernel, side by side (benchmarks.routes, PCONV_CUDA_DIRECT), about a minute
 #   bench     the GPU table, for whatever time is left: the training-step rows, then bfloat16,
 #             float32 and float16, each at 512 then 256, multi-channel then single-channel
 #             masks; rows are saved as measured and a later run goes on from BENCH_FROM;

@@ -22,14 +22,17 @@ constexpr int64_t kBlocksPerMultiprocessor = 16;
 // Sets chunk_channels for the shared memory a block may use; returns its bytes.
 template <int kOut, typename scalar_t, typename acc_t>
 size_t plan_weight_chunks(FewOutputsConv<scalar_t, acc_t>& g) {
-  const int64_t per_channel = static_cast<int64_t>(kFewOutputsTaps * kOut * sizeof(acc_t));
+  const int64_t per_channel =
+      static_cast<int64_t>(kFewOutputsTaps * out_stride<kOut>() * sizeof(acc_t));
   g.chunk_channels = std::max<int64_t>(1, std::min(g.in_channels, kMaxWeightBytes / per_channel));
   return static_cast<size_t>(g.chunk_channels * per_channel);
 }
 
 dim3 pixel_grid(int64_t pixels) {
-  const int64_t max_blocks = static_cast<int64_t>(multiprocessor_count()) * kBlocksPerMultiprocessor;
-  return dim3(static_cast<unsigned>(std::max<int64_t>(1, std::min(ceil_div(pixels, kThreads), max_blocks))));
+  const int64_t max_blocks =
+      static_cast<int64_t>(multiprocessor_count()) * kBlocksPerMultiprocessor;
+  const int64_t blocks = std::min(ceil_div(pixels, kThreads), max_blocks);
+  return dim3(static_cast<unsigned>(std::max<int64_t>(1, blocks)));
 }
 
 // Calls launch(std::integral_constant<int, C_out>{}, std::integral_constant<bool, has_mask>{}).

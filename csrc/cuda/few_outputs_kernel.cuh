@@ -12,8 +12,9 @@
 //                   dx = sum * m once.
 //
 // The weight is staged in shared memory as acc_t w_s[c][tap][co] (tap = i * kw + j, padded
-// with zeros to kFewOutputsTaps taps), chunk_channels input channels at a time: every thread
-// of a warp reads the same entry, which shared memory broadcasts. Blocks walk the pixels in
+// with zeros to kFewOutputsTaps taps, and co to out_stride<kOut>: 3 outputs take 4 slots),
+// chunk_channels input channels at a time: every thread of a warp reads the same entry,
+// which shared memory broadcasts, in 16-byte loads. Blocks walk the pixels in
 // a grid-stride loop whose trip count depends on blockIdx only, so the barriers around a
 // chunk are reached by every thread.
 #pragma once
@@ -24,18 +25,44 @@
 namespace pconv {
 namespace cuda {
 
-// w_s[(c - c0) * kFewOutputsTaps * kOut + t * kOut + co] = W[co, c, t / kw, t % kw] for the
-// input channels [c0, c0 + count); zero for taps past kh * kw and outputs past C_out.
+// Slots per tap of the staged weight: kOut rounded up to a power of two, so that a tap's
+// weights are one or two aligned 16-byte loads.
+template <int kOut>
+constexpr int out_stride() {
+  return kOut == 3 ? 4 : kOut;
+}
+
+// The kOut weights of one tap, w[0, kOut), in 16-byte (or narrower) loads from shared memory.
+template <int kOut, typename acc_t>
+__device__ __forceinline__ void load_tap_weights(const acc_t* w, acc_t (&out)[kOut]) {
+  constexpr int kSlots = out_stride<kOut>();
+  constexpr int kPerLoad =
+      kSlots < static_cast<int>(16 / sizeof(acc_t)) ? kSlots : static_cast<int>(16 / sizeof(acc_t));
+  acc_t slots[kSlots];
+#pragma unroll
+  for (int k = 0; k < kSlots; k += kPerLoad) {
+    const Vec<acc_t, kPerLoad> v = *reinterpret_cast<const Vec<acc_t, kPerLoad>*>(w + k);
+#pragma unroll
+    for (int q = 0; q < kPerLoad; ++q) slots[k + q] = v.val[q];
+  }
+#pragma unroll
+  for (int co = 0; co < kOut; ++co) out[co] = slots[co];
+}
+
+// w_s[(c - c0) * kFewOutputsTaps * S + t * S + co] = W[co, c, t / kw, t % kw] (S =
+// out_stride<kOut>) for the input channels [c0, c0 + count); zero for taps past kh * kw and
+// slots past C_out.
 template <int kOut, typename scalar_t, typename acc_t>
 __device__ __forceinline__ void stage_weight_chunk(const FewOutputsConv<scalar_t, acc_t>& g,
                                                    int64_t c0, int64_t count, acc_t* w_s) {
-  constexpr int64_t kPerChannel = kFewOutputsTaps * kOut;
+  constexpr int64_t kSlots = out_stride<kOut>();
+  constexpr int64_t kPerChannel = kFewOutputsTaps * kSlots;
   const int64_t taps = g.kernel_h * g.kernel_w;
   const Strides4& s = g.weight_strides;
   for (int64_t e = threadIdx.x; e < count * kPerChannel; e += blockDim.x) {
     const int64_t c = e / kPerChannel;
-    const int64_t t = (e - c * kPerChannel) / kOut;
-    const int64_t co = e - c * kPerChannel - t * kOut;
+    const int64_t t = (e - c * kPerChannel) / kSlots;
+    const int64_t co = e - c * kPerChannel - t * kSlots;
     acc_t v = 0;
     if (t < taps && co < g.out_channels) {
       const int64_t i = t / g.kernel_w;
@@ -90,6 +117,7 @@ __device__ __forceinline__ acc_t masked_value(scalar_t x, acc_t m) {
 
 template <typename scalar_t, typename acc_t, int kOut, bool kHasMask>
 __global__ void few_outputs_forward_kernel(const FewOutputsForwardParams<scalar_t, acc_t> p) {
+  constexpr int kSlots = out_stride<kOut>();
   acc_t* w_s = dynamic_shared_memory<acc_t>();
   const FewOutputsConv<scalar_t, acc_t>& g = p.conv;
   const Strides4 &xs = p.input_strides, &ms = p.mask_strides, &ys = p.out_strides;
@@ -122,18 +150,23 @@ __global__ void few_outputs_forward_kernel(const FewOutputsForwardParams<scalar_
           const scalar_t* x = p.input + n * xs.n + c0 * xs.c + ih * xs.h + iw * xs.w;
           const scalar_t* m =
               kHasMask ? p.mask + n * ms.n + c0 * ms.c + ih * ms.h + iw * ms.w : nullptr;
-          const acc_t m_pixel = kHasMask ? static_cast<acc_t>(*m) : acc_t(1);  // one channel
-          const acc_t* w = w_s + (i * g.kernel_w + j) * kOut;
+          const acc_t* w = w_s + (i * g.kernel_w + j) * kSlots;
+          // A single-channel mask of 0 or 1 here (holes and known pixels): x * m is exact,
+          // so the rounding of masked_value changes nothing and is left out.
+          const acc_t m_pixel = kHasMask && ms.c == 0 ? static_cast<acc_t>(*m) : acc_t(1);
+          const bool exact =
+              !kHasMask || (ms.c == 0 && (m_pixel == acc_t(0) || m_pixel == acc_t(1)));
           for (int64_t c = 0; c < count; ++c) {
             acc_t v;
-            if (kHasMask) {
-              v = masked_value(x[c * xs.c], ms.c == 0 ? m_pixel : static_cast<acc_t>(m[c * ms.c]));
+            if (exact) {
+              v = static_cast<acc_t>(x[c * xs.c]) * m_pixel;
             } else {
-              v = static_cast<acc_t>(x[c * xs.c]);
+              v = masked_value(x[c * xs.c], ms.c == 0 ? m_pixel : static_cast<acc_t>(m[c * ms.c]));
             }
-            const acc_t* wc = w + c * (kFewOutputsTaps * kOut);
+            acc_t wt[kOut];
+            load_tap_weights<kOut>(w + c * (kFewOutputsTaps * kSlots), wt);
 #pragma unroll
-            for (int co = 0; co < kOut; ++co) acc[co] += v * wc[co];
+            for (int co = 0; co < kOut; ++co) acc[co] += v * wt[co];
           }
         }
       }
@@ -156,6 +189,7 @@ __global__ void few_outputs_forward_kernel(const FewOutputsForwardParams<scalar_
 template <typename scalar_t, typename acc_t, int kOut, bool kHasMask>
 __global__ void few_outputs_input_grad_kernel(
     const FewOutputsInputGradParams<scalar_t, acc_t> p) {
+  constexpr int kSlots = out_stride<kOut>();
   acc_t* w_s = dynamic_shared_memory<acc_t>();
   const FewOutputsConv<scalar_t, acc_t>& g = p.conv;
   const Strides4 &gs = p.grad_raw_strides, &ms = p.mask_strides, &xs = p.grad_input_strides;
@@ -202,12 +236,14 @@ __global__ void few_outputs_input_grad_kernel(
       const int64_t count = next_weight_chunk<kOut>(g, c0, w_s);
       if (!active) continue;  // after the barriers of the chunk
       for (int64_t c = 0; c < count; ++c) {
-        const acc_t* wc = w_s + c * (kFewOutputsTaps * kOut);
+        const acc_t* wc = w_s + c * (kFewOutputsTaps * kSlots);
         acc_t sum = 0;
 #pragma unroll
         for (int t = 0; t < kFewOutputsTaps; ++t) {
+          acc_t wt[kOut];
+          load_tap_weights<kOut>(wc + t * kSlots, wt);
 #pragma unroll
-          for (int co = 0; co < kOut; ++co) sum += wc[t * kOut + co] * gv[t][co];
+          for (int co = 0; co < kOut; ++co) sum += wt[co] * gv[t][co];
         }
         const int64_t ch = c0 + c;
         if (kHasMask) sum *= ms.c == 0 ? m_pixel : static_cast<acc_t>(m[ch * ms.c]);

@@ -269,15 +269,26 @@ void grad_prologue_cuda(const at::Tensor& grad_output, const MaskRatio& mr, bool
 
 // ------------------------------------------------------- layers with few output channels
 
-// True when the direct kernels take this layer: groups 1, at most kFewOutputs output
-// channels and kFewOutputsTaps kernel taps (64 -> 3 and 67 -> 3 at 3x3). PCONV_CUDA_DIRECT=0
-// in the environment keeps such layers on cuDNN (read at every call), so that both routes
-// can be timed in one process.
-bool few_outputs_direct(const ConvGeometry& g) {
+// The direct kernels of few-output layers, as PCONV_CUDA_DIRECT in the environment names
+// them (read at every call, so that the routes can be timed in one process): unset or "1"
+// both, "0" neither (cuDNN and the passes around it), "forward" or "input_grad" that one.
+enum class DirectKernel { kForward, kInputGrad };
+
+bool direct_kernel_enabled(DirectKernel which) {
   const char* env = std::getenv("PCONV_CUDA_DIRECT");
-  const bool disabled = env != nullptr && std::strcmp(env, "0") == 0;
-  return !disabled && g.groups == 1 && g.out_channels <= kFewOutputs &&
-         g.kernel_h * g.kernel_w <= kFewOutputsTaps;
+  if (env == nullptr || std::strcmp(env, "1") == 0) return true;
+  if (std::strcmp(env, "0") == 0) return false;
+  const bool forward = std::strcmp(env, "forward") == 0;
+  TORCH_CHECK(forward || std::strcmp(env, "input_grad") == 0,
+              "PCONV_CUDA_DIRECT must be 0, 1, forward or input_grad, not '", env, "'");
+  return forward == (which == DirectKernel::kForward);
+}
+
+// True when that direct kernel takes this layer: groups 1, at most kFewOutputs output
+// channels and kFewOutputsTaps kernel taps (64 -> 3 and 67 -> 3 at 3x3).
+bool few_outputs_direct(const ConvGeometry& g, DirectKernel which) {
+  return g.groups == 1 && g.out_channels <= kFewOutputs &&
+         g.kernel_h * g.kernel_w <= kFewOutputsTaps && direct_kernel_enabled(which);
 }
 
 Strides4 strides_of(const at::Tensor& t) {
@@ -420,7 +431,7 @@ ForwardResult forward_cuda(const at::Tensor& input, const c10::optional<at::Tens
   // written channels_last, so cuDNN reads the weight as it is (no copy per call).
   const at::MemoryFormat format = conv_output_format(input, weight);
   ForwardResult res;
-  const bool direct = g.batch > 0 && few_outputs_direct(g);
+  const bool direct = g.batch > 0 && few_outputs_direct(g, DirectKernel::kForward);
   if (direct && !keep_masked_input) {
     res.mr = mask_ratio_cuda(mask, g, input, &res.update);
     if (res.mr.batch != g.batch) {
@@ -464,7 +475,8 @@ std::tuple<at::Tensor, at::Tensor> partial_conv2d_cuda(
               input.device());
   const DeviceGuard device_guard(input.device());
   ForwardResult res =
-      forward_cuda(input, mask, weight, bias, stride, padding, dilation, g, /*keep_masked_input=*/false);
+      forward_cuda(input, mask, weight, bias, stride, padding, dilation, g,
+                   /*keep_masked_input=*/false);
   return {res.output, res.update};
 }
 
@@ -478,7 +490,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> partial_c
               input.device());
   const DeviceGuard device_guard(input.device());
   ForwardResult res =
-      forward_cuda(input, mask, weight, bias, stride, padding, dilation, g, /*keep_masked_input=*/true);
+      forward_cuda(input, mask, weight, bias, stride, padding, dilation, g,
+                   /*keep_masked_input=*/true);
   return {res.output, res.update, res.masked_input, res.mr.ratio, res.mr.update};
 }
 
@@ -524,7 +537,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
     } else {
       // A few-output layer's input gradient comes masked, in its layout, from one kernel;
       // cuDNN then computes the weight gradient alone.
-      const bool direct_dx = need_dx && few_outputs_direct(g);
+      const bool direct_dx = need_dx && few_outputs_direct(g, DirectKernel::kInputGrad);
       if (direct_dx) {
         grad_input = few_outputs_input_grad_cuda(grad_raw, mask, weight, source, g,
                                                  grad_input_format);
