@@ -126,6 +126,11 @@ FEW_OUTPUT_CONFIGS = [
     make_cfg(2, 3, 4, 8, 8, 3, 1, 1, 2, 1, "none", layout="noncontig"),
     make_cfg(1, 400, 4, 46, 46, 3, 1, 1, 1, 1, "holes", multi=True),
     make_cfg(2, 7, 3, 10, 10, 3, 1, 1, 1, 1, "zeros", bias=False, layout="weight_cl"),
+    # Padding 2 (window columns outside on both sides, a last row of 3 of 4 pixels) and a
+    # soft single-channel mask, whose products are rounded.
+    make_cfg(2, 5, 2, 10, 13, 3, 1, 2, 1, 1, "soft", layout="channels_last"),
+    # Two tiles of 16 x 64 outputs down and across, the second ones partial.
+    make_cfg(1, 3, 3, 17, 70, 3, 1, 1, 1, 1, "binary", mb1=True),
 ]
 
 F64_CONFIGS = random_configs(1, 36) + EDGE_CONFIGS

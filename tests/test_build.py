@@ -2,6 +2,7 @@
 import importlib.util
 import pathlib
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -101,3 +102,38 @@ def test_prebuilt_library_matches_only_its_sources_and_torch(tmp_path):
     assert matches("2.11.0+cu130")
     (tmp_path / "csrc" / "extra.h").write_text("\n")
     assert not matches("2.11.0+cu130")
+
+
+def _load_tool(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+SASS = """
+\t\tFunction : _Z6kernelv
+        /*0000*/                   MOV R1, c[0x0][0x28] ;                 /* 0x00000a00ff017b82 */
+        /*0010*/                   LDG.E R3, desc[UR4][R6.64] ;          /* 0x0000000406037981 */
+        /*0020*/                   FFMA.FTZ R2, R3, R4, R2 ;             /* 0x0000000403027223 */
+        /*0030*/                   FFMA R5, R3, R4, R5 ;                 /* 0x0000000403057223 */
+        /*0040*/               @P0 BRA 0x10 ;                            /* 0xfffffff000f00947 */
+        /*0050*/                   IADD3 R7, R7, 0x1, RZ ;               /* 0x0000000107077810 */
+        /*0060*/              @!P1 BRA 0x0 ;                             /* 0xfffffff800848947 */
+        /*0070*/                   BRA 0x90 ;                            /* 0x0000000000047947 */
+        /*0080*/                   DFMA R8, R8, R8, R8 ;                 /* 0x0000000808087223 */
+        /*0090*/                   EXIT ;                                /* 0x000000000000794d */
+"""
+
+
+def test_sass_loops_finds_the_innermost_loop_and_its_fmas():
+    """tools/sass_loops.py: of the loop nested in another (backward branches to 0x10 and to
+    0x0), only the inner one counts; a forward branch is no loop."""
+    tool = _load_tool("sass_loops")
+    code = tool.parse(SASS)["_Z6kernelv"]
+    assert [a for a, _, _ in code] == list(range(0, 0xa0, 0x10))
+    (loop,) = tool.innermost_loops(code)
+    assert (loop.start, loop.end) == (0x10, 0x40)
+    assert loop.instructions == 4 and loop.fmas == 2
+    assert loop.opcodes["BRA"] == 1 and loop.opcodes["LDG.E"] == 1

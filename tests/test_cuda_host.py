@@ -202,6 +202,13 @@ def _check_result(result, cfg, dtype, x, m, w, b, go):
         assert_matches(result, expected(cfg, x, m, w, b, go), tol, update_tol=min(tol, 1e-6))
 
 
+def _direct_forward(cfg):
+    """The direct forward kernel a few-output layer takes: the one that stages tiles of the
+    input for 3x3 layers of unit stride and dilation, else one pixel per thread."""
+    tiled = cfg.kernel == (3, 3) and cfg.stride == (1, 1) and cfg.dilation == (1, 1)
+    return "few_outputs_3x3_forward_kernel" if tiled else "few_outputs_forward_kernel"
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("cfg", FEW_OUTPUT_CONFIGS, ids=str)
 def test_few_output_layers_take_the_direct_kernels(host, cfg, dtype, monkeypatch):
@@ -214,10 +221,11 @@ def test_few_output_layers_take_the_direct_kernels(host, cfg, dtype, monkeypatch
     x, m, w, b, go = make_inputs(cfg, dtype, "cpu")
     geo = geometry(cfg)
     t, a, masked = SCALAR[dtype], ACC[dtype], str(m is not None).lower()
+    kernel = _direct_forward(cfg)
     host.take_launch_log()
     out, upd = ops().partial_conv2d(x, m, w, b, *geo)
     forward = [_kernel_name(r) for r in host.take_launch_log()]
-    assert forward[1:] == [f"few_outputs_forward_kernel<{t}, {a}, {cfg.cout}, {masked}>"]
+    assert forward[1:] == [f"{kernel}<{t}, {a}, {cfg.cout}, {masked}>"]
     assert forward[0].startswith("mask_ratio_kernel")
     grads = ops().partial_conv2d_backward(go, x, m, w, b is not None, *geo, ALL)
     input_grad = f"few_outputs_input_grad_kernel<{t}, {a}, {cfg.cout}, {masked}>"
@@ -231,7 +239,7 @@ def test_few_output_layers_take_the_direct_kernels(host, cfg, dtype, monkeypatch
     if m is not None:
         launched = {_kernel_name(r) for r in host.take_launch_log()}
         assert input_grad in launched
-        assert f"few_outputs_forward_kernel<{t}, {a}, {cfg.cout}, false>" in launched
+        assert f"{kernel}<{t}, {a}, {cfg.cout}, false>" in launched
         assert torch.equal(train[0], out) and torch.equal(train[1], upd)
     _check_result(train, cfg, dtype, x, m, w, b, go)
 
@@ -267,7 +275,7 @@ def test_direct_kernels_follow_the_variable(host, monkeypatch, value, forward, i
     host.take_launch_log()
     result = host_run(cfg, x, m, w, b, go, train=True)
     launched = " ".join(r[0] for r in host.take_launch_log())
-    assert ("few_outputs_forward_kernel" in launched) == forward
+    assert ("few_outputs_3x3_forward_kernel" in launched) == forward
     assert ("epilogue_kernel" in launched) == (not forward)
     assert ("few_outputs_input_grad_kernel" in launched) == input_grad
     assert_matches(result, expected(cfg, x, m, w, b, go), 1e-10)
@@ -427,6 +435,7 @@ def expected_kernels(dtype):
     names.add(f"bias_grad_finalize_kernel<{t}, {a}>")
     for outputs, has_mask in itertools.product((1, 2, 3, 4), ("true", "false")):
         names.add(f"few_outputs_forward_kernel<{t}, {a}, {outputs}, {has_mask}>")
+        names.add(f"few_outputs_3x3_forward_kernel<{t}, {a}, {outputs}, {has_mask}>")
         names.add(f"few_outputs_input_grad_kernel<{t}, {a}, {outputs}, {has_mask}>")
     return names
 
@@ -447,13 +456,22 @@ COVERAGE_CONFIGS = [
     make_cfg(2, 16, 8, 12, 12, 3, 1, 1, 1, 1, "soft", multi=True, layout="channels_last"),
     make_cfg(2, 5, 4, 12, 12, 3, 1, 1, 1, 1, "binary", multi=True, layout="channels_last"),
     make_cfg(1, 2, 3, 24, 40, 3, 1, 95, 100, 1, "binary", multi=True),
-    # The direct kernels of 1 to 4 output channels, with a mask and without (C_out 3 and
-    # 4 with masks are above).
+    # The direct kernels of 1 to 4 output channels, with a mask and without: the 3x3
+    # forward of unit stride (C_out 4 with a mask is above) and, at stride 2, the forward
+    # of one pixel per thread (C_out 3 with a mask is above, at dilation 100).
     make_cfg(2, 3, 1, 9, 9, 3, 1, 1, 1, 1, "soft"),
     make_cfg(1, 3, 2, 9, 9, 3, 1, 1, 1, 1, "binary", multi=True, layout="channels_last"),
+    make_cfg(1, 3, 3, 9, 10, 3, 1, 1, 1, 1, "holes"),
     make_cfg(1, 2, 1, 8, 8, 3, 1, 1, 1, 1, "none"),
     make_cfg(1, 2, 2, 8, 8, 3, 1, 1, 1, 1, "none"),
     make_cfg(1, 2, 3, 8, 8, 3, 1, 1, 1, 1, "none"),
+    make_cfg(1, 2, 1, 9, 9, 3, 2, 1, 1, 1, "binary"),
+    make_cfg(1, 2, 2, 9, 9, 3, 2, 1, 1, 1, "soft", multi=True),
+    make_cfg(1, 2, 4, 9, 9, 3, 2, 1, 1, 1, "holes", layout="channels_last"),
+    make_cfg(1, 2, 1, 8, 8, 3, 2, 1, 1, 1, "none"),
+    make_cfg(1, 2, 2, 8, 8, 3, 2, 1, 1, 1, "none"),
+    make_cfg(1, 2, 3, 8, 8, 3, 2, 1, 1, 1, "none"),
+    make_cfg(1, 2, 4, 8, 8, 3, 2, 1, 1, 1, "none"),
 ]
 
 

@@ -20,6 +20,7 @@
 #   CUDA_STD=c++17      language standard (default c++17, as setup.py passes)
 #   JOBS=n              parallel compiles (default: number of CPUs)
 #   KEEP=1              keep the temporary directory (objects and logs)
+#   ONLY=name           compile csrc/cuda/name.cu alone (with KEEP=1, for tools/sass_loops.py)
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -113,7 +114,7 @@ FLAGS+=(
 
 shopt -s nullglob
 # Largest files first: the file that includes ATen takes the longest.
-mapfile -t SOURCES < <(ls -S "$ROOT"/csrc/cuda/*.cu 2>/dev/null)
+mapfile -t SOURCES < <(ls -S "$ROOT"/csrc/cuda/${ONLY:-*}.cu 2>/dev/null)
 if [[ ${#SOURCES[@]} -eq 0 ]]; then
   echo "check_cuda_compile: ERROR: no csrc/cuda/*.cu found under $ROOT" >&2
   exit 1

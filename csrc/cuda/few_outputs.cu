@@ -5,6 +5,8 @@
 #include "launch_utils.cuh"
 
 #include <algorithm>
+#include <cstdint>
+#include <limits>
 #include <type_traits>
 
 namespace pconv {
@@ -19,12 +21,14 @@ constexpr int kThreads = 256;
 // pixels it walks.
 constexpr int64_t kBlocksPerMultiprocessor = 16;
 
-// Sets chunk_channels for the shared memory a block may use; returns its bytes.
+// Sets chunk_channels for the shared memory a block may give the weight (all of it, less
+// what it uses otherwise); returns the bytes of the weight.
 template <int kOut, typename scalar_t, typename acc_t>
-size_t plan_weight_chunks(FewOutputsConv<scalar_t, acc_t>& g) {
+size_t plan_weight_chunks(FewOutputsConv<scalar_t, acc_t>& g, int64_t other_bytes = 0) {
   const int64_t per_channel =
       static_cast<int64_t>(kFewOutputsTaps * out_stride<kOut>() * sizeof(acc_t));
-  g.chunk_channels = std::max<int64_t>(1, std::min(g.in_channels, kMaxWeightBytes / per_channel));
+  const int64_t fits = (kMaxWeightBytes - other_bytes) / per_channel;
+  g.chunk_channels = std::max<int64_t>(1, std::min(g.in_channels, fits));
   return static_cast<size_t>(g.chunk_channels * per_channel);
 }
 
@@ -33,6 +37,28 @@ dim3 pixel_grid(int64_t pixels) {
       static_cast<int64_t>(multiprocessor_count()) * kBlocksPerMultiprocessor;
   const int64_t blocks = std::min(ceil_div(pixels, kThreads), max_blocks);
   return dim3(static_cast<unsigned>(std::max<int64_t>(1, blocks)));
+}
+
+// The largest element offset within one sample of a tensor of [*, channels, h, w] with
+// these strides (non-negative, as the op's tensors have).
+int64_t sample_extent(const Strides4& s, int64_t channels, int64_t h, int64_t w) {
+  return (channels - 1) * s.c + (h - 1) * s.h + (w - 1) * s.w;
+}
+
+// The 3x3 forward of few_outputs_3x3_forward_kernel: unit stride and dilation, and offsets
+// within a sample of x and of the mask that fit its 32-bit indices.
+template <typename scalar_t, typename acc_t>
+bool takes_tiled_forward(const FewOutputsForwardParams<scalar_t, acc_t>& p) {
+  const FewOutputsConv<scalar_t, acc_t>& g = p.conv;
+  if (g.kernel_h != 3 || g.kernel_w != 3 || g.stride_h != 1 || g.stride_w != 1 ||
+      g.dil_h != 1 || g.dil_w != 1) {
+    return false;
+  }
+  constexpr int64_t kMaxOffset = std::numeric_limits<int32_t>::max();
+  const int64_t mask_channels = p.mask_strides.c == 0 ? 1 : g.in_channels;
+  return sample_extent(p.input_strides, g.in_channels, g.in_h, g.in_w) <= kMaxOffset &&
+         (p.mask == nullptr ||
+          sample_extent(p.mask_strides, mask_channels, g.in_h, g.in_w) <= kMaxOffset);
 }
 
 // Calls launch(std::integral_constant<int, C_out>{}, std::integral_constant<bool, has_mask>{}).
@@ -57,11 +83,25 @@ void launch_few_outputs_forward(FewOutputsForwardParams<scalar_t, acc_type<scala
   using acc_t = acc_type<scalar_t>;
   const int64_t pixels = p.conv.batch * p.conv.out_h * p.conv.out_w;
   if (pixels <= 0) return;
+  const bool tiled = takes_tiled_forward(p);
   with_outputs_and_mask(p.conv.out_channels, p.mask != nullptr, [&](auto outputs, auto mask) {
     constexpr int kOut = decltype(outputs)::value;
-    const size_t smem = plan_weight_chunks<kOut>(p.conv);
-    launch_kernel(few_outputs_forward_kernel<scalar_t, acc_t, kOut, decltype(mask)::value>,
-                  pixel_grid(pixels), dim3(kThreads), smem, stream, p);
+    constexpr bool kHasMask = decltype(mask)::value;
+    if (tiled) {
+      // A block per tile of outputs; the staged input tile comes first in shared memory.
+      constexpr int64_t kTileBytes = staged_tile_bytes<acc_t>();
+      const size_t smem = kTileBytes + plan_weight_chunks<kOut>(p.conv, kTileBytes);
+      const int64_t tiles = p.conv.batch * ceil_div(p.conv.out_h, kTileRows) *
+                            ceil_div(p.conv.out_w, kTileCols);
+      const int64_t blocks = std::min<int64_t>(
+          tiles, static_cast<int64_t>(multiprocessor_count()) * kBlocksPerMultiprocessor);
+      launch_kernel(few_outputs_3x3_forward_kernel<scalar_t, acc_t, kOut, kHasMask>,
+                    dim3(static_cast<unsigned>(blocks)), dim3(kTileThreads), smem, stream, p);
+    } else {
+      const size_t smem = plan_weight_chunks<kOut>(p.conv);
+      launch_kernel(few_outputs_forward_kernel<scalar_t, acc_t, kOut, kHasMask>,
+                    pixel_grid(pixels), dim3(kThreads), smem, stream, p);
+    }
   });
 }
 

@@ -3,9 +3,13 @@
 // cores busy: there the passes around cuDNN's convolution (x * m before it, the epilogue
 // after it, dx * m after its input gradient) move the whole input once more each.
 //
-//   forward:        one thread makes all C_out outputs of one output pixel. It reads x and m
-//                   for its window (x * m rounded to the input dtype, as at::mul rounds it),
-//                   accumulates in acc_t and writes y = (raw * r + b) * u once.
+//   forward:        one thread makes all C_out outputs of one output pixel. It reads x
+//                   and m for its window (x * m rounded to the input dtype, as at::mul
+//                   rounds it), accumulates in acc_t and writes y = (raw * r + b) * u
+//                   once. 3x3 layers of unit stride and dilation take a tiled forward
+//                   instead (few_outputs_3x3_forward_kernel, below): a block stages x * m
+//                   of its tile's window in shared memory, and a thread makes kRowPixels
+//                   adjacent outputs of a row from there.
 //   input gradient: one thread makes all C_in values of one input pixel. It gathers the
 //                   C_out * taps values of g_raw its pixel feeds into registers once, then
 //                   for each input channel sums them against the weight and writes
@@ -14,10 +18,12 @@
 // The weight is staged in shared memory as acc_t w_s[c][tap][co] (tap = i * kw + j, padded
 // with zeros to kFewOutputsTaps taps, and co to out_stride<kOut>: 3 outputs take 4 slots),
 // chunk_channels input channels at a time: every thread of a warp reads the same entry,
-// which shared memory broadcasts, in 16-byte loads. Blocks walk the pixels in
-// a grid-stride loop whose trip count depends on blockIdx only, so the barriers around a
-// chunk are reached by every thread.
+// which shared memory broadcasts, in 16-byte loads. Blocks walk the pixels (or the tiles)
+// in a grid-stride loop whose trip count depends on blockIdx only, so the barriers around
+// a chunk are reached by every thread.
 #pragma once
+
+#include <type_traits>
 
 #include "device_utils.cuh"
 #include "params.cuh"
@@ -32,19 +38,32 @@ constexpr int out_stride() {
   return kOut == 3 ? 4 : kOut;
 }
 
-// The kOut weights of one tap, w[0, kOut), in 16-byte (or narrower) loads from shared memory.
+// N consecutive values from a 16-byte aligned position in shared memory: 16-byte loads,
+// then one narrower load for the rest.
+template <int N, typename acc_t>
+__device__ __forceinline__ void load_aligned_run(const acc_t* src, acc_t (&out)[N]) {
+  constexpr int kPerLoad = static_cast<int>(16 / sizeof(acc_t));
+  constexpr int kWhole = N / kPerLoad * kPerLoad;
+  constexpr int kRest = N - kWhole;
+  static_assert(kRest == 0 || kRest == 1 || kRest == 2, "the rest must be one aligned load");
+#pragma unroll
+  for (int k = 0; k < kWhole; k += kPerLoad) {
+    const Vec<acc_t, kPerLoad> v = *reinterpret_cast<const Vec<acc_t, kPerLoad>*>(src + k);
+#pragma unroll
+    for (int q = 0; q < kPerLoad; ++q) out[k + q] = v.val[q];
+  }
+  if constexpr (kRest > 0) {
+    const Vec<acc_t, kRest> v = *reinterpret_cast<const Vec<acc_t, kRest>*>(src + kWhole);
+#pragma unroll
+    for (int q = 0; q < kRest; ++q) out[kWhole + q] = v.val[q];
+  }
+}
+
+// The kOut weights of one tap, w[0, kOut), from its out_stride<kOut> slots.
 template <int kOut, typename acc_t>
 __device__ __forceinline__ void load_tap_weights(const acc_t* w, acc_t (&out)[kOut]) {
-  constexpr int kSlots = out_stride<kOut>();
-  constexpr int kPerLoad =
-      kSlots < static_cast<int>(16 / sizeof(acc_t)) ? kSlots : static_cast<int>(16 / sizeof(acc_t));
-  acc_t slots[kSlots];
-#pragma unroll
-  for (int k = 0; k < kSlots; k += kPerLoad) {
-    const Vec<acc_t, kPerLoad> v = *reinterpret_cast<const Vec<acc_t, kPerLoad>*>(w + k);
-#pragma unroll
-    for (int q = 0; q < kPerLoad; ++q) slots[k + q] = v.val[q];
-  }
+  acc_t slots[out_stride<kOut>()];
+  load_aligned_run(w, slots);
 #pragma unroll
   for (int co = 0; co < kOut; ++co) out[co] = slots[co];
 }
@@ -115,12 +134,30 @@ __device__ __forceinline__ acc_t masked_value(scalar_t x, acc_t m) {
   return static_cast<acc_t>(static_cast<scalar_t>(static_cast<acc_t>(x) * m));
 }
 
+// y[n, :, oh, ow] = (raw * r + b) * u (raw * r without a bias) from the sums of one pixel.
+template <typename scalar_t, typename acc_t, int kOut>
+__device__ __forceinline__ void write_output(const FewOutputsForwardParams<scalar_t, acc_t>& p,
+                                             int64_t n, int64_t oh, int64_t ow,
+                                             const acc_t (&raw)[kOut]) {
+  const Strides4& ys = p.out_strides;
+  const int64_t mi = n * p.mask_plane_stride + oh * p.conv.out_w + ow;
+  const acc_t r = p.ratio[mi];
+  const acc_t u = p.update[mi];
+  scalar_t* y = p.out + n * ys.n + oh * ys.h + ow * ys.w;
+#pragma unroll
+  for (int co = 0; co < kOut; ++co) {
+    const acc_t v = p.bias != nullptr ? (raw[co] * r + static_cast<acc_t>(p.bias[co])) * u
+                                      : raw[co] * r;
+    y[co * ys.c] = static_cast<scalar_t>(v);
+  }
+}
+
 template <typename scalar_t, typename acc_t, int kOut, bool kHasMask>
 __global__ void few_outputs_forward_kernel(const FewOutputsForwardParams<scalar_t, acc_t> p) {
   constexpr int kSlots = out_stride<kOut>();
   acc_t* w_s = dynamic_shared_memory<acc_t>();
   const FewOutputsConv<scalar_t, acc_t>& g = p.conv;
-  const Strides4 &xs = p.input_strides, &ms = p.mask_strides, &ys = p.out_strides;
+  const Strides4 &xs = p.input_strides, &ms = p.mask_strides;
   const int64_t pixels = g.batch * g.out_h * g.out_w;
   const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
   stage_whole_weight<kOut>(g, w_s);
@@ -172,16 +209,164 @@ __global__ void few_outputs_forward_kernel(const FewOutputsForwardParams<scalar_
       }
     }
     if (!active) continue;
-    const int64_t mi = n * p.mask_plane_stride + oh * g.out_w + ow;
-    const acc_t r = p.ratio[mi];
-    const acc_t u = p.update[mi];
-    scalar_t* y = p.out + n * ys.n + oh * ys.h + ow * ys.w;
+    write_output(p, n, oh, ow, acc);
+  }
+}
+
+// The 3x3 layers of unit stride and dilation (the UNets' last layers) take a forward that
+// works on tiles of kTileRows x kTileCols outputs. A block stages x * m of the tile's
+// window (its input rows and columns plus a border of one, zero outside the image, as the
+// padding is a hole) in shared memory as acc_t, kStageChannels channels at a time, each
+// input value loaded from global memory and masked once. Each thread then makes
+// kRowPixels adjacent outputs of a row: per channel, two vector loads give a window row
+// that feeds kRowPixels * 3 taps, and each weight read from shared memory feeds kRowPixels
+// pixels, so the loop is almost only fused multiply-adds, without masking, bounds or
+// address arithmetic. Offsets within one sample are 32-bit (the launcher checks that they
+// fit).
+constexpr int kRowPixels = 4;
+constexpr int kRowColumns = kRowPixels + 2;  // input columns of a 3-wide window row
+constexpr int kTileRows = 16;
+constexpr int kTileCols = 64;
+constexpr int kTileThreads = kTileRows * kTileCols / kRowPixels;  // 256
+constexpr int kStagedRows = kTileRows + 2;
+constexpr int kStagedCols = kTileCols + 2;
+// A staged row's stride: a multiple of 4 values, so that each thread's first window
+// column starts a 16-byte load.
+constexpr int kStagedStride = (kStagedCols + 3) / 4 * 4;
+constexpr int kStagedPlane = kStagedRows * kStagedStride;
+// Window positions each thread stages per channel.
+constexpr int kStagedPerThread = (kStagedRows * kStagedCols + kTileThreads - 1) / kTileThreads;
+
+// Channels staged at a time: about 20 KB of shared memory, the rest holds the weight.
+template <typename acc_t>
+constexpr int staged_channels() {
+  return sizeof(acc_t) == 8 ? 2 : 4;
+}
+template <typename acc_t>
+constexpr int64_t staged_tile_bytes() {
+  return static_cast<int64_t>(staged_channels<acc_t>()) * kStagedPlane * sizeof(acc_t);
+}
+
+// At most 80 registers a thread, so that three blocks share a multiprocessor (a block
+// waits at its barriers while the others compute).
+template <typename scalar_t, typename acc_t, int kOut, bool kHasMask>
+__global__ void __launch_bounds__(kTileThreads, 3)
+    few_outputs_3x3_forward_kernel(const FewOutputsForwardParams<scalar_t, acc_t> p) {
+  constexpr int kSlots = out_stride<kOut>();
+  constexpr int kStaged = staged_channels<acc_t>();
+  acc_t* tile_s = dynamic_shared_memory<acc_t>();
+  acc_t* w_s = tile_s + kStaged * kStagedPlane;
+  const FewOutputsConv<scalar_t, acc_t>& g = p.conv;
+  const Strides4 &xs = p.input_strides, &ms = p.mask_strides;
+  const int64_t tiles_h = (g.out_h + kTileRows - 1) / kTileRows;
+  const int64_t tiles_w = (g.out_w + kTileCols - 1) / kTileCols;
+  const int64_t tiles = g.batch * tiles_h * tiles_w;
+  const bool per_channel_mask = kHasMask && ms.c != 0;
+  const int tx = threadIdx.x % (kTileCols / kRowPixels), ty = threadIdx.x / (kTileCols / kRowPixels);
+  stage_whole_weight<kOut>(g, w_s);
+
+  for (int64_t t = blockIdx.x; t < tiles; t += gridDim.x) {
+    const int64_t n = t / (tiles_h * tiles_w);
+    const int64_t oh0 = (t / tiles_w) % tiles_h * kTileRows;
+    const int64_t ow0 = t % tiles_w * kTileCols;
+    const int64_t h0 = oh0 - g.pad_h, w0 = ow0 - g.pad_w;
+
+    // The window positions this thread stages (without a branch: slots past the window
+    // write into the padding columns of the plane, and positions outside the image load
+    // the sample's first pixel and stage 0): their place in the staged plane, whether they
+    // lie in the image, their offsets in x and in the mask, and the single-channel mask
+    // there (1 without one, or with C_in channels).
+    int staged_at[kStagedPerThread];
+    bool slot_in[kStagedPerThread];
+    uint32_t x_off[kStagedPerThread], m_off[kStagedPerThread];
+    acc_t slot_mask[kStagedPerThread];
+    const scalar_t* x_n = p.input + n * xs.n;
+    const scalar_t* m_n = kHasMask ? p.mask + n * ms.n : nullptr;
+    bool exact = true;
 #pragma unroll
-    for (int co = 0; co < kOut; ++co) {
-      const acc_t v = p.bias != nullptr
-                          ? (acc[co] * r + static_cast<acc_t>(p.bias[co])) * u
-                          : acc[co] * r;
-      y[co * ys.c] = static_cast<scalar_t>(v);
+    for (int k = 0; k < kStagedPerThread; ++k) {
+      const int e = static_cast<int>(threadIdx.x) + k * kTileThreads;
+      const bool in_window = e < kStagedRows * kStagedCols;
+      const int r = e / kStagedCols, col = e - r * kStagedCols;
+      const int64_t ih = h0 + r, iw = w0 + col;
+      const bool inside = in_window && ih >= 0 && ih < g.in_h && iw >= 0 && iw < g.in_w;
+      staged_at[k] = in_window ? r * kStagedStride + col
+                               : (e % kStagedRows) * kStagedStride + kStagedCols;
+      slot_in[k] = inside;
+      x_off[k] = inside ? static_cast<uint32_t>(ih * xs.h + iw * xs.w) : 0u;
+      m_off[k] = inside ? static_cast<uint32_t>(ih * ms.h + iw * ms.w) : 0u;
+      acc_t v = 1;
+      if (kHasMask && !per_channel_mask) v = static_cast<acc_t>(m_n[m_off[k]]);
+      slot_mask[k] = v;
+      exact = exact && (v == acc_t(0) || v == acc_t(1));
+    }
+    // Stages x * m of channels [c_first, c_first + staged), rounded to the input dtype as
+    // at::mul rounds it (which changes nothing where m is 0 or 1: `round` false); 0 outside
+    // the image.
+    auto stage = [&](auto per_channel, auto round, int64_t c_first, int staged) {
+      for (int cc = 0; cc < staged; ++cc) {
+        const scalar_t* xc = x_n + (c_first + cc) * xs.c;
+        const scalar_t* mc = kHasMask ? m_n + (c_first + cc) * ms.c : nullptr;
+        acc_t* plane = tile_s + cc * kStagedPlane;
+#pragma unroll
+        for (int k = 0; k < kStagedPerThread; ++k) {
+          acc_t m = slot_mask[k];
+          if constexpr (decltype(per_channel)::value) m = static_cast<acc_t>(mc[m_off[k]]);
+          const acc_t v = decltype(round)::value ? masked_value(xc[x_off[k]], m)
+                                                 : static_cast<acc_t>(xc[x_off[k]]) * m;
+          plane[staged_at[k]] = slot_in[k] ? v : acc_t(0);
+        }
+      }
+    };
+
+    acc_t acc[kRowPixels][kOut];
+#pragma unroll
+    for (int px = 0; px < kRowPixels; ++px) {
+#pragma unroll
+      for (int co = 0; co < kOut; ++co) acc[px][co] = 0;
+    }
+    for (int64_t c0 = 0; c0 < g.in_channels; c0 += g.chunk_channels) {
+      const int64_t count = next_weight_chunk<kOut>(g, c0, w_s);
+      for (int64_t cs = 0; cs < count; cs += kStaged) {
+        const int staged = static_cast<int>(count - cs < kStaged ? count - cs : kStaged);
+        const int64_t c_first = c0 + cs;
+        __syncthreads();  // every thread is done with the channels staged before
+        if (per_channel_mask) {
+          stage(std::true_type{}, std::true_type{}, c_first, staged);
+        } else if (exact) {
+          stage(std::false_type{}, std::false_type{}, c_first, staged);
+        } else {
+          stage(std::false_type{}, std::true_type{}, c_first, staged);
+        }
+        __syncthreads();
+        for (int cc = 0; cc < staged; ++cc) {
+          const acc_t* plane = tile_s + cc * kStagedPlane + ty * kStagedStride + tx * kRowPixels;
+          const acc_t* wc = w_s + (cs + cc) * (kFewOutputsTaps * kSlots);
+#pragma unroll
+          for (int i = 0; i < 3; ++i) {
+            acc_t v[kRowColumns];
+            load_aligned_run(plane + i * kStagedStride, v);
+#pragma unroll
+            for (int j = 0; j < 3; ++j) {
+              acc_t wt[kOut];
+              load_tap_weights<kOut>(wc + (i * 3 + j) * kSlots, wt);
+#pragma unroll
+              for (int px = 0; px < kRowPixels; ++px) {
+#pragma unroll
+                for (int co = 0; co < kOut; ++co) acc[px][co] += v[px + j] * wt[co];
+              }
+            }
+          }
+        }
+      }
+    }
+    const int64_t oh = oh0 + ty;
+    if (oh >= g.out_h) continue;
+#pragma unroll
+    for (int px = 0; px < kRowPixels; ++px) {
+      const int64_t ow = ow0 + tx * kRowPixels + px;
+      if (ow >= g.out_w) break;
+      write_output(p, n, oh, ow, acc[px]);
     }
   }
 }
@@ -228,26 +413,31 @@ __global__ void few_outputs_input_grad_kernel(
         gv[t][co] = feeds ? static_cast<acc_t>(gr[co * gs.c]) : acc_t(0);
       }
     }
-    const scalar_t* m = kHasMask ? p.mask + n * ms.n + ih * ms.h + iw * ms.w : nullptr;
-    const acc_t m_pixel = kHasMask && active ? static_cast<acc_t>(*m) : acc_t(1);
-    scalar_t* dx = p.grad_input + n * xs.n + ih * xs.h + iw * xs.w;
-
     for (int64_t c0 = 0; c0 < g.in_channels; c0 += g.chunk_channels) {
       const int64_t count = next_weight_chunk<kOut>(g, c0, w_s);
       if (!active) continue;  // after the barriers of the chunk
+      // A single-channel mask has channel stride 0: every channel reads its one value.
+      const scalar_t* mc = kHasMask ? p.mask + n * ms.n + c0 * ms.c + ih * ms.h + iw * ms.w
+                                    : nullptr;
+      scalar_t* dxc = p.grad_input + n * xs.n + c0 * xs.c + ih * xs.h + iw * xs.w;
+      const acc_t* wc = w_s;
       for (int64_t c = 0; c < count; ++c) {
-        const acc_t* wc = w_s + c * (kFewOutputsTaps * kSlots);
-        acc_t sum = 0;
+        // One partial sum per tap column keeps three chains of fused multiply-adds in
+        // flight instead of one.
+        acc_t part[3] = {0, 0, 0};
 #pragma unroll
         for (int t = 0; t < kFewOutputsTaps; ++t) {
           acc_t wt[kOut];
           load_tap_weights<kOut>(wc + t * kSlots, wt);
 #pragma unroll
-          for (int co = 0; co < kOut; ++co) sum += wt[co] * gv[t][co];
+          for (int co = 0; co < kOut; ++co) part[t % 3] += wt[co] * gv[t][co];
         }
-        const int64_t ch = c0 + c;
-        if (kHasMask) sum *= ms.c == 0 ? m_pixel : static_cast<acc_t>(m[ch * ms.c]);
-        dx[ch * xs.c] = static_cast<scalar_t>(sum);
+        acc_t sum = part[0] + part[1] + part[2];
+        if (kHasMask) sum *= static_cast<acc_t>(*mc);
+        *dxc = static_cast<scalar_t>(sum);
+        wc += kFewOutputsTaps * kSlots;
+        if (kHasMask) mc += ms.c;
+        dxc += xs.c;
       }
     }
   }

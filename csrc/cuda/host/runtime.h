@@ -32,6 +32,7 @@
 #define __device__
 #define __host__
 #define __forceinline__ inline
+#define __launch_bounds__(...)
 // One block runs at a time per calling thread, so a function-local static is the block's.
 #define __shared__ static thread_local
 
