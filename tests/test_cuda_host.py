@@ -202,11 +202,11 @@ def _check_result(result, cfg, dtype, x, m, w, b, go):
         assert_matches(result, expected(cfg, x, m, w, b, go), tol, update_tol=min(tol, 1e-6))
 
 
-def _direct_forward(cfg):
-    """The direct forward kernel a few-output layer takes: the one that stages tiles of the
-    input for 3x3 layers of unit stride and dilation, else one pixel per thread."""
+def _direct_kernel(cfg, which):
+    """The direct kernel ("forward" or "input_grad") a few-output layer takes: the one that
+    stages tiles for 3x3 layers of unit stride and dilation, else one pixel per thread."""
     tiled = cfg.kernel == (3, 3) and cfg.stride == (1, 1) and cfg.dilation == (1, 1)
-    return "few_outputs_3x3_forward_kernel" if tiled else "few_outputs_forward_kernel"
+    return f"few_outputs_{'3x3_' if tiled else ''}{which}_kernel"
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64], ids=str)
@@ -221,14 +221,14 @@ def test_few_output_layers_take_the_direct_kernels(host, cfg, dtype, monkeypatch
     x, m, w, b, go = make_inputs(cfg, dtype, "cpu")
     geo = geometry(cfg)
     t, a, masked = SCALAR[dtype], ACC[dtype], str(m is not None).lower()
-    kernel = _direct_forward(cfg)
+    kernel = _direct_kernel(cfg, "forward")
     host.take_launch_log()
     out, upd = ops().partial_conv2d(x, m, w, b, *geo)
     forward = [_kernel_name(r) for r in host.take_launch_log()]
     assert forward[1:] == [f"{kernel}<{t}, {a}, {cfg.cout}, {masked}>"]
     assert forward[0].startswith("mask_ratio_kernel")
     grads = ops().partial_conv2d_backward(go, x, m, w, b is not None, *geo, ALL)
-    input_grad = f"few_outputs_input_grad_kernel<{t}, {a}, {cfg.cout}, {masked}>"
+    input_grad = f"{_direct_kernel(cfg, 'input_grad')}<{t}, {a}, {cfg.cout}, {masked}>"
     assert input_grad in {_kernel_name(r) for r in host.take_launch_log()}
     grads = tuple(grads[:2]) + ((grads[2],) if b is not None else ())
     _check_result((out, upd, grads), cfg, dtype, x, m, w, b, go)
@@ -277,7 +277,7 @@ def test_direct_kernels_follow_the_variable(host, monkeypatch, value, forward, i
     launched = " ".join(r[0] for r in host.take_launch_log())
     assert ("few_outputs_3x3_forward_kernel" in launched) == forward
     assert ("epilogue_kernel" in launched) == (not forward)
-    assert ("few_outputs_input_grad_kernel" in launched) == input_grad
+    assert ("few_outputs_3x3_input_grad_kernel" in launched) == input_grad
     assert_matches(result, expected(cfg, x, m, w, b, go), 1e-10)
 
 
@@ -436,6 +436,7 @@ def expected_kernels(dtype):
     for outputs, has_mask in itertools.product((1, 2, 3, 4), ("true", "false")):
         names.add(f"few_outputs_forward_kernel<{t}, {a}, {outputs}, {has_mask}>")
         names.add(f"few_outputs_3x3_forward_kernel<{t}, {a}, {outputs}, {has_mask}>")
+        names.add(f"few_outputs_3x3_input_grad_kernel<{t}, {a}, {outputs}, {has_mask}>")
         names.add(f"few_outputs_input_grad_kernel<{t}, {a}, {outputs}, {has_mask}>")
     return names
 

@@ -39,26 +39,40 @@ dim3 pixel_grid(int64_t pixels) {
   return dim3(static_cast<unsigned>(std::max<int64_t>(1, blocks)));
 }
 
-// The largest element offset within one sample of a tensor of [*, channels, h, w] with
-// these strides (non-negative, as the op's tensors have).
-int64_t sample_extent(const Strides4& s, int64_t channels, int64_t h, int64_t w) {
-  return (channels - 1) * s.c + (h - 1) * s.h + (w - 1) * s.w;
+// True when every element offset within one sample of a tensor of [*, channels, h, w]
+// with these strides (non-negative, as the op's tensors have) fits the tiled kernels'
+// 32-bit offsets.
+bool fits_32_bits(const Strides4& s, int64_t channels, int64_t h, int64_t w) {
+  const int64_t extent = (channels - 1) * s.c + (h - 1) * s.h + (w - 1) * s.w;
+  return extent <= std::numeric_limits<int32_t>::max();
 }
 
-// The 3x3 forward of few_outputs_3x3_forward_kernel: unit stride and dilation, and offsets
-// within a sample of x and of the mask that fit its 32-bit indices.
+// Launches a tiled kernel over the tiles of [batch, h, w]: a block per tile, at most
+// kBlocksPerMultiprocessor of them a multiprocessor, with the bytes the kernel stages
+// (first in shared memory) and the weight chunks that fit after them.
+template <int kOut, typename Kernel, typename Params>
+void launch_tiled(Kernel kernel, Params& p, int64_t h, int64_t w, int64_t staged_bytes,
+                  cudaStream_t stream) {
+  const size_t smem = staged_bytes + plan_weight_chunks<kOut>(p.conv, staged_bytes);
+  const int64_t blocks =
+      std::min<int64_t>(Tiles(p.conv.batch, h, w).count,
+                        static_cast<int64_t>(multiprocessor_count()) * kBlocksPerMultiprocessor);
+  launch_kernel(kernel, dim3(static_cast<unsigned>(blocks)), dim3(kTileThreads), smem, stream, p);
+}
+
+// The layers of the tiled kernels: 3x3, unit stride and dilation (any padding), where the
+// offsets within a sample of the tensor they index by input pixel (x, or dx) and of the
+// mask fit their 32-bit offsets.
 template <typename scalar_t, typename acc_t>
-bool takes_tiled_forward(const FewOutputsForwardParams<scalar_t, acc_t>& p) {
-  const FewOutputsConv<scalar_t, acc_t>& g = p.conv;
+bool takes_tiled_kernels(const FewOutputsConv<scalar_t, acc_t>& g, const Strides4& pixel_strides,
+                         const scalar_t* mask, const Strides4& mask_strides) {
   if (g.kernel_h != 3 || g.kernel_w != 3 || g.stride_h != 1 || g.stride_w != 1 ||
       g.dil_h != 1 || g.dil_w != 1) {
     return false;
   }
-  constexpr int64_t kMaxOffset = std::numeric_limits<int32_t>::max();
-  const int64_t mask_channels = p.mask_strides.c == 0 ? 1 : g.in_channels;
-  return sample_extent(p.input_strides, g.in_channels, g.in_h, g.in_w) <= kMaxOffset &&
-         (p.mask == nullptr ||
-          sample_extent(p.mask_strides, mask_channels, g.in_h, g.in_w) <= kMaxOffset);
+  const int64_t mask_channels = mask_strides.c == 0 ? 1 : g.in_channels;
+  return fits_32_bits(pixel_strides, g.in_channels, g.in_h, g.in_w) &&
+         (mask == nullptr || fits_32_bits(mask_strides, mask_channels, g.in_h, g.in_w));
 }
 
 // Calls launch(std::integral_constant<int, C_out>{}, std::integral_constant<bool, has_mask>{}).
@@ -83,20 +97,13 @@ void launch_few_outputs_forward(FewOutputsForwardParams<scalar_t, acc_type<scala
   using acc_t = acc_type<scalar_t>;
   const int64_t pixels = p.conv.batch * p.conv.out_h * p.conv.out_w;
   if (pixels <= 0) return;
-  const bool tiled = takes_tiled_forward(p);
+  const bool tiled = takes_tiled_kernels(p.conv, p.input_strides, p.mask, p.mask_strides);
   with_outputs_and_mask(p.conv.out_channels, p.mask != nullptr, [&](auto outputs, auto mask) {
     constexpr int kOut = decltype(outputs)::value;
     constexpr bool kHasMask = decltype(mask)::value;
-    if (tiled) {
-      // A block per tile of outputs; the staged input tile comes first in shared memory.
-      constexpr int64_t kTileBytes = staged_tile_bytes<acc_t>();
-      const size_t smem = kTileBytes + plan_weight_chunks<kOut>(p.conv, kTileBytes);
-      const int64_t tiles = p.conv.batch * ceil_div(p.conv.out_h, kTileRows) *
-                            ceil_div(p.conv.out_w, kTileCols);
-      const int64_t blocks = std::min<int64_t>(
-          tiles, static_cast<int64_t>(multiprocessor_count()) * kBlocksPerMultiprocessor);
-      launch_kernel(few_outputs_3x3_forward_kernel<scalar_t, acc_t, kOut, kHasMask>,
-                    dim3(static_cast<unsigned>(blocks)), dim3(kTileThreads), smem, stream, p);
+    if (tiled) {  // tiles of outputs, staging x * m
+      launch_tiled<kOut>(few_outputs_3x3_forward_kernel<scalar_t, acc_t, kOut, kHasMask>, p,
+                         p.conv.out_h, p.conv.out_w, staged_tile_bytes<acc_t>(), stream);
     } else {
       const size_t smem = plan_weight_chunks<kOut>(p.conv);
       launch_kernel(few_outputs_forward_kernel<scalar_t, acc_t, kOut, kHasMask>,
@@ -111,11 +118,19 @@ void launch_few_outputs_input_grad(FewOutputsInputGradParams<scalar_t, acc_type<
   using acc_t = acc_type<scalar_t>;
   const int64_t pixels = p.conv.batch * p.conv.in_h * p.conv.in_w;
   if (pixels <= 0 || p.conv.in_channels <= 0) return;
+  const bool tiled =
+      takes_tiled_kernels(p.conv, p.grad_input_strides, p.mask, p.mask_strides);
   with_outputs_and_mask(p.conv.out_channels, p.mask != nullptr, [&](auto outputs, auto mask) {
     constexpr int kOut = decltype(outputs)::value;
-    const size_t smem = plan_weight_chunks<kOut>(p.conv);
-    launch_kernel(few_outputs_input_grad_kernel<scalar_t, acc_t, kOut, decltype(mask)::value>,
-                  pixel_grid(pixels), dim3(kThreads), smem, stream, p);
+    constexpr bool kHasMask = decltype(mask)::value;
+    if (tiled) {  // tiles of input pixels, staging g_raw
+      launch_tiled<kOut>(few_outputs_3x3_input_grad_kernel<scalar_t, acc_t, kOut, kHasMask>, p,
+                         p.conv.in_h, p.conv.in_w, staged_grad_bytes<acc_t, kOut>(), stream);
+    } else {
+      const size_t smem = plan_weight_chunks<kOut>(p.conv);
+      launch_kernel(few_outputs_input_grad_kernel<scalar_t, acc_t, kOut, kHasMask>,
+                    pixel_grid(pixels), dim3(kThreads), smem, stream, p);
+    }
   });
 }
 

@@ -13,7 +13,9 @@
 //   input gradient: one thread makes all C_in values of one input pixel. It gathers the
 //                   C_out * taps values of g_raw its pixel feeds into registers once, then
 //                   for each input channel sums them against the weight and writes
-//                   dx = sum * m once.
+//                   dx = sum * m once. The same 3x3 layers take a tiled input gradient
+//                   (few_outputs_3x3_input_grad_kernel): a block stages the g_raw of its
+//                   tile once, and a thread makes dx for kRowPixels adjacent pixels.
 //
 // The weight is staged in shared memory as acc_t w_s[c][tap][co] (tap = i * kw + j, padded
 // with zeros to kFewOutputsTaps taps, and co to out_stride<kOut>: 3 outputs take 4 slots),
@@ -237,6 +239,21 @@ constexpr int kStagedPlane = kStagedRows * kStagedStride;
 // Window positions each thread stages per channel.
 constexpr int kStagedPerThread = (kStagedRows * kStagedCols + kTileThreads - 1) / kTileThreads;
 
+// The tiles of kTileRows x kTileCols pixels over [batch, h, w], numbered plane by plane.
+struct Tiles {
+  int64_t down, across, count;
+  __host__ __device__ Tiles(int64_t batch, int64_t h, int64_t w)
+      : down((h + kTileRows - 1) / kTileRows),
+        across((w + kTileCols - 1) / kTileCols),
+        count(batch * down * across) {}
+  // Tile t: its sample and its first row and column.
+  __device__ void origin(int64_t t, int64_t& n, int64_t& h0, int64_t& w0) const {
+    n = t / (down * across);
+    h0 = (t / across) % down * kTileRows;
+    w0 = t % across * kTileCols;
+  }
+};
+
 // Channels staged at a time: about 20 KB of shared memory, the rest holds the weight.
 template <typename acc_t>
 constexpr int staged_channels() {
@@ -258,17 +275,14 @@ __global__ void __launch_bounds__(kTileThreads, 3)
   acc_t* w_s = tile_s + kStaged * kStagedPlane;
   const FewOutputsConv<scalar_t, acc_t>& g = p.conv;
   const Strides4 &xs = p.input_strides, &ms = p.mask_strides;
-  const int64_t tiles_h = (g.out_h + kTileRows - 1) / kTileRows;
-  const int64_t tiles_w = (g.out_w + kTileCols - 1) / kTileCols;
-  const int64_t tiles = g.batch * tiles_h * tiles_w;
+  const Tiles tiles(g.batch, g.out_h, g.out_w);
   const bool per_channel_mask = kHasMask && ms.c != 0;
   const int tx = threadIdx.x % (kTileCols / kRowPixels), ty = threadIdx.x / (kTileCols / kRowPixels);
   stage_whole_weight<kOut>(g, w_s);
 
-  for (int64_t t = blockIdx.x; t < tiles; t += gridDim.x) {
-    const int64_t n = t / (tiles_h * tiles_w);
-    const int64_t oh0 = (t / tiles_w) % tiles_h * kTileRows;
-    const int64_t ow0 = t % tiles_w * kTileCols;
+  for (int64_t t = blockIdx.x; t < tiles.count; t += gridDim.x) {
+    int64_t n, oh0, ow0;
+    tiles.origin(t, n, oh0, ow0);
     const int64_t h0 = oh0 - g.pad_h, w0 = ow0 - g.pad_w;
 
     // The window positions this thread stages (without a branch: slots past the window
@@ -438,6 +452,121 @@ __global__ void few_outputs_input_grad_kernel(
         wc += kFewOutputsTaps * kSlots;
         if (kHasMask) mc += ms.c;
         dxc += xs.c;
+      }
+    }
+  }
+}
+
+// The input gradient of the same 3x3 layers of unit stride and dilation, on tiles of
+// kTileRows x kTileCols input pixels. A block stages the g_raw its tile reads (kStagedRows x
+// kStagedCols output pixels for each of the C_out channels, zero outside the output) in
+// shared memory once; each thread then makes dx for kRowPixels adjacent pixels of a row,
+// channel after channel: a row of g_raw per output channel and tap row (two vector loads)
+// feeds kRowPixels * 3 taps, and each weight feeds kRowPixels pixels.
+template <typename acc_t, int kOut>
+constexpr int64_t staged_grad_bytes() {
+  return static_cast<int64_t>(kOut) * kStagedPlane * sizeof(acc_t);
+}
+
+template <typename scalar_t, typename acc_t, int kOut, bool kHasMask>
+__global__ void __launch_bounds__(kTileThreads, 2)
+    few_outputs_3x3_input_grad_kernel(const FewOutputsInputGradParams<scalar_t, acc_t> p) {
+  constexpr int kSlots = out_stride<kOut>();
+  acc_t* grad_s = dynamic_shared_memory<acc_t>();
+  acc_t* w_s = grad_s + kOut * kStagedPlane;
+  const FewOutputsConv<scalar_t, acc_t>& g = p.conv;
+  const Strides4 &gs = p.grad_raw_strides, &ms = p.mask_strides, &xs = p.grad_input_strides;
+  const Tiles tiles(g.batch, g.in_h, g.in_w);
+  const int tx = threadIdx.x % (kTileCols / kRowPixels), ty = threadIdx.x / (kTileCols / kRowPixels);
+  stage_whole_weight<kOut>(g, w_s);
+
+  for (int64_t t = blockIdx.x; t < tiles.count; t += gridDim.x) {
+    int64_t n, ih0, iw0;
+    tiles.origin(t, n, ih0, iw0);
+    // Staged position (r, q) holds g_raw at output (oh0 + r, ow0 + q): tap (i, j) of input
+    // pixel (ih, iw) reads output (ih + pad_h - i, iw + pad_w - j).
+    const int64_t oh0 = ih0 + g.pad_h - 2, ow0 = iw0 + g.pad_w - 2;
+    __syncthreads();  // every thread is done with the tile staged before
+    for (int e = threadIdx.x; e < kOut * kStagedRows * kStagedCols; e += kTileThreads) {
+      const int co = e / (kStagedRows * kStagedCols);
+      const int rest = e - co * (kStagedRows * kStagedCols);
+      const int r = rest / kStagedCols, q = rest - r * kStagedCols;
+      const int64_t oh = oh0 + r, ow = ow0 + q;
+      acc_t v = 0;
+      if (oh >= 0 && oh < g.out_h && ow >= 0 && ow < g.out_w) {
+        v = static_cast<acc_t>(p.grad_raw[n * gs.n + co * gs.c + oh * gs.h + ow * gs.w]);
+      }
+      grad_s[co * kStagedPlane + r * kStagedStride + q] = v;
+    }
+    __syncthreads();
+
+    // This thread's pixels: whether each lies in the image, the 32-bit offsets of dx and
+    // of the mask there within a channel of the sample, and a single-channel mask's value.
+    const int64_t ih = ih0 + ty;
+    const bool row_in = ih < g.in_h;
+    bool px_in[kRowPixels];
+    uint32_t dx_off[kRowPixels], m_off[kRowPixels];
+    acc_t m_single[kRowPixels];
+    const bool per_channel_mask = kHasMask && ms.c != 0;
+#pragma unroll
+    for (int px = 0; px < kRowPixels; ++px) {
+      const int64_t iw = iw0 + tx * kRowPixels + px;
+      px_in[px] = row_in && iw < g.in_w;
+      dx_off[px] = px_in[px] ? static_cast<uint32_t>(ih * xs.h + iw * xs.w) : 0u;
+      m_off[px] = px_in[px] ? static_cast<uint32_t>(ih * ms.h + iw * ms.w) : 0u;
+      m_single[px] = kHasMask && !per_channel_mask && px_in[px]
+                         ? static_cast<acc_t>(p.mask[n * ms.n + m_off[px]])
+                         : acc_t(1);
+    }
+    const acc_t* rows = grad_s + ty * kStagedStride + tx * kRowPixels;
+
+    // dx of the chunk [c0, c0 + count), times the mask read per channel or held.
+    auto input_grad = [&](auto per_channel, int64_t c0, int64_t count) {
+      scalar_t* dxc = p.grad_input + n * xs.n + c0 * xs.c;
+      const scalar_t* mc = kHasMask ? p.mask + n * ms.n + c0 * ms.c : nullptr;
+      const acc_t* wc = w_s;
+      for (int64_t c = 0; c < count; ++c) {
+        acc_t sum[kRowPixels];
+#pragma unroll
+        for (int px = 0; px < kRowPixels; ++px) sum[px] = 0;
+#pragma unroll
+        for (int ir = 0; ir < 3; ++ir) {  // staged row ty + ir: tap row i = 2 - ir
+          acc_t wt[3][kOut];
+#pragma unroll
+          for (int j = 0; j < 3; ++j) load_tap_weights<kOut>(wc + ((2 - ir) * 3 + j) * kSlots, wt[j]);
+#pragma unroll
+          for (int co = 0; co < kOut; ++co) {
+            acc_t v[kRowColumns];
+            load_aligned_run(rows + co * kStagedPlane + ir * kStagedStride, v);
+#pragma unroll
+            for (int j = 0; j < 3; ++j) {
+#pragma unroll
+              for (int px = 0; px < kRowPixels; ++px) sum[px] += wt[j][co] * v[px + 2 - j];
+            }
+          }
+        }
+#pragma unroll
+        for (int px = 0; px < kRowPixels; ++px) {
+          acc_t val = sum[px];
+          if constexpr (decltype(per_channel)::value) {
+            val *= static_cast<acc_t>(mc[m_off[px]]);
+          } else if constexpr (kHasMask) {
+            val *= m_single[px];
+          }
+          if (px_in[px]) dxc[dx_off[px]] = static_cast<scalar_t>(val);
+        }
+        dxc += xs.c;
+        if constexpr (kHasMask) mc += ms.c;
+        wc += kFewOutputsTaps * kSlots;
+      }
+    };
+    for (int64_t c0 = 0; c0 < g.in_channels; c0 += g.chunk_channels) {
+      const int64_t count = next_weight_chunk<kOut>(g, c0, w_s);
+      if (!row_in) continue;  // after the barriers of the chunk
+      if (per_channel_mask) {
+        input_grad(std::true_type{}, c0, count);
+      } else {
+        input_grad(std::false_type{}, c0, count);
       }
     }
   }
