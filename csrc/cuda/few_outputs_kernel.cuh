@@ -217,9 +217,9 @@ __global__ void few_outputs_forward_kernel(const FewOutputsForwardParams<scalar_
 
 // The 3x3 layers of unit stride and dilation (the UNets' last layers) take a forward that
 // works on tiles of kTileRows x kTileCols outputs. A block stages x * m of the tile's
-// window (its input rows and columns plus a border of one, zero outside the image, as the
-// padding is a hole) in shared memory as acc_t, kStageChannels channels at a time, each
-// input value loaded from global memory and masked once. Each thread then makes
+// window (the kStagedRows x kStagedCols input pixels its outputs read, zero outside the
+// image, as the padding is a hole) in shared memory as acc_t, staged_channels<acc_t>()
+// channels at a time, each input value loaded from global memory and masked once. Each thread then makes
 // kRowPixels adjacent outputs of a row: per channel, two vector loads give a window row
 // that feeds kRowPixels * 3 taps, and each weight read from shared memory feeds kRowPixels
 // pixels, so the loop is almost only fused multiply-adds, without masking, bounds or
