@@ -11,7 +11,12 @@ forward rows time both and neither (the input gradient's kernel has no part ther
 forward + backward rows all four:
 
     python -m benchmarks.routes                      # GPU: 256² and 512², batch 8
-    python -m benchmarks.routes --json routes.json
+    python -m benchmarks.routes --json routes.json   # written row by row
+
+Each shape and dtype is timed in each layout of ``--layouts`` (NCHW, then channels_last:
+inputs, masks, gradients and weights all in that layout, as
+``model.to(memory_format=torch.channels_last)`` runs them), so that the rule can follow the
+layout too, and a run cut short by ``--max-minutes`` has both layouts of the shapes it did.
 
 Only the CUDA op reads the variable: on a CPU the two routes are the same code, and a run
 there only checks that the tool works.
@@ -19,10 +24,12 @@ there only checks that the tool works.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
 import sys
+import time
 
 import torch
 
@@ -66,33 +73,44 @@ def _set(value):
         os.environ[ROUTE_VARIABLE] = value
 
 
-def measure(shapes, batch, dtypes, modes, device, warmup, repeats, log=print):
-    """One row per (shape, dtype, mask mode, pass): median times in ms of the plain conv
-    and of the fused op on each route of PASS_ROUTES, and the paired ratios of each route
-    to the conv and to the cuDNN route."""
+LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
+
+
+def measure(shapes, batch, dtypes, modes, device, warmup, repeats, layouts=("nchw",),
+            log=print, on_row=None, deadline=None):
+    """One row per (shape, dtype, layout, mask mode, pass): median times in ms of the plain
+    conv and of the fused op on each route of PASS_ROUTES, and the paired ratios of each
+    route to the conv and to the cuDNN route. on_row(rows) follows every row; past
+    ``deadline`` (a time.monotonic() value) no new row starts."""
     impls = cases.implementations(["conv", "fused"])
     rows = []
-    for shape in shapes:
-        for dtype_name in dtypes:
-            w, b = cases.make_params(shape, DTYPES[dtype_name], device)
-            for mode in modes:
-                inputs = cases.make_inputs(shape, batch, mode, DTYPES[dtype_name], device, 4)
-                for pass_, make_call in timing_passes():
-                    calls = {"conv": make_call(impls["conv"], shape, w, b)}
-                    for route in PASS_ROUTES[pass_]:
-                        calls[route] = _on_route(make_call(impls["fused"], shape, w, b),
-                                                 ROUTES[route])
-                    samples = timing.interleaved_samples(calls, inputs, device, warmup, repeats)
-                    t = samples.device_ms
-                    routes = PASS_ROUTES[pass_]
-                    row = dict(layer=shape.label, shape=shape.__dict__, dtype=dtype_name,
-                               mode=mode, pass_=pass_, batch=batch,
-                               ms={n: statistics.median(v) for n, v in t.items()},
-                               vs_conv={r: timing.paired_ratio(t[r], t["conv"]) for r in routes},
-                               vs_cudnn={r: timing.paired_ratio(t[r], t["cudnn"])
-                                         for r in routes if r != "cudnn"})
-                    rows.append(row)
-                    log(format_row(row))
+    for shape, dtype_name, layout in itertools.product(shapes, dtypes, layouts):
+        if deadline is not None and time.monotonic() >= deadline:
+            log(f"# time limit reached: {len(rows)} rows measured")
+            break
+        fmt = LAYOUTS[layout]
+        w, b = cases.make_params(shape, DTYPES[dtype_name], device, weights=layout)
+        for mode in modes:
+            inputs = [tuple(t.contiguous(memory_format=fmt) for t in s)
+                      for s in cases.make_inputs(shape, batch, mode, DTYPES[dtype_name], device, 4)]
+            for pass_, make_call in timing_passes():
+                calls = {"conv": make_call(impls["conv"], shape, w, b)}
+                for route in PASS_ROUTES[pass_]:
+                    calls[route] = _on_route(make_call(impls["fused"], shape, w, b),
+                                             ROUTES[route])
+                samples = timing.interleaved_samples(calls, inputs, device, warmup, repeats)
+                t = samples.device_ms
+                routes = PASS_ROUTES[pass_]
+                row = dict(layer=shape.label, shape=shape.__dict__, dtype=dtype_name,
+                           mode=mode, pass_=pass_, batch=batch, layout=layout,
+                           ms={n: statistics.median(v) for n, v in t.items()},
+                           vs_conv={r: timing.paired_ratio(t[r], t["conv"]) for r in routes},
+                           vs_cudnn={r: timing.paired_ratio(t[r], t["cudnn"])
+                                     for r in routes if r != "cudnn"})
+                rows.append(row)
+                log(format_row(row))
+                if on_row is not None:
+                    on_row(rows)
     return rows
 
 
@@ -100,7 +118,7 @@ def timing_passes():
     return (("fwd", cases.forward_call), ("fwd+bwd", cases.train_call))
 
 
-HEADER = ("layer | dtype | mask | pass | conv ms | route / conv: direct, forward, "
+HEADER = ("layer | layout | dtype | mask | pass | conv ms | route / conv: direct, forward, "
           "input_grad, cudnn | route / cudnn route: direct, forward, input_grad")
 
 
@@ -109,22 +127,24 @@ def _cells(ratios, routes):
 
 
 def format_row(r) -> str:
-    return (f"{r['layer']} | {r['dtype']} | {r['mode']} | {r['pass_']} | {r['ms']['conv']:.4f} | "
+    return (f"{r['layer']} | {r['layout']} | {r['dtype']} | {r['mode']} | {r['pass_']} | "
+            f"{r['ms']['conv']:.4f} | "
             f"{_cells(r['vs_conv'], ROUTES)} | {_cells(r['vs_cudnn'], list(ROUTES)[:3])}")
 
 
 def summary(rows) -> str:
-    """Per pass and route: the geometric mean over the rows of route / cuDNN route, and in
-    how many rows the route was the faster."""
+    """Per layout, pass and route: the geometric mean over the rows of route / cuDNN route,
+    and in how many rows the route was the faster."""
     lines = []
-    for pass_, routes in PASS_ROUTES.items():
-        picked = [r for r in rows if r["pass_"] == pass_]
+    for layout, (pass_, routes) in itertools.product(LAYOUTS, PASS_ROUTES.items()):
+        picked = [r for r in rows if r["pass_"] == pass_ and r["layout"] == layout]
         for route in routes:
             if route == "cudnn" or not picked:
                 continue
             values = [r["vs_cudnn"][route] for r in picked]
-            lines.append(f"{pass_}: {route} / cuDNN route, geometric mean {geomean(values):.3f}, "
-                         f"faster in {sum(v < 1 for v in values)} of {len(values)} rows")
+            lines.append(f"{layout} {pass_}: {route} / cuDNN route, geometric mean "
+                         f"{geomean(values):.3f}, faster in {sum(v < 1 for v in values)} of "
+                         f"{len(values)} rows")
     return "\n".join(lines)
 
 
@@ -136,9 +156,13 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=["bfloat16", "float32"])
     p.add_argument("--modes", nargs="+", choices=["single", "multi"], default=["single", "multi"])
+    p.add_argument("--layouts", nargs="+", choices=list(LAYOUTS), default=list(LAYOUTS),
+                   help="memory formats, timed one after the other (default: both)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--json", help="write the rows and the environment here")
+    p.add_argument("--max-minutes", type=float,
+                   help="start no (shape, dtype, layout) group of rows after this long")
     args = p.parse_args(argv)
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     args.sizes = args.sizes or [256, 512]
@@ -157,12 +181,18 @@ def main(argv=None) -> int:
         print("# CPU: both routes run the same code (only the CUDA op reads "
               f"{ROUTE_VARIABLE})")
     print(HEADER)
+
+    def save(rows):  # after every row, so that a run stopped by a time limit keeps its rows
+        if args.json:
+            with open(args.json + ".tmp", "w") as f:
+                json.dump({"environment": env, "rows": rows}, f, indent=1)
+            os.replace(args.json + ".tmp", args.json)
+
+    deadline = None if args.max_minutes is None else time.monotonic() + 60 * args.max_minutes
     rows = measure(few_output_shapes(args.sizes), args.batch, args.dtypes, args.modes,
-                   args.device, args.warmup, args.repeats)
+                   args.device, args.warmup, args.repeats, args.layouts, on_row=save,
+                   deadline=deadline)
     print(summary(rows))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"environment": env, "rows": rows}, f, indent=1)
     return 0
 
 

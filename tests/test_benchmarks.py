@@ -908,15 +908,32 @@ def test_routes_time_both_routes_of_the_few_output_layers(tmp_path, capsys, monk
     monkeypatch.delenv(routes.ROUTE_VARIABLE)
 
     path = tmp_path / "routes.json"
+    layouts, interleaved = [], routes.timing.interleaved_samples
+
+    def spy(calls, inputs, *args):
+        x, m, _ = inputs[0]
+        layouts.append((x.is_contiguous(memory_format=torch.channels_last),
+                        m.is_contiguous(memory_format=torch.channels_last)))
+        return interleaved(calls, inputs, *args)
+
+    monkeypatch.setattr(routes.timing, "interleaved_samples", spy)
+    saved = []
+    monkeypatch.setattr(routes.os, "replace", lambda a, b: (saved.append(
+        len(json.loads(pathlib.Path(a).read_text())["rows"])), os.rename(a, b)))
     assert routes.main(["--device", "cpu", "--sizes", "256", "--batch", "1", "--dtypes",
                         "float32", "--modes", "single", "--warmup", "1", "--repeats", "2",
                         "--json", str(path)]) == 0
     out = capsys.readouterr().out
     assert routes.HEADER in out and "both routes run the same code" in out
     rows = json.loads(path.read_text())["rows"]
-    assert [(r["layer"], r["pass_"]) for r in rows] == [
-        ("67->3 k3 s1 @256", "fwd"), ("67->3 k3 s1 @256", "fwd+bwd"),
-        ("64->3 k3 s1 @256", "fwd"), ("64->3 k3 s1 @256", "fwd+bwd")]
+    # Each shape in NCHW, then channels_last (inputs and weights), the file written after
+    # each row.
+    assert [(r["layer"], r["layout"], r["pass_"]) for r in rows] == [
+        (layer, layout, pass_) for layer in ("67->3 k3 s1 @256", "64->3 k3 s1 @256")
+        for layout in ("nchw", "channels_last") for pass_ in ("fwd", "fwd+bwd")]
+    assert saved == list(range(1, 9))
+    # [N, 1, H, W] masks count as both layouts.
+    assert layouts == [(False, True), (False, True), (True, True), (True, True)] * 2
     for r in rows:
         timed = set(routes.PASS_ROUTES[r["pass_"]])
         assert set(r["ms"]) == {"conv"} | timed and set(r["vs_conv"]) == timed
@@ -925,6 +942,11 @@ def test_routes_time_both_routes_of_the_few_output_layers(tmp_path, capsys, monk
         assert all(math.isfinite(v) and v > 0 for v in values)
         assert routes.format_row(r) in out
     assert len(routes.PASS_ROUTES["fwd+bwd"]) == 4 and routes.PASS_ROUTES["fwd"] == ("direct", "cudnn")
-    for line in ("fwd: direct / cuDNN route, geometric mean",
-                 "fwd+bwd: input_grad / cuDNN route, geometric mean"):
+    # Past --max-minutes no new group starts: here, none after the first.
+    assert routes.main(["--device", "cpu", "--sizes", "256", "--batch", "1", "--dtypes",
+                        "float32", "--modes", "single", "--layouts", "nchw", "--warmup", "1",
+                        "--repeats", "1", "--max-minutes", "0", "--json", str(path)]) == 0
+    assert "time limit reached: 0 rows measured" in capsys.readouterr().out
+    for line in ("nchw fwd: direct / cuDNN route, geometric mean",
+                 "channels_last fwd+bwd: input_grad / cuDNN route, geometric mean"):
         assert line in out

@@ -9,7 +9,8 @@
 #             is also tested without a GPU there, by the host build in test_cuda_host.py)
 #   memcheck  compute-sanitizer memcheck on tools/memcheck_case.py (every kernel path, small)
 #   routes    the UNets' few-output layers (64->3, 67->3) with and without each direct
-#             kernel, side by side (benchmarks.routes, PCONV_CUDA_DIRECT), about a minute
+#             kernel, side by side (benchmarks.routes, PCONV_CUDA_DIRECT), NCHW then
+#             channels_last; the rows done when its limit ends it stay in routes.json
 #   bench     the GPU table, for whatever time is left: the training-step rows, then bfloat16,
 #             float32 and float16, each at 512 then 256, multi-channel then single-channel
 #             masks; rows are saved as measured and a later run goes on from BENCH_FROM;
@@ -134,7 +135,10 @@ fi
 if step routes; then
   limit=$(cap 90 $(step bench && echo 60 || echo 0))
   note "routes of the few-output layers (limit ${limit} s)"
-  timeout -s INT -k 15 "$limit" $PY -m benchmarks.routes --json "$OUT/routes.json" 2>&1 | tail -20
+  # New groups of rows stop well before the limit, so that the run ends by itself.
+  minutes=$($PY -c "print(max(0.0, ($limit - 30) / 60))")
+  timeout -s INT -k 15 "$limit" $PY -m benchmarks.routes --json "$OUT/routes.json" \
+      --max-minutes "$minutes" 2>&1 | tail -20
   rc=${PIPESTATUS[0]}
   status=$((status | rc))
 fi
