@@ -117,7 +117,7 @@ SASS = """
         /*0000*/                   MOV R1, c[0x0][0x28] ;                 /* 0x00000a00ff017b82 */
         /*0010*/                   LDG.E R3, desc[UR4][R6.64] ;          /* 0x0000000406037981 */
         /*0020*/                   FFMA.FTZ R2, R3, R4, R2 ;             /* 0x0000000403027223 */
-        /*0030*/                   FFMA R5, R3, R4, R5 ;                 /* 0x0000000403057223 */
+        /*0030*/                   HMMA.16816.F32.BF16 R8, R4, R2, R8 ;  /* 0x000000020408723c */
         /*0040*/               @P0 BRA 0x10 ;                            /* 0xfffffff000f00947 */
         /*0050*/                   IADD3 R7, R7, 0x1, RZ ;               /* 0x0000000107077810 */
         /*0060*/              @!P1 BRA 0x0 ;                             /* 0xfffffff800848947 */
@@ -135,5 +135,5 @@ def test_sass_loops_finds_the_innermost_loop_and_its_fmas():
     assert [a for a, _, _ in code] == list(range(0, 0xa0, 0x10))
     (loop,) = tool.innermost_loops(code)
     assert (loop.start, loop.end) == (0x10, 0x40)
-    assert loop.instructions == 4 and loop.fmas == 2
+    assert loop.instructions == 4 and loop.fmas == 1 and loop.mmas == 1
     assert loop.opcodes["BRA"] == 1 and loop.opcodes["LDG.E"] == 1

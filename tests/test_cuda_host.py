@@ -11,6 +11,7 @@ ATen's CPU ones here and cuDNN's on a GPU: test_cuda.py checks the kernels there
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import os
 
@@ -202,11 +203,15 @@ def _check_result(result, cfg, dtype, x, m, w, b, go):
         assert_matches(result, expected(cfg, x, m, w, b, go), tol, update_tol=min(tol, 1e-6))
 
 
-def _direct_kernel(cfg, which):
-    """The direct kernel ("forward" or "input_grad") a few-output layer takes: the one that
-    stages tiles for 3x3 layers of unit stride and dilation, else one pixel per thread."""
+def _direct_kernel(cfg, which, dtype):
+    """The direct kernel ("forward" or "input_grad") a few-output layer takes, with its
+    template arguments: for 3x3 layers of unit stride and dilation one that stages tiles
+    (the forward on tensor cores in 16-bit dtypes), else one pixel per thread."""
+    t, a, masked = SCALAR[dtype], ACC[dtype], str(cfg.mask != "none").lower()
     tiled = cfg.kernel == (3, 3) and cfg.stride == (1, 1) and cfg.dilation == (1, 1)
-    return f"few_outputs_{'3x3_' if tiled else ''}{which}_kernel"
+    if tiled and which == "forward" and dtype in (torch.float16, torch.bfloat16):
+        return f"few_outputs_3x3_mma_forward_kernel<{t}, {cfg.cout}, {masked}>"
+    return f"few_outputs_{'3x3_' if tiled else ''}{which}_kernel<{t}, {a}, {cfg.cout}, {masked}>"
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64], ids=str)
@@ -220,15 +225,13 @@ def test_few_output_layers_take_the_direct_kernels(host, cfg, dtype, monkeypatch
     within rounding."""
     x, m, w, b, go = make_inputs(cfg, dtype, "cpu")
     geo = geometry(cfg)
-    t, a, masked = SCALAR[dtype], ACC[dtype], str(m is not None).lower()
-    kernel = _direct_kernel(cfg, "forward")
     host.take_launch_log()
     out, upd = ops().partial_conv2d(x, m, w, b, *geo)
     forward = [_kernel_name(r) for r in host.take_launch_log()]
-    assert forward[1:] == [f"{kernel}<{t}, {a}, {cfg.cout}, {masked}>"]
+    assert forward[1:] == [_direct_kernel(cfg, "forward", dtype)]
     assert forward[0].startswith("mask_ratio_kernel")
     grads = ops().partial_conv2d_backward(go, x, m, w, b is not None, *geo, ALL)
-    input_grad = f"{_direct_kernel(cfg, 'input_grad')}<{t}, {a}, {cfg.cout}, {masked}>"
+    input_grad = _direct_kernel(cfg, "input_grad", dtype)
     assert input_grad in {_kernel_name(r) for r in host.take_launch_log()}
     grads = tuple(grads[:2]) + ((grads[2],) if b is not None else ())
     _check_result((out, upd, grads), cfg, dtype, x, m, w, b, go)
@@ -239,7 +242,8 @@ def test_few_output_layers_take_the_direct_kernels(host, cfg, dtype, monkeypatch
     if m is not None:
         launched = {_kernel_name(r) for r in host.take_launch_log()}
         assert input_grad in launched
-        assert f"{kernel}<{t}, {a}, {cfg.cout}, false>" in launched
+        unmasked = dataclasses.replace(cfg, mask="none")
+        assert _direct_kernel(unmasked, "forward", dtype) in launched
         assert torch.equal(train[0], out) and torch.equal(train[1], upd)
     _check_result(train, cfg, dtype, x, m, w, b, go)
 
@@ -258,6 +262,43 @@ def test_few_output_layers_take_the_direct_kernels(host, cfg, dtype, monkeypatch
         for layout in (torch.contiguous_format, torch.channels_last):
             assert e.is_contiguous(memory_format=layout) == r.is_contiguous(memory_format=layout)
         assert_close_scaled(e, r, tol, name)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_tensor_cores_take_the_16_bit_forward_from_compute_capability_8(host, dtype):
+    """In bfloat16 and float16 the 3x3 forward of a few-output layer runs on tensor cores
+    (mma.sync, compute capability 8.0 on); below 8.0 the CUDA-core tiled kernel takes it.
+    Both match the reference, and each other within the rounding of float32 sums."""
+    cfg = FEW_OUTPUT_CONFIGS[4]  # 400 channels: 25 groups of 16, the weight in 4 chunks
+    x, m, w, b, go = make_inputs(cfg, dtype, "cpu")
+    t, masked = SCALAR[dtype], str(m is not None).lower()
+    results = {}
+    for capability, kernel in ((90, f"few_outputs_3x3_mma_forward_kernel<{t}, 4, {masked}>"),
+                               (75, f"few_outputs_3x3_forward_kernel<{t}, float, 4, {masked}>")):
+        host.set_compute_capability(capability)
+        try:
+            host.take_launch_log()
+            results[capability] = ops().partial_conv2d(x, m, w, b, *geometry(cfg))
+            assert kernel in {_kernel_name(r) for r in host.take_launch_log()}
+        finally:
+            host.set_compute_capability(90)
+        # The forward alone: no gradients to check.
+        assert_low_precision_matches((*results[capability], ()), cfg, *nchw(x, m, w, b, go))
+    assert_close_scaled(results[90][0], results[75][0], 1e-2, "output")
+    assert torch.equal(results[90][1], results[75][1])
+
+    # 18 tiles of 8 x 64 outputs: with one multiprocessor (16 blocks) blocks take a second
+    # tile, and each tile's outputs are the same bits.
+    cfg = make_cfg(1, 5, 3, 72, 70, 3, 1, 1, 1, 1, "holes")
+    x, m, w, b, go = make_inputs(cfg, dtype, "cpu")
+    spread = ops().partial_conv2d(x, m, w, b, *geometry(cfg))
+    host.take_launch_log()
+    with runtime(host, multiprocessors=1):
+        wrapped = ops().partial_conv2d(x, m, w, b, *geometry(cfg))
+    launch = next(r for r in host.take_launch_log() if "mma_forward" in r[0])
+    assert launch[1] == (16, 1, 1)
+    assert torch.equal(spread[0], wrapped[0])
+    assert_low_precision_matches((*wrapped, ()), cfg, *nchw(x, m, w, b, go))
 
 
 @pytest.mark.parametrize("value, forward, input_grad", [
@@ -435,7 +476,10 @@ def expected_kernels(dtype):
     names.add(f"bias_grad_finalize_kernel<{t}, {a}>")
     for outputs, has_mask in itertools.product((1, 2, 3, 4), ("true", "false")):
         names.add(f"few_outputs_forward_kernel<{t}, {a}, {outputs}, {has_mask}>")
-        names.add(f"few_outputs_3x3_forward_kernel<{t}, {a}, {outputs}, {has_mask}>")
+        if dtype in (torch.float16, torch.bfloat16):
+            names.add(f"few_outputs_3x3_mma_forward_kernel<{t}, {outputs}, {has_mask}>")
+        else:
+            names.add(f"few_outputs_3x3_forward_kernel<{t}, {a}, {outputs}, {has_mask}>")
         names.add(f"few_outputs_3x3_input_grad_kernel<{t}, {a}, {outputs}, {has_mask}>")
         names.add(f"few_outputs_input_grad_kernel<{t}, {a}, {outputs}, {has_mask}>")
     return names

@@ -1,5 +1,6 @@
 """The innermost loops of each kernel in an object file, from its SASS: how many
-instructions a trip takes and how many of them are fused multiply-adds.
+instructions a trip takes, how many of them are fused multiply-adds, and how many are
+tensor-core matrix multiply-adds (HMMA).
 
 Without a GPU this is the one way to see what a kernel's hot loop costs: an FFMA-bound
 loop runs at most at (FMAs / instructions) of the multiprocessor's FMA rate, since one
@@ -24,6 +25,7 @@ _FUNCTION = re.compile(r"Function : (\S+)")
 _INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
 _BRANCH_TARGET = re.compile(r"0x([0-9a-f]+)")
 FMA_OPCODES = ("FFMA", "DFMA", "HFMA2")
+MMA_OPCODES = ("HMMA",)  # tensor-core matrix multiply-adds
 
 
 @dataclass
@@ -39,6 +41,10 @@ class Loop:
     @property
     def fmas(self) -> int:
         return sum(n for op, n in self.opcodes.items() if op.split(".")[0] in FMA_OPCODES)
+
+    @property
+    def mmas(self) -> int:
+        return sum(n for op, n in self.opcodes.items() if op.split(".")[0] in MMA_OPCODES)
 
 
 def parse(sass: str) -> dict[str, list[tuple[int, str, str]]]:
@@ -105,16 +111,17 @@ def main(argv=None) -> int:
         if args.match not in name:
             continue
         loops = sorted(innermost_loops(functions[mangled]),
-                       key=lambda l: (-l.fmas, -l.instructions))
-        loops = [l for l in loops if l.fmas or args.all][: args.top]
+                       key=lambda l: (-l.mmas, -l.fmas, -l.instructions))
+        loops = [l for l in loops if l.fmas or l.mmas or args.all][: args.top]
         print(name.split("(")[0].removeprefix("void pconv::cuda::"))
         if not loops:
             print("    no loop with a fused multiply-add")
         for loop in loops:
             share = loop.fmas / loop.instructions
+            mma = f", {loop.mmas} MMA" if loop.mmas else ""
             busiest = ", ".join(f"{op} {n}" for op, n in loop.opcodes.most_common(6))
             print(f"    loop {loop.start:#06x}-{loop.end:#06x}: {loop.instructions} instructions,"
-                  f" {loop.fmas} FMA ({share:.0%}); {busiest}")
+                  f" {loop.fmas} FMA ({share:.0%}){mma}; {busiest}")
     return 0
 
 

@@ -1,6 +1,7 @@
 // Launchers of the direct convolutions for few output channels (few_outputs_kernel.cuh) and
 // their instantiations. No ATen header: see launch.cuh.
 #include "few_outputs_kernel.cuh"
+#include "few_outputs_mma_kernel.cuh"
 #include "launch.cuh"
 #include "launch_utils.cuh"
 
@@ -47,17 +48,20 @@ bool fits_32_bits(const Strides4& s, int64_t channels, int64_t h, int64_t w) {
   return extent <= std::numeric_limits<int32_t>::max();
 }
 
-// Launches a tiled kernel over the tiles of [batch, h, w]: a block per tile, at most
-// kBlocksPerMultiprocessor of them a multiprocessor, with the bytes the kernel stages
-// (first in shared memory) and the weight chunks that fit after them.
+// A block per tile, at most kBlocksPerMultiprocessor of them a multiprocessor.
+dim3 tile_grid(const Tiles& tiles) {
+  return dim3(static_cast<unsigned>(std::min<int64_t>(
+      tiles.count, static_cast<int64_t>(multiprocessor_count()) * kBlocksPerMultiprocessor)));
+}
+
+// Launches a CUDA-core tiled kernel over the tiles of [batch, h, w], with the bytes it
+// stages (first in shared memory) and the weight chunks that fit after them.
 template <int kOut, typename Kernel, typename Params>
 void launch_tiled(Kernel kernel, Params& p, int64_t h, int64_t w, int64_t staged_bytes,
                   cudaStream_t stream) {
   const size_t smem = staged_bytes + plan_weight_chunks<kOut>(p.conv, staged_bytes);
-  const int64_t blocks =
-      std::min<int64_t>(Tiles(p.conv.batch, h, w).count,
-                        static_cast<int64_t>(multiprocessor_count()) * kBlocksPerMultiprocessor);
-  launch_kernel(kernel, dim3(static_cast<unsigned>(blocks)), dim3(kTileThreads), smem, stream, p);
+  launch_kernel(kernel, tile_grid(Tiles(p.conv.batch, h, w)), dim3(kTileThreads), smem, stream,
+                p);
 }
 
 // The layers of the tiled kernels: 3x3, unit stride and dilation (any padding), where the
@@ -91,6 +95,21 @@ void with_outputs_and_mask(int64_t out_channels, bool has_mask, Launch&& launch)
 
 }  // namespace
 
+// The tensor-core forward (few_outputs_mma_kernel.cuh): bfloat16 and float16 on devices of
+// compute capability 8.0 and later. Its weight is staged in whole groups of 16 channels.
+template <int kOut, bool kHasMask, typename scalar_t>
+void launch_mma_forward(FewOutputsForwardParams<scalar_t, float>& p, cudaStream_t stream) {
+  FewOutputsConv<scalar_t, float>& g = p.conv;
+  const int64_t groups = ceil_div(g.in_channels, kGroupChannels);
+  const int64_t fit = (kMaxWeightBytes - kMmaStagedBytes) / kGroupWeightBytes;
+  const int64_t chunk_groups = std::min(groups, fit);
+  g.chunk_channels = chunk_groups * kGroupChannels;
+  const size_t smem = kMmaStagedBytes + chunk_groups * kGroupWeightBytes;
+  launch_kernel(few_outputs_3x3_mma_forward_kernel<scalar_t, kOut, kHasMask>,
+                tile_grid(Tiles(g.batch, g.out_h, g.out_w, kMmaTileRows)), dim3(kMmaThreads),
+                smem, stream, p);
+}
+
 template <typename scalar_t>
 void launch_few_outputs_forward(FewOutputsForwardParams<scalar_t, acc_type<scalar_t>> p,
                                 cudaStream_t stream) {
@@ -101,6 +120,12 @@ void launch_few_outputs_forward(FewOutputsForwardParams<scalar_t, acc_type<scala
   with_outputs_and_mask(p.conv.out_channels, p.mask != nullptr, [&](auto outputs, auto mask) {
     constexpr int kOut = decltype(outputs)::value;
     constexpr bool kHasMask = decltype(mask)::value;
+    if constexpr (sizeof(scalar_t) == 2) {
+      if (tiled && compute_capability() >= 80) {
+        launch_mma_forward<kOut, kHasMask>(p, stream);
+        return;
+      }
+    }
     if (tiled) {  // tiles of outputs, staging x * m
       launch_tiled<kOut>(few_outputs_3x3_forward_kernel<scalar_t, acc_t, kOut, kHasMask>, p,
                          p.conv.out_h, p.conv.out_w, staged_tile_bytes<acc_t>(), stream);

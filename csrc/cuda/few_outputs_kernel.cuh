@@ -9,7 +9,9 @@
 //                   once. 3x3 layers of unit stride and dilation take a tiled forward
 //                   instead (few_outputs_3x3_forward_kernel, below): a block stages x * m
 //                   of its tile's window in shared memory, and a thread makes kRowPixels
-//                   adjacent outputs of a row from there.
+//                   adjacent outputs of a row from there. In bfloat16 and float16 on
+//                   sm_80 and later, that forward runs on tensor cores instead
+//                   (few_outputs_mma_kernel.cuh).
 //   input gradient: one thread makes all C_in values of one input pixel. It gathers the
 //                   C_out * taps values of g_raw its pixel feeds into registers once, then
 //                   for each input channel sums them against the weight and writes
@@ -136,22 +138,26 @@ __device__ __forceinline__ acc_t masked_value(scalar_t x, acc_t m) {
   return static_cast<acc_t>(static_cast<scalar_t>(static_cast<acc_t>(x) * m));
 }
 
-// y[n, :, oh, ow] = (raw * r + b) * u (raw * r without a bias) from the sums of one pixel.
+// y[n, co, oh, ow] = (raw * r + b) * u (raw * r without a bias) from the sum of one output.
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ void write_output_channel(
+    const FewOutputsForwardParams<scalar_t, acc_t>& p, int64_t n, int64_t oh, int64_t ow, int co,
+    acc_t raw) {
+  const Strides4& ys = p.out_strides;
+  const int64_t mi = n * p.mask_plane_stride + oh * p.conv.out_w + ow;
+  const acc_t r = p.ratio[mi];
+  const acc_t v = p.bias != nullptr ? (raw * r + static_cast<acc_t>(p.bias[co])) * p.update[mi]
+                                    : raw * r;
+  p.out[n * ys.n + co * ys.c + oh * ys.h + ow * ys.w] = static_cast<scalar_t>(v);
+}
+
+// The same for all the outputs of one pixel.
 template <typename scalar_t, typename acc_t, int kOut>
 __device__ __forceinline__ void write_output(const FewOutputsForwardParams<scalar_t, acc_t>& p,
                                              int64_t n, int64_t oh, int64_t ow,
                                              const acc_t (&raw)[kOut]) {
-  const Strides4& ys = p.out_strides;
-  const int64_t mi = n * p.mask_plane_stride + oh * p.conv.out_w + ow;
-  const acc_t r = p.ratio[mi];
-  const acc_t u = p.update[mi];
-  scalar_t* y = p.out + n * ys.n + oh * ys.h + ow * ys.w;
 #pragma unroll
-  for (int co = 0; co < kOut; ++co) {
-    const acc_t v = p.bias != nullptr ? (raw[co] * r + static_cast<acc_t>(p.bias[co])) * u
-                                      : raw[co] * r;
-    y[co * ys.c] = static_cast<scalar_t>(v);
-  }
+  for (int co = 0; co < kOut; ++co) write_output_channel(p, n, oh, ow, co, raw[co]);
 }
 
 template <typename scalar_t, typename acc_t, int kOut, bool kHasMask>
@@ -239,17 +245,18 @@ constexpr int kStagedPlane = kStagedRows * kStagedStride;
 // Window positions each thread stages per channel.
 constexpr int kStagedPerThread = (kStagedRows * kStagedCols + kTileThreads - 1) / kTileThreads;
 
-// The tiles of kTileRows x kTileCols pixels over [batch, h, w], numbered plane by plane.
+// The tiles of `rows` x kTileCols pixels over [batch, h, w], numbered plane by plane.
 struct Tiles {
-  int64_t down, across, count;
-  __host__ __device__ Tiles(int64_t batch, int64_t h, int64_t w)
-      : down((h + kTileRows - 1) / kTileRows),
+  int64_t rows, down, across, count;
+  __host__ __device__ Tiles(int64_t batch, int64_t h, int64_t w, int64_t tile_rows = kTileRows)
+      : rows(tile_rows),
+        down((h + tile_rows - 1) / tile_rows),
         across((w + kTileCols - 1) / kTileCols),
         count(batch * down * across) {}
   // Tile t: its sample and its first row and column.
   __device__ void origin(int64_t t, int64_t& n, int64_t& h0, int64_t& w0) const {
     n = t / (down * across);
-    h0 = (t / across) % down * kTileRows;
+    h0 = (t / across) % down * rows;
     w0 = t % across * kTileCols;
   }
 };

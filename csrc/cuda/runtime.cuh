@@ -52,5 +52,10 @@ void launch_kernel(void (*kernel)(Params), dim3 grid, dim3 block, size_t smem,
 // launchers size their grids from it. The host build's is set by its tests.
 int multiprocessor_count();
 
+// Compute capability of the current device as 10 * major + minor (cached per device); the
+// launchers pick kernels that need tensor-core instructions from it. The host build's is
+// 90 unless its tests set another.
+int compute_capability();
+
 }  // namespace cuda
 }  // namespace pconv

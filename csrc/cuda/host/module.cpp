@@ -31,6 +31,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "Host build of pconv's CUDA sources: test controls of its runtime.";
   m.def("set_multiprocessor_count", &pconv::cuda::host::set_multiprocessor_count,
         "The multiprocessor count the launchers size their grids from.");
+  m.def("set_compute_capability", &pconv::cuda::host::set_compute_capability,
+        "The compute capability (10 * major + minor) the launchers pick kernels by.");
   m.def("set_reverse_schedule", &pconv::cuda::host::set_reverse_schedule,
         "Run the threads of a block in reverse linear order between barriers.");
   m.def("take_launch_log", &take_launch_log,

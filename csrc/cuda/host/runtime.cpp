@@ -24,6 +24,7 @@ namespace pconv {
 namespace cuda {
 
 int multiprocessor_count();
+int compute_capability();
 
 namespace host {
 namespace {
@@ -64,6 +65,7 @@ struct Block {
 // Process-wide, like a device's properties: tests set them from any thread.
 struct Settings {
   std::atomic<int> multiprocessors{2};
+  std::atomic<int> capability{90};
   std::atomic<bool> reverse{false};
   std::mutex log_mutex;
   std::vector<LaunchRecord> log;
@@ -266,6 +268,11 @@ void set_multiprocessor_count(int count) {
   settings().multiprocessors = count;
 }
 
+void set_compute_capability(int capability) {
+  if (capability < 10) throw std::invalid_argument("compute capability is 10 * major + minor");
+  settings().capability = capability;
+}
+
 void set_reverse_schedule(bool reverse) { settings().reverse = reverse; }
 
 std::vector<LaunchRecord> take_launch_log() {
@@ -278,6 +285,8 @@ std::vector<LaunchRecord> take_launch_log() {
 }  // namespace host
 
 int multiprocessor_count() { return host::settings().multiprocessors; }
+
+int compute_capability() { return host::settings().capability; }
 
 }  // namespace cuda
 }  // namespace pconv

@@ -100,8 +100,10 @@ int lane_id();
 void warp_exchange(unsigned mask, const void* value, void* result, size_t size, int src_lane);
 
 // Test controls: the multiprocessor count that launchers size grids from (default 2, so
-// that grid-stride loops wrap at small sizes), the thread order, and the launch log.
+// that grid-stride loops wrap at small sizes), the compute capability they pick kernels by
+// (default 90), the thread order, and the launch log.
 void set_multiprocessor_count(int count);
+void set_compute_capability(int capability);
 void set_reverse_schedule(bool reverse);
 std::vector<LaunchRecord> take_launch_log();
 
