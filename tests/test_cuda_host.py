@@ -203,14 +203,24 @@ def _check_result(result, cfg, dtype, x, m, w, b, go):
         assert_matches(result, expected(cfg, x, m, w, b, go), tol, update_tol=min(tol, 1e-6))
 
 
+def _mma_input_grad_fits(cfg):
+    """Whether the tensor-core input gradient's shared memory (g_raw of 10 x 66 pixels per
+    output channel in 16 bits, the weight in fragments of 16 values of k = (output, tap))
+    stays within 48 KiB."""
+    steps = -(-9 * cfg.cout // 16)
+    staged = -(-cfg.cout * 660 * 2 // 16) * 16
+    return staged + -(-cfg.cin // 8) * steps * 256 <= 48 * 1024
+
+
 def _direct_kernel(cfg, which, dtype):
     """The direct kernel ("forward" or "input_grad") a few-output layer takes, with its
     template arguments: for 3x3 layers of unit stride and dilation one that stages tiles
     (the forward on tensor cores in 16-bit dtypes), else one pixel per thread."""
     t, a, masked = SCALAR[dtype], ACC[dtype], str(cfg.mask != "none").lower()
     tiled = cfg.kernel == (3, 3) and cfg.stride == (1, 1) and cfg.dilation == (1, 1)
-    if tiled and which == "forward" and dtype in (torch.float16, torch.bfloat16):
-        return f"few_outputs_3x3_mma_forward_kernel<{t}, {cfg.cout}, {masked}>"
+    if tiled and dtype in (torch.float16, torch.bfloat16) and (
+            which == "forward" or _mma_input_grad_fits(cfg)):
+        return f"few_outputs_3x3_mma_{which}_kernel<{t}, {cfg.cout}, {masked}>"
     return f"few_outputs_{'3x3_' if tiled else ''}{which}_kernel<{t}, {a}, {cfg.cout}, {masked}>"
 
 
@@ -266,8 +276,9 @@ def test_few_output_layers_take_the_direct_kernels(host, cfg, dtype, monkeypatch
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_tensor_cores_take_the_16_bit_forward_from_compute_capability_8(host, dtype):
-    """In bfloat16 and float16 the 3x3 forward of a few-output layer runs on tensor cores
-    (mma.sync, compute capability 8.0 on); below 8.0 the CUDA-core tiled kernel takes it.
+    """In bfloat16 and float16 the 3x3 forward and input gradient of a few-output layer run
+    on tensor cores (mma.sync, compute capability 8.0 on); below 8.0, or where the input
+    gradient's weight does not fit in shared memory, the CUDA-core tiled kernels take them.
     Both match the reference, and each other within the rounding of float32 sums."""
     cfg = FEW_OUTPUT_CONFIGS[4]  # 400 channels: 25 groups of 16, the weight in 4 chunks
     x, m, w, b, go = make_inputs(cfg, dtype, "cpu")
@@ -287,18 +298,31 @@ def test_tensor_cores_take_the_16_bit_forward_from_compute_capability_8(host, dt
     assert_close_scaled(results[90][0], results[75][0], 1e-2, "output")
     assert torch.equal(results[90][1], results[75][1])
 
-    # 18 tiles of 8 x 64 outputs: with one multiprocessor (16 blocks) blocks take a second
-    # tile, and each tile's outputs are the same bits.
+    # 480 input channels at 4 outputs: the tensor-core input gradient's weight does not fit
+    # in shared memory, and the CUDA-core kernel takes it.
+    cfg = make_cfg(1, 480, 4, 6, 7, 3, 1, 1, 1, 1, "binary")
+    assert not _mma_input_grad_fits(cfg)
+    x, m, w, b, go = make_inputs(cfg, dtype, "cpu")
+    host.take_launch_log()
+    result = host_run(cfg, x, m, w, b, go, train=True)
+    assert _direct_kernel(cfg, "input_grad", dtype) in {
+        _kernel_name(r) for r in host.take_launch_log()}
+    assert_low_precision_matches(result, cfg, *nchw(x, m, w, b, go))
+
+    # 18 tiles of 8 x 64 pixels: with one multiprocessor (16 blocks) blocks take a second
+    # tile, and each tile's outputs and input gradients are the same bits.
     cfg = make_cfg(1, 5, 3, 72, 70, 3, 1, 1, 1, 1, "holes")
     x, m, w, b, go = make_inputs(cfg, dtype, "cpu")
-    spread = ops().partial_conv2d(x, m, w, b, *geometry(cfg))
+    spread = host_run(cfg, x, m, w, b, go, train=False)
     host.take_launch_log()
     with runtime(host, multiprocessors=1):
-        wrapped = ops().partial_conv2d(x, m, w, b, *geometry(cfg))
-    launch = next(r for r in host.take_launch_log() if "mma_forward" in r[0])
-    assert launch[1] == (16, 1, 1)
-    assert torch.equal(spread[0], wrapped[0])
-    assert_low_precision_matches((*wrapped, ()), cfg, *nchw(x, m, w, b, go))
+        wrapped = host_run(cfg, x, m, w, b, go, train=False)
+    grids = {_kernel_name(r).split("<")[0]: r[1]
+             for r in host.take_launch_log() if "_mma_" in r[0]}
+    assert grids == {"few_outputs_3x3_mma_forward_kernel": (16, 1, 1),
+                     "few_outputs_3x3_mma_input_grad_kernel": (16, 1, 1)}
+    assert torch.equal(spread[0], wrapped[0]) and torch.equal(spread[2][0], wrapped[2][0])
+    assert_low_precision_matches(wrapped, cfg, *nchw(x, m, w, b, go))
 
 
 @pytest.mark.parametrize("value, forward, input_grad", [
@@ -477,10 +501,11 @@ def expected_kernels(dtype):
     for outputs, has_mask in itertools.product((1, 2, 3, 4), ("true", "false")):
         names.add(f"few_outputs_forward_kernel<{t}, {a}, {outputs}, {has_mask}>")
         if dtype in (torch.float16, torch.bfloat16):
-            names.add(f"few_outputs_3x3_mma_forward_kernel<{t}, {outputs}, {has_mask}>")
+            for which in ("forward", "input_grad"):
+                names.add(f"few_outputs_3x3_mma_{which}_kernel<{t}, {outputs}, {has_mask}>")
         else:
             names.add(f"few_outputs_3x3_forward_kernel<{t}, {a}, {outputs}, {has_mask}>")
-        names.add(f"few_outputs_3x3_input_grad_kernel<{t}, {a}, {outputs}, {has_mask}>")
+            names.add(f"few_outputs_3x3_input_grad_kernel<{t}, {a}, {outputs}, {has_mask}>")
         names.add(f"few_outputs_input_grad_kernel<{t}, {a}, {outputs}, {has_mask}>")
     return names
 

@@ -137,6 +137,23 @@ void launch_few_outputs_forward(FewOutputsForwardParams<scalar_t, acc_type<scala
   });
 }
 
+// The tensor-core input gradient: bfloat16 and float16 on compute capability 8.0 and
+// later, where the whole weight fits in shared memory next to the staged g_raw (C_in up
+// to about 400 at 4 outputs); false where it does not, for the CUDA-core kernel to take.
+template <int kOut, bool kHasMask, typename scalar_t>
+bool launch_mma_input_grad(const FewOutputsInputGradParams<scalar_t, float>& p,
+                           cudaStream_t stream) {
+  const FewOutputsConv<scalar_t, float>& g = p.conv;
+  const int64_t weight_bytes =
+      ceil_div(g.in_channels, 8) * channel_group_words<kOut>() * int64_t{4};
+  const int64_t smem = staged_grad_mma_bytes<kOut>() + weight_bytes;
+  if (smem > kMaxWeightBytes) return false;
+  launch_kernel(few_outputs_3x3_mma_input_grad_kernel<scalar_t, kOut, kHasMask>,
+                tile_grid(Tiles(g.batch, g.in_h, g.in_w, kMmaTileRows)), dim3(kMmaThreads),
+                static_cast<size_t>(smem), stream, p);
+  return true;
+}
+
 template <typename scalar_t>
 void launch_few_outputs_input_grad(FewOutputsInputGradParams<scalar_t, acc_type<scalar_t>> p,
                                    cudaStream_t stream) {
@@ -148,6 +165,12 @@ void launch_few_outputs_input_grad(FewOutputsInputGradParams<scalar_t, acc_type<
   with_outputs_and_mask(p.conv.out_channels, p.mask != nullptr, [&](auto outputs, auto mask) {
     constexpr int kOut = decltype(outputs)::value;
     constexpr bool kHasMask = decltype(mask)::value;
+    if constexpr (sizeof(scalar_t) == 2) {
+      if (tiled && compute_capability() >= 80 &&
+          launch_mma_input_grad<kOut, kHasMask>(p, stream)) {
+        return;
+      }
+    }
     if (tiled) {  // tiles of input pixels, staging g_raw
       launch_tiled<kOut>(few_outputs_3x3_input_grad_kernel<scalar_t, acc_t, kOut, kHasMask>, p,
                          p.conv.in_h, p.conv.in_w, staged_grad_bytes<acc_t, kOut>(), stream);

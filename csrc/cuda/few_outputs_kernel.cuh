@@ -17,7 +17,8 @@
 //                   for each input channel sums them against the weight and writes
 //                   dx = sum * m once. The same 3x3 layers take a tiled input gradient
 //                   (few_outputs_3x3_input_grad_kernel): a block stages the g_raw of its
-//                   tile once, and a thread makes dx for kRowPixels adjacent pixels.
+//                   tile once, and a thread makes dx for kRowPixels adjacent pixels
+//                   (on tensor cores in bfloat16 and float16, few_outputs_mma_kernel.cuh).
 //
 // The weight is staged in shared memory as acc_t w_s[c][tap][co] (tap = i * kw + j, padded
 // with zeros to kFewOutputsTaps taps, and co to out_stride<kOut>: 3 outputs take 4 slots),

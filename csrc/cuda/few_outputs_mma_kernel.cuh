@@ -216,5 +216,174 @@ __global__ void __launch_bounds__(kMmaThreads, 3)
   }
 }
 
+// The input gradient of the same layers on tensor cores: dx of a run of 16 input pixels
+// for 8 input channels is a GEMM of (pixels) x (C_out x 9 taps, padded to a multiple of
+// 16) by (C_out x 9 taps) x (channels): grad_steps mma.sync m16n8k16 a run and 8 channels
+// (2 for 3 outputs). A block of 8
+// warps takes kMmaTileRows x kTileCols input pixels, a warp one row of them. The block
+// stages the g_raw its tile reads (kMmaStagedRows x kStagedCols output pixels of each
+// output channel, zero outside the output) in the input dtype once, and the whole weight
+// in B-fragment order: per group of 8 input channels and step of 16 values of k, 2 words
+// per lane.
+// A lane's A values sit at offsets (output channel, tap) that depend on the lane alone, so
+// it finds them once per tile.
+// Steps of 16 values of k = (output channel, tap): 9 C_out padded to a multiple of 16.
+template <int kOut>
+constexpr int grad_steps() {
+  return (9 * kOut + 15) / 16;
+}
+// Words of the staged weight per group of 8 input channels: steps x 32 lanes x 2.
+template <int kOut>
+constexpr int channel_group_words() {
+  return grad_steps<kOut>() * 32 * 2;
+}
+template <int kOut>
+constexpr int64_t staged_grad_mma_bytes() {
+  // 16-bit values, rounded up to whole 16-byte rows of the buffer.
+  return (static_cast<int64_t>(kOut) * kMmaStagedPixels * 2 + 15) / 16 * 16;
+}
+
+// k of the GEMM: output channel k / 9, tap k % 9 (k < 9 C_out; the rest are zero).
+// B fragments: word w of lane l for step s of channel group q at
+// w_s[((q * grad_steps + s) * 32 + l) * 2 + w] holds W[co][c][tap] for c = 8 q + l / 4 and
+// k = 16 s + 2 (l % 4) + 8 w (+1 in the high half).
+template <int kOut, typename scalar_t>
+__device__ __forceinline__ void stage_mma_grad_weight(const FewOutputsConv<scalar_t, float>& g,
+                                                      uint32_t* w_s) {
+  const Strides4& s = g.weight_strides;
+  constexpr int kGroupWords = channel_group_words<kOut>();
+  const int64_t groups = (g.in_channels + 7) / 8;
+  for (int64_t e = threadIdx.x; e < groups * kGroupWords; e += blockDim.x) {
+    const int64_t q = e / kGroupWords;
+    const int rest = static_cast<int>(e - q * kGroupWords);
+    const int step = rest / 64, lane = rest % 64 / 2, word = rest % 2;
+    const int64_t c = q * 8 + lane / 4;
+    const int k = 16 * step + 2 * (lane % 4) + 8 * word;
+    scalar_t v[2] = {scalar_t(0.0f), scalar_t(0.0f)};
+    for (int h = 0; h < 2; ++h) {
+      const int co = (k + h) / 9, tap = (k + h) % 9;
+      if (co < kOut && c < g.in_channels) {
+        v[h] = g.weight[co * s.n + c * s.c + (tap / 3) * s.h + (tap % 3) * s.w];
+      }
+    }
+    w_s[e] = pack_pair(v[0], v[1]);
+  }
+}
+
+template <typename scalar_t, int kOut, bool kHasMask>
+__global__ void __launch_bounds__(kMmaThreads, 3)
+    few_outputs_3x3_mma_input_grad_kernel(const FewOutputsInputGradParams<scalar_t, float> p) {
+  constexpr int kSteps = grad_steps<kOut>();
+  using bits_t = uint16_t;
+  bits_t* grad_s = dynamic_shared_memory<bits_t>();
+  uint32_t* w_s = reinterpret_cast<uint32_t*>(
+      dynamic_shared_memory<unsigned char>() + staged_grad_mma_bytes<kOut>());
+  const FewOutputsConv<scalar_t, float>& g = p.conv;
+  const Strides4 &gs = p.grad_raw_strides, &ms = p.mask_strides, &xs = p.grad_input_strides;
+  const Tiles tiles(g.batch, g.in_h, g.in_w, kMmaTileRows);
+  const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
+  const int64_t channel_groups = (g.in_channels + 7) / 8;
+  // Channel strides as 32-bit offsets (the launcher checks that a sample's offsets fit).
+  const uint32_t channel_stride = static_cast<uint32_t>(xs.c);
+  const uint32_t mask_channel_stride = static_cast<uint32_t>(ms.c);
+  stage_mma_grad_weight<kOut>(g, w_s);
+
+  // This lane's 4 values of k per step, as offsets from its pixel's staged
+  // position: tap (i, j) of input pixel (ih, iw) reads output (ih + pad_h - i,
+  // iw + pad_w - j), staged at row 2 - i, column 2 - j from the pixel's own. k >= 9 C_out
+  // reads the pixel itself and is dropped.
+  int k_off[4 * kSteps];
+  bool k_in[4 * kSteps];
+#pragma unroll
+  for (int e = 0; e < 4 * kSteps; ++e) {
+    const int k = 16 * (e / 4) + 2 * (lane % 4) + 8 * (e / 2 % 2) + e % 2;
+    const int co = k / 9, tap = k % 9;
+    k_in[e] = co < kOut;
+    k_off[e] = k_in[e] ? co * kMmaStagedPixels + (2 - tap / 3) * kStagedCols + (2 - tap % 3) : 0;
+  }
+
+  for (int64_t t = blockIdx.x; t < tiles.count; t += gridDim.x) {
+    int64_t n, ih0, iw0;
+    tiles.origin(t, n, ih0, iw0);
+    const int64_t oh0 = ih0 + g.pad_h - 2, ow0 = iw0 + g.pad_w - 2;
+    scalar_t* dx_n = p.grad_input + n * xs.n;
+    const scalar_t* m_n = kHasMask ? p.mask + n * ms.n : nullptr;
+    __syncthreads();  // every warp is done with the tile staged before
+    for (int e = threadIdx.x; e < kOut * kMmaStagedPixels; e += kMmaThreads) {
+      const int co = e / kMmaStagedPixels, rest = e - co * kMmaStagedPixels;
+      const int r = rest / kStagedCols, q = rest - r * kStagedCols;
+      const int64_t oh = oh0 + r, ow = ow0 + q;
+      scalar_t v(0.0f);
+      if (oh >= 0 && oh < g.out_h && ow >= 0 && ow < g.out_w) {
+        v = p.grad_raw[n * gs.n + co * gs.c + oh * gs.h + ow * gs.w];
+      }
+      grad_s[e] = v.x;
+    }
+    __syncthreads();
+
+    const int64_t ih = ih0 + warp;
+    if (ih >= g.in_h) continue;  // no barrier until the next tile
+    // The runs of the row, with the mask read one way.
+    auto runs = [&](auto per_channel) {
+      for (int run = 0; run < kMmaRuns; ++run) {
+        // A: rows the 16 pixels of the run (this lane's g and g + 8), columns k.
+        const int pixel = warp * kStagedCols + run * 16 + lane / 4;
+        uint32_t a[kSteps][4];
+#pragma unroll
+        for (int step = 0; step < kSteps; ++step) {
+#pragma unroll
+          for (int word = 0; word < 4; ++word) {
+            // word 0: row g, k 2t..; 1: row g + 8; 2: row g, k 2t + 8..; 3: row g + 8, k + 8.
+            const int row = word % 2 == 0 ? 0 : 8, e = 4 * step + 2 * (word / 2);
+            const uint32_t lo = k_in[e] ? grad_s[pixel + row + k_off[e]] : 0u;
+            const uint32_t hi = k_in[e + 1] ? grad_s[pixel + row + k_off[e + 1]] : 0u;
+            a[step][word] = lo | (hi << 16);
+          }
+        }
+        // This lane's two pixels of the run (g and g + 8): whether they lie in the image,
+        // their 32-bit offsets in dx and in the mask, and a single-channel mask's value.
+        bool px_in[2];
+        uint32_t dx_off[2], m_off[2];
+        float m_single[2];
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int64_t iw = iw0 + run * 16 + lane / 4 + 8 * h;
+          px_in[h] = iw < g.in_w;
+          dx_off[h] = px_in[h] ? static_cast<uint32_t>(ih * xs.h + iw * xs.w) : 0u;
+          m_off[h] = px_in[h] ? static_cast<uint32_t>(ih * ms.h + iw * ms.w) : 0u;
+          m_single[h] = kHasMask && ms.c == 0 && px_in[h] ? static_cast<float>(m_n[m_off[h]]) : 1.0f;
+        }
+        for (int64_t q = 0; q < channel_groups; ++q) {
+          float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+          for (int step = 0; step < kSteps; ++step) {
+            const Vec<uint32_t, 2> bv = *reinterpret_cast<const Vec<uint32_t, 2>*>(
+                w_s + ((q * kSteps + step) * 32 + lane) * 2);
+            const uint32_t b[2] = {bv.val[0], bv.val[1]};
+            mma_16x8x16<scalar_t>(d, a[step], b);
+          }
+#pragma unroll
+          for (int r = 0; r < 4; ++r) {
+            const int c = static_cast<int>(q) * 8 + 2 * (lane % 4) + r % 2;
+            if (c >= g.in_channels || !px_in[r / 2]) continue;
+            float val = d[r];
+            if (kHasMask) {
+              val *= decltype(per_channel)::value
+                       ? static_cast<float>(m_n[m_off[r / 2] + c * mask_channel_stride])
+                       : m_single[r / 2];
+            }
+            dx_n[dx_off[r / 2] + c * channel_stride] = static_cast<scalar_t>(val);
+          }
+        }
+      }
+    };
+    if (kHasMask && ms.c != 0) {
+      runs(std::true_type{});
+    } else {
+      runs(std::false_type{});
+    }
+  }
+}
+
 }  // namespace cuda
 }  // namespace pconv
