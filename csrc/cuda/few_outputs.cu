@@ -139,7 +139,7 @@ void launch_few_outputs_forward(FewOutputsForwardParams<scalar_t, acc_type<scala
 
 // The tensor-core input gradient: bfloat16 and float16 on compute capability 8.0 and
 // later, where the whole weight fits in shared memory next to the staged g_raw (C_in up
-// to about 400 at 4 outputs); false where it does not, for the CUDA-core kernel to take.
+// to 456 at 4 outputs, 704 at 3); false where it does not, for the CUDA-core kernel to take.
 template <int kOut, bool kHasMask, typename scalar_t>
 bool launch_mma_input_grad(const FewOutputsInputGradParams<scalar_t, float>& p,
                            cudaStream_t stream) {

@@ -485,6 +485,7 @@ __global__ void __launch_bounds__(kTileThreads, 2)
   const FewOutputsConv<scalar_t, acc_t>& g = p.conv;
   const Strides4 &gs = p.grad_raw_strides, &ms = p.mask_strides, &xs = p.grad_input_strides;
   const Tiles tiles(g.batch, g.in_h, g.in_w);
+  const bool per_channel_mask = kHasMask && ms.c != 0;
   const int tx = threadIdx.x % (kTileCols / kRowPixels), ty = threadIdx.x / (kTileCols / kRowPixels);
   stage_whole_weight<kOut>(g, w_s);
 
@@ -515,7 +516,6 @@ __global__ void __launch_bounds__(kTileThreads, 2)
     bool px_in[kRowPixels];
     uint32_t dx_off[kRowPixels], m_off[kRowPixels];
     acc_t m_single[kRowPixels];
-    const bool per_channel_mask = kHasMask && ms.c != 0;
 #pragma unroll
     for (int px = 0; px < kRowPixels; ++px) {
       const int64_t iw = iw0 + tx * kRowPixels + px;
