@@ -43,6 +43,12 @@ def takes_direct_kernels(shape: LayerShape) -> bool:
     return shape.c_out <= FEW_OUTPUTS and shape.kernel ** 2 <= FEW_OUTPUT_TAPS
 
 
+def takes_implicit_gemm(shape: LayerShape) -> bool:
+    """The layers the implicit-GEMM forward takes with PCONV_CUDA_IGEMM=1 in 16-bit dtypes
+    (takes_implicit_gemm of csrc/cuda; groups 1 and dilation 1 as in every UNet layer)."""
+    return shape.c_out > FEW_OUTPUTS and shape.kernel == 3 and shape.stride == 1
+
+
 def pass_bytes(shape: LayerShape, batch: int, mode: str, dtype: str, pass_: str) -> dict[str, int]:
     """Bytes each of the CUDA op's own passes reads and writes at the least (every value
     once, halos of the mask windows left out) for one benchmark row; masks have the batch

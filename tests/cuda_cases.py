@@ -133,6 +133,25 @@ FEW_OUTPUT_CONFIGS = [
     make_cfg(1, 3, 3, 17, 70, 3, 1, 1, 1, 1, "binary", mb1=True),
 ]
 
+# Layers the implicit-GEMM forward takes (PCONV_CUDA_IGEMM=1; 16-bit, 3x3, unit stride and
+# dilation, more than 4 outputs, groups 1): a group and a half of 16 input channels and a
+# second tile of outputs 8 wide, with partial tiles of 8 x 32 pixels; the RGB layer in
+# channels_last with C_in-channel masks; padding 0, 8 outputs and a soft mask over the
+# batch; channels_last with 24 channels (16-byte loads of x and of the mask), padding 2, no
+# bias; no mask on a strided input; empty windows and a channels_last weight with an NCHW
+# input; 5 outputs over three tiles across; an NCHW mask with a channels_last input.
+IGEMM_CONFIGS = [
+    make_cfg(2, 40, 72, 10, 37, 3, 1, 1, 1, 1, "holes"),
+    make_cfg(2, 3, 64, 9, 33, 3, 1, 1, 1, 1, "binary", multi=True, layout="channels_last"),
+    make_cfg(1, 16, 8, 8, 8, 3, 1, 0, 1, 1, "soft", mb1=True),
+    make_cfg(2, 24, 20, 12, 40, 3, 1, 2, 1, 1, "holes", multi=True, layout="channels_last",
+             bias=False),
+    make_cfg(2, 8, 16, 12, 12, 3, 1, 1, 1, 1, "none", layout="noncontig"),
+    make_cfg(2, 16, 24, 12, 12, 3, 1, 1, 1, 1, "zeros", layout="weight_cl"),
+    make_cfg(1, 32, 5, 20, 70, 3, 1, 1, 1, 1, "binary", multi=True),
+    make_cfg(2, 8, 12, 9, 11, 3, 1, 1, 1, 1, "soft", multi=True, layout="mixed"),
+]
+
 F64_CONFIGS = random_configs(1, 36) + EDGE_CONFIGS
 F32_CONFIGS = random_configs(2, 36) + EDGE_CONFIGS
 LOWP_CONFIGS = random_configs(3, 12) + EDGE_CONFIGS[:6] + [

@@ -950,3 +950,39 @@ def test_routes_time_both_routes_of_the_few_output_layers(tmp_path, capsys, monk
     for line in ("nchw fwd: direct / cuDNN route, geometric mean",
                  "channels_last fwd+bwd: input_grad / cuDNN route, geometric mean"):
         assert line in out
+
+
+def test_routes_of_the_implicit_gemm(tmp_path, capsys):
+    """``--igemm`` times the implicit-GEMM forward (PCONV_CUDA_IGEMM=1) against the cuDNN
+    route for the UNet layers it takes (3x3, unit stride, more than 4 outputs), in the 16-bit
+    dtypes by default, and writes complete, finite rows."""
+    import math
+
+    from benchmarks import routes
+
+    labels = [s.label for s in routes.shapes_taking([256], routes.IGEMM)]
+    assert "64->64 k3 s1 @256" in labels and "1024->512 k3 s1 @4" in labels
+    assert not any(label.endswith(("k7 s2 @256", "k5 s2 @128")) or "->3 " in label
+                   for label in labels)
+    assert all(" k3 s1 " in label for label in labels)
+    planes = [s.out_hw[0] * s.out_hw[1] * s.c_out for s in routes.shapes_taking([256], routes.IGEMM)]
+    assert planes == sorted(planes, reverse=True)  # the largest outputs first
+    seen = []
+    routes._on_route(lambda _: seen.append(os.environ.get("PCONV_CUDA_IGEMM")), "1",
+                     "PCONV_CUDA_IGEMM")(None)
+    assert seen == ["1"] and "PCONV_CUDA_IGEMM" not in os.environ
+
+    path = tmp_path / "igemm.json"
+    assert routes.main(["--igemm", "--device", "cpu", "--sizes", "256", "--batch", "1",
+                        "--modes", "single", "--layouts", "nchw", "--warmup", "1",
+                        "--repeats", "1", "--max-minutes", "0.05", "--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert routes.IGEMM.header in out and "PCONV_CUDA_IGEMM" in out
+    rows = json.loads(path.read_text())["rows"]
+    assert rows and {r["dtype"] for r in rows} <= {"bfloat16", "float16"}
+    for r in rows:
+        assert set(r["ms"]) == {"conv", "igemm", "cudnn"} and set(r["vs_cudnn"]) == {"igemm"}
+        values = [*r["ms"].values(), *r["vs_conv"].values(), *r["vs_cudnn"].values()]
+        assert all(math.isfinite(v) and v > 0 for v in values)
+        assert routes.format_row(r, routes.IGEMM) in out
+    assert "nchw fwd: igemm / cuDNN route, geometric mean" in out

@@ -17,7 +17,7 @@ pytestmark = [
 
 import pconv_cuda  # noqa: E402
 from cuda_cases import (  # noqa: E402
-    CL, CPU_CONFIGS, F32_CONFIGS, F64_CONFIGS, FEW_OUTPUT_CONFIGS, LOWP_CONFIGS,
+    CL, CPU_CONFIGS, F32_CONFIGS, F64_CONFIGS, FEW_OUTPUT_CONFIGS, IGEMM_CONFIGS, LOWP_CONFIGS,
     assert_close_scaled,
     assert_low_precision_matches, assert_matches, check_layouts, expected_f64, make_cfg,
     make_inputs, run_with_grads)
@@ -213,6 +213,54 @@ def test_few_output_layers_direct_and_cudnn_agree(cfg, dtype, monkeypatch):
     else:
         assert_matches(direct, expected_f64(cfg, x, m, w, b, go),
                        1e-10 if dtype == torch.float64 else 1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("cfg", IGEMM_CONFIGS, ids=str)
+def test_implicit_gemm_and_cudnn_agree(cfg, dtype, monkeypatch):
+    """With PCONV_CUDA_IGEMM=1, 16-bit 3x3 unit-stride layers with more than 4 outputs take
+    the implicit-GEMM forward on tensor cores (from compute capability 8.0): it matches the
+    reference, and the cuDNN route within rounding and in the same layout; the training
+    forward gives the inference output bit for bit; a second call gives the same bits."""
+    if torch.cuda.get_device_capability() < (8, 0):
+        pytest.skip("the implicit-GEMM forward needs compute capability 8.0")
+    x, m, w, b, go = make_inputs(cfg, dtype, CUDA)
+    geo = (list(cfg.stride), list(cfg.padding), list(cfg.dilation), cfg.groups)
+    monkeypatch.setenv("PCONV_CUDA_IGEMM", "1")
+    out, upd = torch.ops.pconv.partial_conv2d(x, m, w, b, *geo)
+    again = torch.ops.pconv.partial_conv2d(x, m, w, b, *geo)
+    assert torch.equal(again[0], out)
+    if m is not None:
+        train = torch.ops.pconv.partial_conv2d_train(x, m, w, b, *geo)
+        assert torch.equal(train[0], out) and torch.equal(train[1], upd)
+    grads = torch.ops.pconv.partial_conv2d_backward(go, x, m, w, b is not None, *geo,
+                                                    [True, True, True])
+    grads = tuple(grads[:2]) + ((grads[2],) if b is not None else ())
+    assert_low_precision_matches((out, upd, grads), cfg, x, m, w, b, go)
+    monkeypatch.setenv("PCONV_CUDA_IGEMM", "0")
+    cudnn = torch.ops.pconv.partial_conv2d(x, m, w, b, *geo)
+    for layout in (torch.contiguous_format, CL):
+        assert out.is_contiguous(memory_format=layout) == cudnn[0].is_contiguous(
+            memory_format=layout)
+    assert_close_scaled(out, cudnn[0], 1e-2 if dtype == torch.bfloat16 else 2e-3, "output")
+    assert torch.equal(upd, cudnn[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_implicit_gemm_at_a_unet_layer(dtype, monkeypatch):
+    """The decoder's 192 -> 64 layer at 128 x 128, batch 2, channels_last (16-byte loads of
+    x and the mask) and NCHW: the implicit GEMM matches cuDNN's route within rounding."""
+    if torch.cuda.get_device_capability() < (8, 0):
+        pytest.skip("the implicit-GEMM forward needs compute capability 8.0")
+    for layout in ("nchw", "channels_last"):
+        cfg = make_cfg(2, 192, 64, 128, 128, 3, 1, 1, 1, 1, "holes", multi=True, layout=layout)
+        x, m, w, b, go = make_inputs(cfg, dtype, CUDA)
+        geo = (list(cfg.stride), list(cfg.padding), list(cfg.dilation), cfg.groups)
+        monkeypatch.setenv("PCONV_CUDA_IGEMM", "1")
+        out, _ = torch.ops.pconv.partial_conv2d(x, m, w, b, *geo)
+        monkeypatch.setenv("PCONV_CUDA_IGEMM", "0")
+        ref, _ = torch.ops.pconv.partial_conv2d(x, m, w, b, *geo)
+        assert_close_scaled(out, ref, 1e-2 if dtype == torch.bfloat16 else 2e-3, layout)
 
 
 @pytest.mark.parametrize("mask_batch", [0, 1])

@@ -20,7 +20,7 @@ import torch
 
 import cuda_host
 from cuda_cases import (
-    EDGE_CONFIGS, F32_CONFIGS, F64_CONFIGS, FEW_OUTPUT_CONFIGS, LOWP_CONFIGS,
+    EDGE_CONFIGS, F32_CONFIGS, F64_CONFIGS, FEW_OUTPUT_CONFIGS, IGEMM_CONFIGS, LOWP_CONFIGS,
     assert_close_scaled, assert_low_precision_matches, assert_matches, check_layouts,
     expected_f64, make_cfg, make_inputs)
 from torch._prims_common import suggest_memory_format
@@ -353,6 +353,116 @@ def test_an_unknown_route_is_an_error(host, monkeypatch):
     with pytest.raises(RuntimeError, match="PCONV_CUDA_DIRECT must be 0, 1, forward or "
                                            "input_grad, not 'fast'"):
         ops().partial_conv2d(x, m, w, b, *geometry(cfg))
+
+
+LOWP = [torch.bfloat16, torch.float16]
+
+
+def _igemm_kernel(dtype, masked):
+    return f"implicit_gemm_forward_kernel<{SCALAR[dtype]}, {str(masked).lower()}>"
+
+
+@pytest.mark.parametrize("dtype", LOWP, ids=str)
+@pytest.mark.parametrize("cfg", IGEMM_CONFIGS, ids=str)
+def test_implicit_gemm_forward(host, cfg, dtype, monkeypatch):
+    """With PCONV_CUDA_IGEMM=1 a 16-bit 3x3 unit-stride layer with more than 4 outputs
+    runs its inference forward as the mask pass and one implicit GEMM on tensor cores that
+    masks on load (no x * m, no epilogue), and its training forward as the same kernel on
+    the x * m it keeps, unmasked: the same bits. Both match the reference, the same bits with
+    the threads of a block in reverse order, and the cuDNN route within rounding."""
+    monkeypatch.setenv("PCONV_CUDA_IGEMM", "1")
+    x, m, w, b, go = make_inputs(cfg, dtype, "cpu")
+    geo = geometry(cfg)
+    host.take_launch_log()
+    out, upd = ops().partial_conv2d(x, m, w, b, *geo)
+    forward = [_kernel_name(r) for r in host.take_launch_log()]
+    assert forward[0].startswith("mask_ratio_kernel")
+    assert forward[1:] == [_igemm_kernel(dtype, m is not None)]
+    grads = ops().partial_conv2d_backward(go, x, m, w, b is not None, *geo, ALL)
+    grads = tuple(grads[:2]) + ((grads[2],) if b is not None else ())
+    _check_result((out, upd, grads), cfg, dtype, x, m, w, b, go)
+    check_layouts(cfg, x, w, out, upd, grads[0])
+
+    train = host_run(cfg, x, m, w, b, go, train=True)
+    if m is not None:
+        launched = [_kernel_name(r) for r in host.take_launch_log()]
+        assert _igemm_kernel(dtype, False) in launched
+        assert not any(k.startswith("epilogue_kernel") for k in launched)
+        assert torch.equal(train[0], out) and torch.equal(train[1], upd)
+    _check_result(train, cfg, dtype, x, m, w, b, go)
+
+    with runtime(host, reverse=True):
+        again = ops().partial_conv2d(x, m, w, b, *geo)
+    assert torch.equal(again[0], out) and torch.equal(again[1], upd)
+
+    monkeypatch.setenv("PCONV_CUDA_IGEMM", "0")
+    host.take_launch_log()
+    cudnn = ops().partial_conv2d(x, m, w, b, *geo)
+    assert not any("implicit_gemm" in r[0] for r in host.take_launch_log())
+    assert cudnn[0].stride() == out.stride()
+    assert_close_scaled(out, cudnn[0], 1e-2, "output")
+    assert torch.equal(cudnn[1], upd)
+
+
+@pytest.mark.parametrize("value, dtype, capability, cfg, taken", [
+    ("1", torch.bfloat16, 90, IGEMM_CONFIGS[0], True),
+    (None, torch.bfloat16, 90, IGEMM_CONFIGS[0], False),
+    ("0", torch.float16, 90, IGEMM_CONFIGS[0], False),
+    ("1", torch.float32, 90, IGEMM_CONFIGS[0], False),
+    ("1", torch.bfloat16, 75, IGEMM_CONFIGS[0], False),
+    ("1", torch.float16, 80, IGEMM_CONFIGS[0], True),
+    ("1", torch.bfloat16, 90, make_cfg(2, 16, 32, 16, 16, 3, 2, 1, 1, 1, "holes"), False),
+    ("1", torch.bfloat16, 90, make_cfg(2, 16, 32, 16, 16, 3, 1, 2, 2, 1, "holes"), False),
+    ("1", torch.bfloat16, 90, make_cfg(2, 16, 32, 16, 16, 5, 1, 2, 1, 1, "holes"), False),
+    ("1", torch.bfloat16, 90, make_cfg(2, 16, 32, 16, 16, 3, 1, 1, 1, 2, "holes"), False),
+], ids=["on", "unset", "off", "float32", "sm75", "sm80", "stride2", "dilation2", "5x5",
+        "groups2"])
+def test_implicit_gemm_takes_only_its_layers(host, monkeypatch, value, dtype, capability, cfg,
+                                             taken):
+    """The implicit-GEMM forward runs only where PCONV_CUDA_IGEMM is 1, on 16-bit inputs on
+    compute capability 8.0 and later, for 3x3 unit-stride, undilated, ungrouped layers;
+    every other layer keeps cuDNN and its epilogue, and both match the reference."""
+    if value is None:
+        monkeypatch.delenv("PCONV_CUDA_IGEMM", raising=False)
+    else:
+        monkeypatch.setenv("PCONV_CUDA_IGEMM", value)
+    x, m, w, b, go = make_inputs(cfg, dtype, "cpu")
+    host.set_compute_capability(capability)
+    try:
+        host.take_launch_log()
+        result = host_run(cfg, x, m, w, b, go, train=False)
+        launched = " ".join(r[0] for r in host.take_launch_log())
+    finally:
+        host.set_compute_capability(90)
+    assert ("implicit_gemm_forward_kernel" in launched) == taken
+    assert ("epilogue_kernel" in launched) == (not taken)
+    _check_result(result, cfg, dtype, x, m, w, b, go)
+
+
+def test_implicit_gemm_variable_must_be_0_or_1(host, monkeypatch):
+    cfg = IGEMM_CONFIGS[0]
+    x, m, w, b, go = make_inputs(cfg, torch.bfloat16, "cpu")
+    monkeypatch.setenv("PCONV_CUDA_IGEMM", "yes")
+    with pytest.raises(RuntimeError, match="PCONV_CUDA_IGEMM must be 0 or 1, not 'yes'"):
+        ops().partial_conv2d(x, m, w, b, *geometry(cfg))
+
+
+def test_implicit_gemm_blocks_take_several_tiles(host, monkeypatch):
+    """18 tiles of 8 x 32 pixels by 64 outputs (two output tiles for 72 channels): with one
+    multiprocessor the grid has 8 blocks, each takes two or three tiles, and the output is
+    the same bits as with a block per tile."""
+    monkeypatch.setenv("PCONV_CUDA_IGEMM", "1")
+    cfg = make_cfg(1, 20, 72, 24, 70, 3, 1, 1, 1, 1, "holes", multi=True)
+    x, m, w, b, go = make_inputs(cfg, torch.bfloat16, "cpu")
+    with runtime(host, multiprocessors=3):  # 24 blocks: one tile each
+        spread = ops().partial_conv2d(x, m, w, b, *geometry(cfg))
+    host.take_launch_log()
+    with runtime(host, multiprocessors=1):
+        wrapped = ops().partial_conv2d(x, m, w, b, *geometry(cfg))
+    grids = [r[1] for r in host.take_launch_log() if "implicit_gemm" in r[0]]
+    assert grids == [(8, 1, 1)]
+    assert torch.equal(spread[0], wrapped[0])
+    assert_low_precision_matches((*wrapped, ()), cfg, *nchw(x, m, w, b, go))
 
 
 @pytest.mark.parametrize("reverse", [False, True], ids=["in_order", "reversed"])

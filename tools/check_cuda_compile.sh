@@ -21,6 +21,8 @@
 #   JOBS=n              parallel compiles (default: number of CPUs)
 #   KEEP=1              keep the temporary directory (objects and logs)
 #   ONLY=name           compile csrc/cuda/name.cu alone (with KEEP=1, for tools/sass_loops.py)
+#   NVCC_EXTRA=flags    more nvcc flags, split at spaces ("-Xptxas -v": registers and spills
+#                       per kernel, in the kept logs)
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -111,6 +113,8 @@ FLAGS+=(
   -gencode arch=compute_90,code=sm_90
   -Werror cross-execution-space-call
 )
+read -r -a EXTRA_FLAGS <<<"${NVCC_EXTRA:-}"
+FLAGS+=("${EXTRA_FLAGS[@]}")
 
 shopt -s nullglob
 # Largest files first: the file that includes ATen takes the longest.

@@ -11,6 +11,9 @@
 #   routes    the UNets' few-output layers (64->3, 67->3) with and without each direct
 #             kernel, side by side (benchmarks.routes, PCONV_CUDA_DIRECT), NCHW then
 #             channels_last; the rows done when its limit ends it stay in routes.json
+#   igemm     the implicit-GEMM forward (PCONV_CUDA_IGEMM=1) against the cuDNN route, bfloat16,
+#             the 512 UNets' 3x3 unit-stride layers with the largest outputs first, both
+#             layouts (benchmarks.routes --igemm, igemm_routes.json)
 #   bench     the GPU table, for whatever time is left: the training-step rows, then bfloat16,
 #             float32 and float16, each at 512 then 256, multi-channel then single-channel
 #             masks; rows are saved as measured and a later run goes on from BENCH_FROM;
@@ -20,7 +23,7 @@
 #   profile   the kernels behind the fused op's time at five layer shapes (benchmarks.profile)
 #
 #   bash tools/prebuild_device.sh                       # here, first: prebuilt/ (optional)
-#   OUT=$OUT bash tools/gpu_check.sh                    # build tests memcheck routes bench
+#   OUT=$OUT bash tools/gpu_check.sh                    # build tests memcheck routes igemm bench
 #   STEPS="build bench" BUDGET_MINUTES=9 bash tools/gpu_check.sh
 #
 # Logs, the benchmark JSON, its Markdown, the routes' JSON and the floors land in $OUT
@@ -29,7 +32,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-out}
-STEPS=${STEPS:-"build tests memcheck routes bench"}
+STEPS=${STEPS:-"build tests memcheck routes igemm bench"}
 BUDGET=$(( ${BUDGET_MINUTES:-9} * 60 ))
 PY=${PYTHON:-python3}
 mkdir -p "$OUT"
@@ -81,6 +84,7 @@ build() {
   if ! $PY -m pip install --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1; then
     tail -40 "$OUT/build.log"; exit 1
   fi
+  rm -f "$OUT/build.log"  # kept only when the build fails: a call brings back eight files
   check_library || exit 1
 }
 
@@ -133,12 +137,21 @@ if step memcheck; then
   status=$((status | rc))
 fi
 if step routes; then
-  limit=$(cap 90 $(step bench && echo 60 || echo 0))
+  limit=$(cap 90 $(( $(step igemm && echo 75 || echo 0) + $(step bench && echo 60 || echo 0) )))
   note "routes of the few-output layers (limit ${limit} s)"
   # New groups of rows stop well before the limit, so that the run ends by itself.
   minutes=$($PY -c "print(max(0.0, ($limit - 30) / 60))")
   timeout -s INT -k 15 "$limit" $PY -m benchmarks.routes --json "$OUT/routes.json" \
       --max-minutes "$minutes" 2>&1 | tail -20
+  rc=${PIPESTATUS[0]}
+  status=$((status | rc))
+fi
+if step igemm; then
+  limit=$(cap 75 $(step bench && echo 60 || echo 0))
+  note "routes of the implicit-GEMM forward (limit ${limit} s)"
+  minutes=$($PY -c "print(max(0.0, ($limit - 25) / 60))")
+  timeout -s INT -k 15 "$limit" $PY -m benchmarks.routes --igemm --sizes 512 --dtypes bfloat16 \
+      --modes multi --json "$OUT/igemm_routes.json" --max-minutes "$minutes" 2>&1 | tail -12
   rc=${PIPESTATUS[0]}
   status=$((status | rc))
 fi

@@ -8,11 +8,15 @@ reach the scalar and the vectorised passes (H' * W' odd, then a multiple of 8) a
 mask passes (footprint staged in shared memory, and one too big for it), and the masking
 that sums a multi-channel mask's channels (NCHW and channels_last). Layers 6 -> 3 take the
 direct kernels for few output channels: the forward (when no weight gradient is wanted) and
-the input gradient.
+the input gradient. Last, with PCONV_CUDA_IGEMM=1, the 16-bit implicit-GEMM forward: 6 and 16
+input channels (16-byte loads of x and the mask in channels_last), 8 and 72 outputs (a
+partial second tile of 64).
 
 Run it with PYTORCH_NO_CUDA_MEMORY_CACHING=1: inside the caching allocator's blocks an
 out-of-bounds access is invisible to memcheck.
 """
+import os
+
 import torch
 
 import pconv_cuda
@@ -26,11 +30,14 @@ GEOMETRIES = (
 
 
 def run(dtype, layout, mask_channels, mask_batch, bias, geometry, train=True,
-        mask_layout=torch.contiguous_format, out_channels=8):
+        mask_layout=torch.contiguous_format, out_channels=8, in_channels=6):
     h, w_, stride, padding, dilation = geometry
+    if mask_channels > 1:  # one per input channel
+        mask_channels = in_channels
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 6, h, w_, generator=g).to("cuda", dtype).contiguous(memory_format=layout)
-    w = torch.randn(out_channels, 6, 3, 3, generator=g).to("cuda", dtype)
+    x = torch.randn(2, in_channels, h, w_, generator=g).to("cuda", dtype)
+    x = x.contiguous(memory_format=layout)
+    w = torch.randn(out_channels, in_channels, 3, 3, generator=g).to("cuda", dtype)
     b = torch.randn(out_channels, generator=g).to("cuda", dtype) if bias else None
     m = None
     if mask_channels:
@@ -81,6 +88,15 @@ def main():
                     for train in (True, False):
                         run(dtype, layout, mask_channels, mask_batch, train, geometry,
                             train=train, out_channels=3)
+    os.environ["PCONV_CUDA_IGEMM"] = "1"
+    for dtype in (torch.float16, torch.bfloat16):
+        for layout in (torch.contiguous_format, torch.channels_last):
+            for mask_channels, mask_batch in MASKS:
+                for in_channels, out_channels in ((6, 8), (16, 72)):
+                    for train in (True, False):
+                        run(dtype, layout, mask_channels, mask_batch, True, GEOMETRIES[1],
+                            train=train, out_channels=out_channels, in_channels=in_channels,
+                            mask_layout=layout)
     print("memcheck case: all paths ran")
 
 

@@ -40,14 +40,6 @@ dim3 pixel_grid(int64_t pixels) {
   return dim3(static_cast<unsigned>(std::max<int64_t>(1, blocks)));
 }
 
-// True when every element offset within one sample of a tensor of [*, channels, h, w]
-// with these strides (non-negative, as the op's tensors have) fits the tiled kernels'
-// 32-bit offsets.
-bool fits_32_bits(const Strides4& s, int64_t channels, int64_t h, int64_t w) {
-  const int64_t extent = (channels - 1) * s.c + (h - 1) * s.h + (w - 1) * s.w;
-  return extent <= std::numeric_limits<int32_t>::max();
-}
-
 // A block per tile, at most kBlocksPerMultiprocessor of them a multiprocessor.
 dim3 tile_grid(const Tiles& tiles) {
   return dim3(static_cast<unsigned>(std::min<int64_t>(

@@ -4,9 +4,10 @@
 // (partial_conv2d_kernel.cu) fills from tensors, picks a kernel instantiation and a launch
 // shape, launches on the given stream (the current stream of the current device) and
 // checks the launch. They are explicitly instantiated for float, double, c10::Half and
-// c10::BFloat16 in mask_ratio.cu, masked_input.cu, epilogue.cu, grad_prologue.cu and
-// few_outputs.cu, which include no ATen header: those files compile quickly and in
-// parallel, and the one file that includes ATen has no device code.
+// c10::BFloat16 (implicit_gemm.cu: the 16-bit dtypes only) in mask_ratio.cu,
+// masked_input.cu, epilogue.cu, grad_prologue.cu, few_outputs.cu and implicit_gemm.cu,
+// which include no ATen header: those files compile quickly and in parallel, and the one
+// file that includes ATen has no device code.
 #pragma once
 
 #include "params.cuh"
@@ -52,6 +53,12 @@ void launch_few_outputs_forward(FewOutputsForwardParams<scalar_t, acc_type<scala
 template <typename scalar_t>
 void launch_few_outputs_input_grad(FewOutputsInputGradParams<scalar_t, acc_type<scalar_t>> p,
                                    cudaStream_t stream);
+
+// The implicit-GEMM forward of a 3x3 unit-stride layer on tensor cores
+// (implicit_gemm_kernel.cuh): bfloat16 and float16 on compute capability 8.0 and later.
+template <typename scalar_t>
+void launch_implicit_gemm_forward(const ImplicitGemmForwardParams<scalar_t>& p,
+                                  cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace pconv

@@ -3,8 +3,10 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <limits>
 #include <type_traits>
 
+#include "params.cuh"
 #include "runtime.cuh"
 
 namespace pconv {
@@ -20,6 +22,14 @@ inline int64_t next_pow2(int64_t v) {
 
 inline bool aligned16(const void* ptr) {
   return ptr == nullptr || reinterpret_cast<uintptr_t>(ptr) % 16 == 0;
+}
+
+// True when every element offset within one sample of a tensor of [*, channels, h, w]
+// with these strides (non-negative, as the op's tensors have) fits the 32-bit offsets of
+// the tiled kernels.
+inline bool fits_32_bits(const Strides4& s, int64_t channels, int64_t h, int64_t w) {
+  const int64_t extent = (channels - 1) * s.c + (h - 1) * s.h + (w - 1) * s.w;
+  return extent <= std::numeric_limits<int32_t>::max();
 }
 
 // Values of T per 16-byte access.

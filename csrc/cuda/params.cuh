@@ -171,5 +171,36 @@ struct FewOutputsInputGradParams {
   Strides4 grad_input_strides;
 };
 
+// ---------------------------------------------------------------------------------------
+// The forward of a 3x3 unit-stride layer as one implicit GEMM on tensor cores
+// (implicit_gemm_kernel.cuh, bfloat16 and float16): y = (conv(x * m, W) * r + b) * u,
+// masking on load, the epilogue applied before the one write of y. A block makes
+// kIgTileOutputs output channels, from groups of kIgGroupChannels input channels.
+constexpr int kIgTileOutputs = 64;
+constexpr int kIgGroupChannels = 16;
+
+template <typename scalar_t>
+struct ImplicitGemmForwardParams {
+  const scalar_t* input;  // x, [N, C_in, H, W]
+  Strides4 input_strides;
+  const scalar_t* mask;   // m, [N_m, C_m, H, W]; nullptr: none (no mask, or x * m given)
+  Strides4 mask_strides;  // n: 0 for one mask over the batch; c: 0 for one channel
+  // W packed as [ceil(C_in / 16)][9 taps][C_out rounded up to 64][16 input channels]
+  // (kIgGroupChannels, kIgTileOutputs), contiguous, zero past C_in and C_out.
+  const scalar_t* weight;
+  const float* ratio;     // [N_m, 1, H', W'] contiguous
+  const float* update;    // [N_m, 1, H', W'] contiguous
+  int64_t mask_plane_stride;  // H' * W', or 0 when one mask broadcasts over the batch
+  const scalar_t* bias;   // [C_out] or nullptr
+  scalar_t* out;          // y, [N, C_out, H', W'], dense in its layout
+  Strides4 out_strides;
+  bool out_channels_last; // the layout of out (else NCHW)
+  // x (and a C_in-channel mask) hold every 8 channels of a pixel from a multiple of 8 in
+  // one aligned 16-byte run: channels_last with C_in a multiple of 8.
+  bool vector_input;
+  int64_t batch, in_channels, out_channels;
+  int64_t in_h, in_w, out_h, out_w, pad_h, pad_w;
+};
+
 }  // namespace cuda
 }  // namespace pconv

@@ -2,7 +2,7 @@
 // partial_conv2d_train / partial_conv2d_train_backward (registers the CUDA dispatch key
 // only; the schema and the argument checks live in csrc/pconv.cpp).
 //
-// Forward (first design: cuDNN for the GEMM, everything else in our kernels):
+// Forward (cuDNN for the GEMM, everything else in our kernels):
 //   1. mask pass   - one kernel, one read of the mask: channel sum, window sum, ratio r
 //                    and updated mask u, single-channel [N_m, 1, H', W'] in float32
 //                    (float64 for float64 inputs), never C_out times;
@@ -20,7 +20,10 @@
 // Layers with at most kFewOutputs output channels (the UNets' last layers) take direct
 // kernels instead (few_outputs_kernel.cuh) for the convolution, which renormalises before
 // its one write (no epilogue pass) and in inference masks on load (no x * m), and for the
-// input gradient, which applies m before its one write (no dx * m pass).
+// input gradient, which applies m before its one write (no dx * m pass). With
+// PCONV_CUDA_IGEMM=1, the 16-bit forward of 3x3 unit-stride layers with more outputs is one
+// implicit GEMM on tensor cores (implicit_gemm_kernel.cuh) that masks on load and
+// renormalises before its one write, reading r and u of the mask pass.
 //
 // Headers: only c10/cuda (guard, stream; through op_context.h) and per-operator ATen
 // headers; no ATen/cuda/CUDAContext.h, which pulls cuBLAS/cuSPARSE/cuSOLVER headers this
@@ -31,10 +34,12 @@
 // host build (runtime.cuh) runs it on CPU tensors as the ops of pconv_cuda_host.
 #include "../pconv.h"
 #include "launch.cuh"
+#include "launch_utils.cuh"
 #include "op_context.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/constant_pad_nd.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/mul.h>
@@ -388,6 +393,104 @@ at::Tensor few_outputs_input_grad_cuda(const at::Tensor& grad_raw,
   return dx;
 }
 
+// ------------------------------------------------------------ implicit-GEMM forward
+
+// The implicit-GEMM forward (implicit_gemm_kernel.cuh) takes the layers it can where
+// PCONV_CUDA_IGEMM in the environment is "1" (read at every call, so that the routes can be
+// timed in one process); unset or "0", they keep cuDNN and the passes around it, until GPU
+// timings (python -m benchmarks.routes --igemm) show where the kernel is the faster.
+bool implicit_gemm_enabled() {
+  const char* env = std::getenv("PCONV_CUDA_IGEMM");
+  if (env == nullptr || std::strcmp(env, "0") == 0) return false;
+  TORCH_CHECK(std::strcmp(env, "1") == 0, "PCONV_CUDA_IGEMM must be 0 or 1, not '", env, "'");
+  return true;
+}
+
+// True when the implicit-GEMM forward takes this layer: bfloat16 or float16 on compute
+// capability 8.0 or later (tensor cores), groups 1, more outputs than the few-output
+// kernels take, 3x3 with unit stride and dilation (any padding), and offsets within a
+// sample of x and of the mask that fit its 32-bit offsets.
+bool takes_implicit_gemm(const at::Tensor& input, const c10::optional<at::Tensor>& mask,
+                         const ConvGeometry& g) {
+  const auto dtype = input.scalar_type();
+  if ((dtype != at::kHalf && dtype != at::kBFloat16) || g.batch == 0 || g.groups != 1 ||
+      g.out_channels <= kFewOutputs || g.kernel_h != 3 || g.kernel_w != 3 || g.stride_h != 1 ||
+      g.stride_w != 1 || g.dil_h != 1 || g.dil_w != 1 || !implicit_gemm_enabled() ||
+      compute_capability() < 80) {
+    return false;
+  }
+  const bool has_mask = mask.has_value() && mask->defined();
+  return fits_32_bits(strides_of(input), g.in_channels, g.in_h, g.in_w) &&
+         (!has_mask || fits_32_bits(mask_strides_of(*mask), mask->size(1), g.in_h, g.in_w));
+}
+
+// W as the implicit-GEMM forward reads it: [ceil(C_in / 16)][9 taps][C_out rounded up to
+// 64][16 input channels], contiguous, zero past C_in and C_out, so that a block stages a
+// group's weight for its outputs in 16-byte copies.
+at::Tensor pack_implicit_gemm_weight(const at::Tensor& weight, const ConvGeometry& g) {
+  const int64_t groups = ceil_div(g.in_channels, kIgGroupChannels);
+  const int64_t outputs = ceil_div(g.out_channels, kIgTileOutputs) * kIgTileOutputs;
+  const at::Tensor taps = weight.reshape({g.out_channels, g.in_channels, 9});
+  const at::Tensor padded = at::constant_pad_nd(
+      taps, {0, 0, 0, groups * kIgGroupChannels - g.in_channels, 0, outputs - g.out_channels});
+  return padded.view({outputs, groups, kIgGroupChannels, 9}).permute({1, 3, 0, 2}).contiguous();
+}
+
+// True when every 8 channels of a pixel from a multiple of 8 are one aligned 16-byte run
+// of t ([N, C, H, W], 16-bit), as in channels_last with C a multiple of 8.
+bool pixels_hold_aligned_channel_runs(const at::Tensor& t) {
+  const Strides4 s = strides_of(t);
+  const bool batch_ok = t.size(0) == 1 || s.n % 8 == 0;
+  return s.c == 1 && t.size(1) % 8 == 0 && batch_ok && s.h % 8 == 0 && s.w % 8 == 0 &&
+         aligned16(t.const_data_ptr());
+}
+
+// y ([N, C_out, H', W'] in `format`) of a 3x3 unit-stride layer from x and m directly (any
+// strides; no mask: none applied, as for x * m given as the input), with r and u of the
+// mask pass.
+at::Tensor implicit_gemm_forward_cuda(const at::Tensor& input,
+                                      const c10::optional<at::Tensor>& mask,
+                                      const at::Tensor& weight,
+                                      const c10::optional<at::Tensor>& bias,
+                                      const ConvGeometry& g, const MaskRatio& mr,
+                                      at::MemoryFormat format) {
+  at::Tensor out = at::empty({g.batch, g.out_channels, g.out_h, g.out_w},
+                             input.options().memory_format(format));
+  const at::Tensor packed = pack_implicit_gemm_weight(weight, g);
+  const at::Tensor bias_c =
+      bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
+  const bool has_mask = mask.has_value() && mask->defined();
+  const bool per_channel_mask = has_mask && mask->size(1) != 1;
+  AT_DISPATCH_REDUCED_FLOATING_TYPES(input.scalar_type(), "pconv_implicit_gemm_forward_cuda",
+                                     [&] {
+    ImplicitGemmForwardParams<scalar_t> p{};
+    p.input = input.const_data_ptr<scalar_t>();
+    p.input_strides = strides_of(input);
+    set_few_outputs_mask(p, mask);
+    p.weight = packed.const_data_ptr<scalar_t>();
+    p.ratio = mr.ratio.const_data_ptr<float>();
+    p.update = mr.update.const_data_ptr<float>();
+    p.mask_plane_stride = mr.batch == 1 ? 0 : g.out_h * g.out_w;
+    p.bias = bias_c.defined() ? bias_c.const_data_ptr<scalar_t>() : nullptr;
+    p.out = out.mutable_data_ptr<scalar_t>();
+    p.out_strides = strides_of(out);
+    p.out_channels_last = p.out_strides.c == 1 && p.out_strides.w != 1;
+    p.vector_input = pixels_hold_aligned_channel_runs(input) &&
+                     (!per_channel_mask || pixels_hold_aligned_channel_runs(*mask));
+    p.batch = g.batch;
+    p.in_channels = g.in_channels;
+    p.out_channels = g.out_channels;
+    p.in_h = g.in_h;
+    p.in_w = g.in_w;
+    p.out_h = g.out_h;
+    p.out_w = g.out_w;
+    p.pad_h = g.pad_h;
+    p.pad_w = g.pad_w;
+    launch_implicit_gemm_forward<scalar_t>(p, current_stream());
+  });
+  return out;
+}
+
 // ------------------------------------------------------------------------------ ops
 
 // The convolution's result as the epilogue kernels read it: NCHW- or channels_last-
@@ -397,9 +500,7 @@ at::Tensor dense_layout(const at::Tensor& t, at::MemoryFormat preferred) {
 }
 
 // Forward through cuDNN on x * m (already in `format`): convolution without bias, fused
-// epilogue in place. This is the one place where another forward path (an implicit-GEMM
-// kernel that masks on load and renormalises in its epilogue, reading the same MaskRatio)
-// would be chosen per shape.
+// epilogue in place.
 at::Tensor forward_cudnn_epilogue(const at::Tensor& xm, const at::Tensor& weight,
                                   const c10::optional<at::Tensor>& bias,
                                   c10::IntArrayRef stride, c10::IntArrayRef padding,
@@ -419,9 +520,10 @@ struct ForwardResult {
 };
 
 // keep_masked_input: the training op, which hands x * m to its backward; the inference op
-// forms it only where cuDNN convolves it. A few-output layer's direct forward masks on load
-// for inference; in training it reads the x * m it has formed, whose values are the ones it
-// would have made on load, so y is the same bits either way.
+// forms it only where cuDNN convolves it. A few-output layer's direct forward, and the
+// implicit-GEMM forward, mask on load for inference; in training they read the x * m formed
+// for the backward, whose values are the ones they would have made on load, so y is the
+// same bits either way.
 ForwardResult forward_cuda(const at::Tensor& input, const c10::optional<at::Tensor>& mask,
                            const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                            c10::IntArrayRef stride, c10::IntArrayRef padding,
@@ -432,12 +534,14 @@ ForwardResult forward_cuda(const at::Tensor& input, const c10::optional<at::Tens
   const at::MemoryFormat format = conv_output_format(input, weight);
   ForwardResult res;
   const bool direct = g.batch > 0 && few_outputs_direct(g, DirectKernel::kForward);
-  if (direct && !keep_masked_input) {
+  const bool igemm = !direct && takes_implicit_gemm(input, mask, g);
+  if ((direct || igemm) && !keep_masked_input) {
     res.mr = mask_ratio_cuda(mask, g, input, &res.update);
     if (res.mr.batch != g.batch) {
       res.update = res.update.expand({g.batch, 1, g.out_h, g.out_w}).contiguous();
     }
-    res.output = few_outputs_forward_cuda(input, mask, weight, bias, g, res.mr, format);
+    res.output = direct ? few_outputs_forward_cuda(input, mask, weight, bias, g, res.mr, format)
+                        : implicit_gemm_forward_cuda(input, mask, weight, bias, g, res.mr, format);
     return res;
   }
   if (masks_with_channel_sum(input, mask, g, format)) {
@@ -457,6 +561,9 @@ ForwardResult forward_cuda(const at::Tensor& input, const c10::optional<at::Tens
   } else if (direct) {
     res.output =
         few_outputs_forward_cuda(res.masked_input, c10::nullopt, weight, bias, g, res.mr, format);
+  } else if (igemm) {
+    res.output = implicit_gemm_forward_cuda(res.masked_input, c10::nullopt, weight, bias, g,
+                                            res.mr, format);
   } else {
     res.output = forward_cudnn_epilogue(res.masked_input, weight, bias, stride, padding, dilation,
                                         g, res.mr, format)
