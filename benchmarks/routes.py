@@ -18,10 +18,11 @@ inputs, masks, gradients and weights all in that layout, as
 ``model.to(memory_format=torch.channels_last)`` runs them), so that the rule can follow the
 layout too, and a run cut short by ``--max-minutes`` has both layouts of the shapes it did.
 
-With ``--igemm`` it times the implicit-GEMM forward instead (``PCONV_CUDA_IGEMM=1``, off by
-default): every 3x3 unit-stride layer of the two UNets with more than 4 outputs, in bfloat16
-and float16, against the cuDNN route (``PCONV_CUDA_IGEMM=0``). Its fwd+bwd rows are the
-training pair, whose forward runs the same kernel on the x * m it keeps:
+With ``--igemm`` it times the implicit-GEMM kernels instead (``PCONV_CUDA_IGEMM``, off by
+default: 1 the forward and the input gradient, ``forward`` or ``input_grad`` one) for every
+3x3 unit-stride layer of the two UNets with more than 4 outputs, in bfloat16 and float16,
+against the cuDNN route (0). Its fwd+bwd rows are the training pair, whose forward runs the
+same kernel on the x * m it keeps:
 
     python -m benchmarks.routes --igemm --json igemm_routes.json
 
@@ -81,8 +82,9 @@ class RouteSet:
 
 FEW_OUTPUTS = RouteSet("few-output layers", ROUTE_VARIABLE, ROUTES, PASS_ROUTES,
                        bounds.takes_direct_kernels, ("bfloat16", "float32"))
-IGEMM = RouteSet("implicit-GEMM layers", "PCONV_CUDA_IGEMM", {"igemm": "1", "cudnn": "0"},
-                 {"fwd": ("igemm", "cudnn"), "fwd+bwd": ("igemm", "cudnn")},
+IGEMM_ROUTES = {"igemm": "1", "forward": "forward", "input_grad": "input_grad", "cudnn": "0"}
+IGEMM = RouteSet("implicit-GEMM layers", "PCONV_CUDA_IGEMM", IGEMM_ROUTES,
+                 {"fwd": ("igemm", "cudnn"), "fwd+bwd": tuple(IGEMM_ROUTES)},
                  bounds.takes_implicit_gemm, ("bfloat16", "float16"), largest_first=True)
 HEADER = FEW_OUTPUTS.header
 

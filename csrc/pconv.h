@@ -59,6 +59,26 @@ struct ConvGeometry {
   int64_t window_size() const { return kernel_h * kernel_w * mask_channels; }
 };
 
+// The input gradient of a unit-stride layer as a convolution:
+// dx[c] = sum over o, ky, kx of W[o, c, ky, kx] g[o, y + p - d ky, x + p - d kx] is the
+// stride-1 convolution of g with the weight's channels swapped and taps reversed, under
+// padding d (k - 1) - p; its output is the input's plane. Its geometry (no mask):
+inline ConvGeometry input_grad_geometry(const ConvGeometry& g) {
+  ConvGeometry t = g;
+  t.in_channels = g.out_channels;
+  t.out_channels = g.in_channels;
+  t.in_h = g.out_h;
+  t.in_w = g.out_w;
+  t.out_h = g.in_h;
+  t.out_w = g.in_w;
+  t.pad_h = g.dil_h * (g.kernel_h - 1) - g.pad_h;
+  t.pad_w = g.dil_w * (g.kernel_w - 1) - g.pad_w;
+  t.has_mask = false;
+  t.mask_batch = 1;
+  t.mask_channels = 1;
+  return t;
+}
+
 // Renormalisation ratio r and updated mask u of one call, each [N_m, 1, H', W'] with
 // N_m = 1 when a single mask broadcasts over the batch. Float32, or float64 for float64
 // inputs, whatever the input dtype: the 1e-8 of the ratio underflows in float16.

@@ -219,48 +219,60 @@ def test_few_output_layers_direct_and_cudnn_agree(cfg, dtype, monkeypatch):
 @pytest.mark.parametrize("cfg", IGEMM_CONFIGS, ids=str)
 def test_implicit_gemm_and_cudnn_agree(cfg, dtype, monkeypatch):
     """With PCONV_CUDA_IGEMM=1, 16-bit 3x3 unit-stride layers with more than 4 outputs take
-    the implicit-GEMM forward on tensor cores (from compute capability 8.0): it matches the
-    reference, and the cuDNN route within rounding and in the same layout; the training
-    forward gives the inference output bit for bit; a second call gives the same bits."""
+    the implicit-GEMM forward and input gradient on tensor cores (from compute capability
+    8.0): they match the reference, and the cuDNN route within rounding and in the same
+    layouts; the training forward gives the inference output bit for bit; a second call
+    gives the same bits."""
     if torch.cuda.get_device_capability() < (8, 0):
-        pytest.skip("the implicit-GEMM forward needs compute capability 8.0")
+        pytest.skip("the implicit-GEMM kernels need compute capability 8.0")
     x, m, w, b, go = make_inputs(cfg, dtype, CUDA)
     geo = (list(cfg.stride), list(cfg.padding), list(cfg.dilation), cfg.groups)
+
+    def run_ops():
+        out, upd = torch.ops.pconv.partial_conv2d(x, m, w, b, *geo)
+        grads = torch.ops.pconv.partial_conv2d_backward(go, x, m, w, b is not None, *geo,
+                                                        [True, True, True])
+        return out, upd, tuple(grads[:2]) + ((grads[2],) if b is not None else ())
+
     monkeypatch.setenv("PCONV_CUDA_IGEMM", "1")
-    out, upd = torch.ops.pconv.partial_conv2d(x, m, w, b, *geo)
-    again = torch.ops.pconv.partial_conv2d(x, m, w, b, *geo)
-    assert torch.equal(again[0], out)
+    igemm = run_ops()
+    again = run_ops()
+    assert torch.equal(again[0], igemm[0]) and torch.equal(again[2][0], igemm[2][0])
     if m is not None:
         train = torch.ops.pconv.partial_conv2d_train(x, m, w, b, *geo)
-        assert torch.equal(train[0], out) and torch.equal(train[1], upd)
-    grads = torch.ops.pconv.partial_conv2d_backward(go, x, m, w, b is not None, *geo,
-                                                    [True, True, True])
-    grads = tuple(grads[:2]) + ((grads[2],) if b is not None else ())
-    assert_low_precision_matches((out, upd, grads), cfg, x, m, w, b, go)
+        assert torch.equal(train[0], igemm[0]) and torch.equal(train[1], igemm[1])
+    assert_low_precision_matches(igemm, cfg, x, m, w, b, go)
     monkeypatch.setenv("PCONV_CUDA_IGEMM", "0")
-    cudnn = torch.ops.pconv.partial_conv2d(x, m, w, b, *geo)
-    for layout in (torch.contiguous_format, CL):
-        assert out.is_contiguous(memory_format=layout) == cudnn[0].is_contiguous(
-            memory_format=layout)
-    assert_close_scaled(out, cudnn[0], 1e-2 if dtype == torch.bfloat16 else 2e-3, "output")
-    assert torch.equal(upd, cudnn[1])
+    cudnn = run_ops()
+    tol = 1e-2 if dtype == torch.bfloat16 else 2e-3
+    for name, d, c in zip(("output", "updated mask", "grad_input", "grad_weight", "grad_bias"),
+                          igemm[:2] + igemm[2], cudnn[:2] + cudnn[2]):
+        for layout in (torch.contiguous_format, CL):
+            assert d.is_contiguous(memory_format=layout) == c.is_contiguous(memory_format=layout)
+        assert_close_scaled(d, c, tol, name)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_implicit_gemm_at_a_unet_layer(dtype, monkeypatch):
     """The decoder's 192 -> 64 layer at 128 x 128, batch 2, channels_last (16-byte loads of
-    x and the mask) and NCHW: the implicit GEMM matches cuDNN's route within rounding."""
+    x, the mask and g_raw) and NCHW: the implicit GEMM's output and input gradient match
+    cuDNN's route within rounding."""
     if torch.cuda.get_device_capability() < (8, 0):
-        pytest.skip("the implicit-GEMM forward needs compute capability 8.0")
+        pytest.skip("the implicit-GEMM kernels need compute capability 8.0")
     for layout in ("nchw", "channels_last"):
         cfg = make_cfg(2, 192, 64, 128, 128, 3, 1, 1, 1, 1, "holes", multi=True, layout=layout)
         x, m, w, b, go = make_inputs(cfg, dtype, CUDA)
         geo = (list(cfg.stride), list(cfg.padding), list(cfg.dilation), cfg.groups)
-        monkeypatch.setenv("PCONV_CUDA_IGEMM", "1")
-        out, _ = torch.ops.pconv.partial_conv2d(x, m, w, b, *geo)
-        monkeypatch.setenv("PCONV_CUDA_IGEMM", "0")
-        ref, _ = torch.ops.pconv.partial_conv2d(x, m, w, b, *geo)
-        assert_close_scaled(out, ref, 1e-2 if dtype == torch.bfloat16 else 2e-3, layout)
+        results = {}
+        for value in ("1", "0"):
+            monkeypatch.setenv("PCONV_CUDA_IGEMM", value)
+            out, _ = torch.ops.pconv.partial_conv2d(x, m, w, b, *geo)
+            dx = torch.ops.pconv.partial_conv2d_backward(go, x, m, w, True, *geo,
+                                                         [True, False, False])[0]
+            results[value] = (out, dx)
+        tol = 1e-2 if dtype == torch.bfloat16 else 2e-3
+        for name, i, c in zip(("output", "grad_input"), results["1"], results["0"]):
+            assert_close_scaled(i, c, tol, f"{layout} {name}")
 
 
 @pytest.mark.parametrize("mask_batch", [0, 1])

@@ -362,14 +362,20 @@ def _igemm_kernel(dtype, masked):
     return f"implicit_gemm_forward_kernel<{SCALAR[dtype]}, {str(masked).lower()}>"
 
 
+def _igemm_input_grad_kernel(dtype):
+    return f"implicit_gemm_input_grad_kernel<{SCALAR[dtype]}>"
+
+
 @pytest.mark.parametrize("dtype", LOWP, ids=str)
 @pytest.mark.parametrize("cfg", IGEMM_CONFIGS, ids=str)
-def test_implicit_gemm_forward(host, cfg, dtype, monkeypatch):
+def test_implicit_gemm_forward_and_input_grad(host, cfg, dtype, monkeypatch):
     """With PCONV_CUDA_IGEMM=1 a 16-bit 3x3 unit-stride layer with more than 4 outputs
     runs its inference forward as the mask pass and one implicit GEMM on tensor cores that
-    masks on load (no x * m, no epilogue), and its training forward as the same kernel on
-    the x * m it keeps, unmasked: the same bits. Both match the reference, the same bits with
-    the threads of a block in reverse order, and the cuDNN route within rounding."""
+    masks on load (no x * m, no epilogue), its training forward as the same kernel on the
+    x * m it keeps, unmasked (the same bits), and the input gradient of both backward ops as
+    the same GEMM on g_raw with the weight flipped, masked at its store (no dx * m pass).
+    All match the reference, the same bits with the threads of a block in reverse order,
+    and the cuDNN route within rounding, in the same layouts."""
     monkeypatch.setenv("PCONV_CUDA_IGEMM", "1")
     x, m, w, b, go = make_inputs(cfg, dtype, "cpu")
     geo = geometry(cfg)
@@ -379,6 +385,7 @@ def test_implicit_gemm_forward(host, cfg, dtype, monkeypatch):
     assert forward[0].startswith("mask_ratio_kernel")
     assert forward[1:] == [_igemm_kernel(dtype, m is not None)]
     grads = ops().partial_conv2d_backward(go, x, m, w, b is not None, *geo, ALL)
+    assert _igemm_input_grad_kernel(dtype) in {_kernel_name(r) for r in host.take_launch_log()}
     grads = tuple(grads[:2]) + ((grads[2],) if b is not None else ())
     _check_result((out, upd, grads), cfg, dtype, x, m, w, b, go)
     check_layouts(cfg, x, w, out, upd, grads[0])
@@ -387,41 +394,55 @@ def test_implicit_gemm_forward(host, cfg, dtype, monkeypatch):
     if m is not None:
         launched = [_kernel_name(r) for r in host.take_launch_log()]
         assert _igemm_kernel(dtype, False) in launched
+        assert _igemm_input_grad_kernel(dtype) in launched
         assert not any(k.startswith("epilogue_kernel") for k in launched)
         assert torch.equal(train[0], out) and torch.equal(train[1], upd)
     _check_result(train, cfg, dtype, x, m, w, b, go)
 
     with runtime(host, reverse=True):
-        again = ops().partial_conv2d(x, m, w, b, *geo)
-    assert torch.equal(again[0], out) and torch.equal(again[1], upd)
+        again = host_run(cfg, x, m, w, b, go, train=False)
+    for e, r in zip((out, upd) + grads, again[:2] + again[2]):
+        assert torch.equal(e, r)
 
     monkeypatch.setenv("PCONV_CUDA_IGEMM", "0")
     host.take_launch_log()
-    cudnn = ops().partial_conv2d(x, m, w, b, *geo)
+    cudnn = host_run(cfg, x, m, w, b, go, train=False)
     assert not any("implicit_gemm" in r[0] for r in host.take_launch_log())
-    assert cudnn[0].stride() == out.stride()
-    assert_close_scaled(out, cudnn[0], 1e-2, "output")
+    for name, e, r in zip(("output", "updated mask", "grad_input", "grad_weight", "grad_bias"),
+                          (out, upd) + grads, cudnn[:2] + cudnn[2]):
+        assert e.stride() == r.stride(), name
+        assert_close_scaled(e, r, 1e-2, name)
     assert torch.equal(cudnn[1], upd)
 
 
+ON = (True, True)
+
+
 @pytest.mark.parametrize("value, dtype, capability, cfg, taken", [
-    ("1", torch.bfloat16, 90, IGEMM_CONFIGS[0], True),
-    (None, torch.bfloat16, 90, IGEMM_CONFIGS[0], False),
-    ("0", torch.float16, 90, IGEMM_CONFIGS[0], False),
-    ("1", torch.float32, 90, IGEMM_CONFIGS[0], False),
-    ("1", torch.bfloat16, 75, IGEMM_CONFIGS[0], False),
-    ("1", torch.float16, 80, IGEMM_CONFIGS[0], True),
-    ("1", torch.bfloat16, 90, make_cfg(2, 16, 32, 16, 16, 3, 2, 1, 1, 1, "holes"), False),
-    ("1", torch.bfloat16, 90, make_cfg(2, 16, 32, 16, 16, 3, 1, 2, 2, 1, "holes"), False),
-    ("1", torch.bfloat16, 90, make_cfg(2, 16, 32, 16, 16, 5, 1, 2, 1, 1, "holes"), False),
-    ("1", torch.bfloat16, 90, make_cfg(2, 16, 32, 16, 16, 3, 1, 1, 1, 2, "holes"), False),
-], ids=["on", "unset", "off", "float32", "sm75", "sm80", "stride2", "dilation2", "5x5",
-        "groups2"])
+    ("1", torch.bfloat16, 90, IGEMM_CONFIGS[0], ON),
+    ("forward", torch.bfloat16, 90, IGEMM_CONFIGS[0], (True, False)),
+    ("input_grad", torch.float16, 90, IGEMM_CONFIGS[0], (False, True)),
+    (None, torch.bfloat16, 90, IGEMM_CONFIGS[0], (False, False)),
+    ("0", torch.float16, 90, IGEMM_CONFIGS[0], (False, False)),
+    ("1", torch.float32, 90, IGEMM_CONFIGS[0], (False, False)),
+    ("1", torch.bfloat16, 75, IGEMM_CONFIGS[0], (False, False)),
+    ("1", torch.float16, 80, IGEMM_CONFIGS[0], ON),
+    ("1", torch.bfloat16, 90, make_cfg(2, 16, 32, 16, 16, 3, 2, 1, 1, 1, "holes"), (False, False)),
+    ("1", torch.bfloat16, 90, make_cfg(2, 16, 32, 16, 16, 3, 1, 2, 2, 1, "holes"), (False, False)),
+    ("1", torch.bfloat16, 90, make_cfg(2, 16, 32, 16, 16, 5, 1, 2, 1, 1, "holes"), (False, False)),
+    ("1", torch.bfloat16, 90, make_cfg(2, 16, 32, 16, 16, 3, 1, 1, 1, 2, "holes"), (False, False)),
+    # Padding 3 and 0: the input gradient's GEMM pads by -1 and by 2.
+    ("1", torch.bfloat16, 90, make_cfg(1, 16, 8, 6, 7, 3, 1, 3, 1, 1, "holes"), ON),
+    ("1", torch.float16, 90, make_cfg(1, 8, 16, 7, 9, 3, 1, 0, 1, 1, "soft", multi=True,
+                                      layout="channels_last"), ON),
+], ids=["on", "forward", "input_grad", "unset", "off", "float32", "sm75", "sm80", "stride2",
+        "dilation2", "5x5", "groups2", "pad3", "pad0"])
 def test_implicit_gemm_takes_only_its_layers(host, monkeypatch, value, dtype, capability, cfg,
                                              taken):
-    """The implicit-GEMM forward runs only where PCONV_CUDA_IGEMM is 1, on 16-bit inputs on
-    compute capability 8.0 and later, for 3x3 unit-stride, undilated, ungrouped layers;
-    every other layer keeps cuDNN and its epilogue, and both match the reference."""
+    """The implicit-GEMM forward and input gradient run only where PCONV_CUDA_IGEMM names
+    them (1 both), on 16-bit inputs on compute capability 8.0 and later, for 3x3
+    unit-stride, undilated, ungrouped layers; every other layer keeps cuDNN with its
+    epilogue and its dx * m, and all match the reference."""
     if value is None:
         monkeypatch.delenv("PCONV_CUDA_IGEMM", raising=False)
     else:
@@ -434,16 +455,18 @@ def test_implicit_gemm_takes_only_its_layers(host, monkeypatch, value, dtype, ca
         launched = " ".join(r[0] for r in host.take_launch_log())
     finally:
         host.set_compute_capability(90)
-    assert ("implicit_gemm_forward_kernel" in launched) == taken
-    assert ("epilogue_kernel" in launched) == (not taken)
+    assert ("implicit_gemm_forward_kernel" in launched) == taken[0]
+    assert ("epilogue_kernel" in launched) == (not taken[0])
+    assert ("implicit_gemm_input_grad_kernel" in launched) == taken[1]
     _check_result(result, cfg, dtype, x, m, w, b, go)
 
 
-def test_implicit_gemm_variable_must_be_0_or_1(host, monkeypatch):
+def test_implicit_gemm_variable_names_a_route(host, monkeypatch):
     cfg = IGEMM_CONFIGS[0]
     x, m, w, b, go = make_inputs(cfg, torch.bfloat16, "cpu")
     monkeypatch.setenv("PCONV_CUDA_IGEMM", "yes")
-    with pytest.raises(RuntimeError, match="PCONV_CUDA_IGEMM must be 0 or 1, not 'yes'"):
+    with pytest.raises(RuntimeError, match="PCONV_CUDA_IGEMM must be 0, 1, forward or "
+                                           "input_grad, not 'yes'"):
         ops().partial_conv2d(x, m, w, b, *geometry(cfg))
 
 

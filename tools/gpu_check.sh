@@ -11,9 +11,10 @@
 #   routes    the UNets' few-output layers (64->3, 67->3) with and without each direct
 #             kernel, side by side (benchmarks.routes, PCONV_CUDA_DIRECT), NCHW then
 #             channels_last; the rows done when its limit ends it stay in routes.json
-#   igemm     the implicit-GEMM forward (PCONV_CUDA_IGEMM=1) against the cuDNN route, bfloat16,
-#             the 512 UNets' 3x3 unit-stride layers with the largest outputs first, both
-#             layouts (benchmarks.routes --igemm, igemm_routes.json)
+#   igemm     the implicit-GEMM forward and input gradient (PCONV_CUDA_IGEMM: both, each,
+#             neither) against the cuDNN route, bfloat16, the 512 UNets' 3x3 unit-stride
+#             layers with the largest outputs first, both layouts (benchmarks.routes
+#             --igemm, igemm_routes.json)
 #   bench     the GPU table, for whatever time is left: the training-step rows, then bfloat16,
 #             float32 and float16, each at 512 then 256, multi-channel then single-channel
 #             masks; rows are saved as measured and a later run goes on from BENCH_FROM;
@@ -148,7 +149,7 @@ if step routes; then
 fi
 if step igemm; then
   limit=$(cap 75 $(step bench && echo 60 || echo 0))
-  note "routes of the implicit-GEMM forward (limit ${limit} s)"
+  note "routes of the implicit-GEMM kernels (limit ${limit} s)"
   minutes=$($PY -c "print(max(0.0, ($limit - 25) / 60))")
   timeout -s INT -k 15 "$limit" $PY -m benchmarks.routes --igemm --sizes 512 --dtypes bfloat16 \
       --modes multi --json "$OUT/igemm_routes.json" --max-minutes "$minutes" 2>&1 | tail -12

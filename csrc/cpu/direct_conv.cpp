@@ -445,29 +445,6 @@ std::tuple<at::Tensor, MaskRatio> direct_conv_forward_with_mask_ratio(
   return {out, mr};
 }
 
-namespace {
-
-// dx[c] = sum over o, ky, kx of W[o, c, ky, kx] g[o, y + p - d ky, x + p - d kx]: the
-// stride-1 convolution of g with the weight's channels swapped and taps reversed, under
-// padding d (k - 1) - p; its output is the input's plane. Its geometry:
-ConvGeometry input_grad_geometry(const ConvGeometry& g) {
-  ConvGeometry t = g;
-  t.in_channels = g.out_channels;
-  t.out_channels = g.in_channels;
-  t.in_h = g.out_h;
-  t.in_w = g.out_w;
-  t.out_h = g.in_h;
-  t.out_w = g.in_w;
-  t.pad_h = g.dil_h * (g.kernel_h - 1) - g.pad_h;
-  t.pad_w = g.dil_w * (g.kernel_w - 1) - g.pad_w;
-  t.has_mask = false;
-  t.mask_batch = 1;
-  t.mask_channels = 1;
-  return t;
-}
-
-}  // namespace
-
 bool direct_input_grad_applies(const at::Tensor& grad_raw, const ConvGeometry& g) {
   if (g.groups != 1 || g.in_channels > kMaxDirectOutputs || g.batch == 0) return false;
   if (g.stride_h != 1 || g.stride_w != 1 || g.in_h * g.in_w == 0) return false;

@@ -1,8 +1,12 @@
-// The forward of a 3x3, unit-stride partial convolution as one implicit GEMM on tensor
-// cores (mma.sync m16n8k16, bfloat16 and float16, sm_80 and later), with the masking on
-// load and the renormalisation in the epilogue: y = (conv(x * m, W) * r + b) * u is read
-// and written once, with no x * m tensor and no epilogue pass (r and u come from the mask
-// pass, as on the cuDNN route).
+// A 3x3, unit-stride partial convolution as one implicit GEMM on tensor cores (mma.sync
+// m16n8k16, bfloat16 and float16, sm_80 and later), in two kernels:
+//   - the forward masks on load and renormalises in its epilogue:
+//     y = (conv(x * m, W) * r + b) * u is read and written once, with no x * m tensor and
+//     no epilogue pass (r and u come from the mask pass, as on the cuDNN route);
+//   - the input gradient is the same GEMM: at unit stride dx = conv(g_raw, W') with W'
+//     the weight transposed and flipped and padding 2 - pad, and m applied as dx is
+//     stored (no dx * m pass).
+// Below, "input" and "output" are the GEMM's: for the input gradient g_raw and dx.
 //
 // The GEMM is (output pixels) x (input channels, taps) times (input channels, taps) x
 // (output channels). A block of kIgThreads threads makes a tile of kIgTileRows x kIgTileCols
@@ -18,9 +22,10 @@
 // All 9 taps then read the same staged window, shifted. Warp w takes 2 output rows (w % 4)
 // by 32 output channels (w / 4): 4 runs of 16 pixels by 4 runs of 8 outputs, 16 mma.sync a
 // tap, summed in float32.
-// The epilogue applies r, b and u to the float32 sums, rounds once, and goes through shared
-// memory in the output's layout so that the block writes whole 16-byte runs of it.
-// Offsets within one sample are 32-bit (the launcher checks that they fit).
+// The forward's epilogue applies r, b and u to the float32 sums and rounds once; both
+// kernels go through shared memory in the output's layout, so that the block writes whole
+// 16-byte runs of it. Offsets within one sample of the input are 32-bit (the op code checks
+// that they fit).
 #pragma once
 
 #include <cstdint>
@@ -83,9 +88,10 @@ struct IgTiles {
   }
 };
 
-template <typename scalar_t, bool kHasMask>
-__global__ void __launch_bounds__(kIgThreads, 2)
-    implicit_gemm_forward_kernel(const ImplicitGemmForwardParams<scalar_t> p) {
+// The tiles of one launch. kInputGrad: the input gradient's epilogue (no r, u or b; the
+// output masked at the store) in place of the forward's.
+template <typename scalar_t, bool kHasMask, bool kInputGrad>
+__device__ __forceinline__ void implicit_gemm_tiles(const ImplicitGemmParams<scalar_t>& p) {
   uint32_t* x_s = dynamic_shared_memory<uint32_t>();
   uint32_t* w_s = x_s + kIgStagedWords;
   const Strides4 &xs = p.input_strides, &ms = p.mask_strides;
@@ -235,28 +241,31 @@ __global__ void __launch_bounds__(kIgThreads, 2)
       accumulate(std::false_type{});
     }
 
-    // Epilogue: y = (raw * r + b) * u (raw * r without a bias) into the output tile in
-    // shared memory, in the output's layout. r and u of the tile's pixels and b of its
-    // outputs are staged first, past the output tile, so that the fragments' loop reads
-    // them from shared memory with 32-bit offsets.
+    // Epilogue into the output tile in shared memory, in the output's layout. Forward:
+    // y = (raw * r + b) * u (raw * r without a bias); r and u of the tile's pixels and b of
+    // its outputs are staged first, past the output tile, so that the fragments' loop reads
+    // them from shared memory with 32-bit offsets. Input gradient: the sums as they are
+    // (the mask comes at the store).
     __syncthreads();  // every warp is done with the staged group
     scalar_t* out_s = reinterpret_cast<scalar_t*>(x_s);
     float* ratio_s = reinterpret_cast<float*>(x_s) + kIgEpilogueWords;
     float* update_s = ratio_s + kIgTilePixels;
     float* bias_s = update_s + kIgTilePixels;
-    for (int e = static_cast<int>(threadIdx.x); e < kIgTilePixels; e += kIgThreads) {
-      const int64_t oh = oh0 + e / kIgTileCols, ow = ow0 + e % kIgTileCols;
-      const bool inside = oh < p.out_h && ow < p.out_w;
-      const int64_t mi = n * p.mask_plane_stride + oh * p.out_w + ow;
-      ratio_s[e] = inside ? p.ratio[mi] : 0.0f;
-      update_s[e] = inside ? p.update[mi] : 0.0f;
+    if (!kInputGrad) {
+      for (int e = static_cast<int>(threadIdx.x); e < kIgTilePixels; e += kIgThreads) {
+        const int64_t oh = oh0 + e / kIgTileCols, ow = ow0 + e % kIgTileCols;
+        const bool inside = oh < p.out_h && ow < p.out_w;
+        const int64_t mi = n * p.mask_plane_stride + oh * p.out_w + ow;
+        ratio_s[e] = inside ? p.ratio[mi] : 0.0f;
+        update_s[e] = inside ? p.update[mi] : 0.0f;
+      }
+      if (threadIdx.x < kIgTileOutputs) {
+        const int64_t co = co0 + threadIdx.x;
+        bias_s[threadIdx.x] =
+            p.bias != nullptr && co < p.out_channels ? static_cast<float>(p.bias[co]) : 0.0f;
+      }
+      __syncthreads();
     }
-    if (threadIdx.x < kIgTileOutputs) {
-      const int64_t co = co0 + threadIdx.x;
-      bias_s[threadIdx.x] =
-          p.bias != nullptr && co < p.out_channels ? static_cast<float>(p.bias[co]) : 0.0f;
-    }
-    __syncthreads();
     const bool has_bias = p.bias != nullptr;
     // The output tile's strides, in values, per pixel and per output.
     const int pixel_step = p.out_channels_last ? kIgOutClStride : 1;
@@ -266,14 +275,16 @@ __global__ void __launch_bounds__(kIgThreads, 2)
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
         const int pixel = (warp_row + mo / 2) * kIgTileCols + 16 * (mo % 2) + lane / 4 + 8 * half;
-        const float ratio = ratio_s[pixel], update = update_s[pixel];
+        const float ratio = kInputGrad ? 1.0f : ratio_s[pixel];
+        const float update = kInputGrad ? 1.0f : update_s[pixel];
 #pragma unroll
         for (int no = 0; no < 4; ++no) {
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
             const int co = warp_out + 8 * no + 2 * (lane % 4) + e;
             const float raw = acc[mo][no][2 * half + e];
-            const float v = has_bias ? (raw * ratio + bias_s[co]) * update : raw * ratio;
+            float v = raw;
+            if (!kInputGrad) v = has_bias ? (raw * ratio + bias_s[co]) * update : raw * ratio;
             out_s[pixel * pixel_step + co * output_step] = static_cast<scalar_t>(v);
           }
         }
@@ -282,9 +293,12 @@ __global__ void __launch_bounds__(kIgThreads, 2)
     __syncthreads();
 
     // 8 values a unit: 8 pixels of a row of one output (NCHW) or 8 outputs of one pixel
-    // (channels_last), one 16-byte store where the unit is whole and aligned.
-    const Strides4& ys = p.out_strides;
+    // (channels_last), one 16-byte store where the unit is whole and aligned. The input
+    // gradient's values are multiplied by the mask here (rounded again, as dx * m of the
+    // cuDNN route rounds them).
+    const Strides4 &ys = p.out_strides, &oms = p.out_mask_strides;
     scalar_t* y_n = p.out + n * ys.n;
+    const bool mask_out = kInputGrad && p.out_mask != nullptr;
     for (int u = static_cast<int>(threadIdx.x); u < kIgTilePixels * kIgTileOutputs / 8;
          u += kIgThreads) {
       int pixel, co;
@@ -297,21 +311,50 @@ __global__ void __launch_bounds__(kIgThreads, 2)
       }
       const int64_t oh = oh0 + pixel / kIgTileCols, ow = ow0 + pixel % kIgTileCols;
       if (oh >= p.out_h || ow >= p.out_w || co0 + co >= p.out_channels) continue;
-      const scalar_t* src = out_s + (p.out_channels_last ? pixel * kIgOutClStride + co
-                                                         : co * kIgOutNchwStride + pixel);
-      scalar_t* dst = y_n + (co0 + co) * ys.c + oh * ys.h + ow * ys.w;
+      Vec<scalar_t, 8> v = *reinterpret_cast<const Vec<scalar_t, 8>*>(
+          out_s + (p.out_channels_last ? pixel * kIgOutClStride + co
+                                       : co * kIgOutNchwStride + pixel));
       const int64_t left = p.out_channels_last ? p.out_channels - co0 - co : p.out_w - ow;
-      if (left >= 8 && reinterpret_cast<uintptr_t>(dst) % 16 == 0 &&
+      const int valid = left < 8 ? static_cast<int>(left) : 8;
+      if (mask_out) {
+        const scalar_t* m = p.out_mask + n * oms.n + (co0 + co) * oms.c + oh * oms.h + ow * oms.w;
+        const int64_t step = p.out_channels_last ? oms.c : oms.w;
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+          if (e < valid) {
+            v.val[e] = static_cast<scalar_t>(static_cast<float>(v.val[e]) *
+                                             static_cast<float>(m[e * step]));
+          }
+        }
+      }
+      scalar_t* dst = y_n + (co0 + co) * ys.c + oh * ys.h + ow * ys.w;
+      if (valid == 8 && reinterpret_cast<uintptr_t>(dst) % 16 == 0 &&
           (p.out_channels_last ? ys.c : ys.w) == 1) {
-        *reinterpret_cast<Vec<scalar_t, 8>*>(dst) =
-            *reinterpret_cast<const Vec<scalar_t, 8>*>(src);
+        *reinterpret_cast<Vec<scalar_t, 8>*>(dst) = v;
       } else {
-        const int valid = left < 8 ? static_cast<int>(left) : 8;
         const int64_t step = p.out_channels_last ? ys.c : ys.w;
-        for (int e = 0; e < valid; ++e) dst[e * step] = src[e];
+#pragma unroll  // constant indices keep v in registers
+        for (int e = 0; e < 8; ++e) {
+          if (e < valid) dst[e * step] = v.val[e];
+        }
       }
     }
   }
+}
+
+// The forward: y of a 3x3 unit-stride layer from x (masked on load when kHasMask).
+template <typename scalar_t, bool kHasMask>
+__global__ void __launch_bounds__(kIgThreads, 2)
+    implicit_gemm_forward_kernel(const ImplicitGemmParams<scalar_t> p) {
+  implicit_gemm_tiles<scalar_t, kHasMask, false>(p);
+}
+
+// The input gradient of the same layers: dx = conv(g_raw, W flipped and transposed) with
+// padding 2 - pad, which is the same GEMM with g_raw as its input, times m at the store.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kIgThreads, 2)
+    implicit_gemm_input_grad_kernel(const ImplicitGemmParams<scalar_t> p) {
+  implicit_gemm_tiles<scalar_t, false, true>(p);
 }
 
 }  // namespace cuda

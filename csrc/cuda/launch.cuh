@@ -54,11 +54,12 @@ template <typename scalar_t>
 void launch_few_outputs_input_grad(FewOutputsInputGradParams<scalar_t, acc_type<scalar_t>> p,
                                    cudaStream_t stream);
 
-// The implicit-GEMM forward of a 3x3 unit-stride layer on tensor cores
+// The implicit-GEMM forward and input gradient of a 3x3 unit-stride layer on tensor cores
 // (implicit_gemm_kernel.cuh): bfloat16 and float16 on compute capability 8.0 and later.
 template <typename scalar_t>
-void launch_implicit_gemm_forward(const ImplicitGemmForwardParams<scalar_t>& p,
-                                  cudaStream_t stream);
+void launch_implicit_gemm_forward(const ImplicitGemmParams<scalar_t>& p, cudaStream_t stream);
+template <typename scalar_t>
+void launch_implicit_gemm_input_grad(const ImplicitGemmParams<scalar_t>& p, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace pconv

@@ -172,15 +172,18 @@ struct FewOutputsInputGradParams {
 };
 
 // ---------------------------------------------------------------------------------------
-// The forward of a 3x3 unit-stride layer as one implicit GEMM on tensor cores
-// (implicit_gemm_kernel.cuh, bfloat16 and float16): y = (conv(x * m, W) * r + b) * u,
-// masking on load, the epilogue applied before the one write of y. A block makes
-// kIgTileOutputs output channels, from groups of kIgGroupChannels input channels.
+// A 3x3 unit-stride convolution as one implicit GEMM on tensor cores
+// (implicit_gemm_kernel.cuh, bfloat16 and float16). Forward: y = (conv(x * m, W) * r + b) * u,
+// masking on load, the epilogue applied before the one write of y. Input gradient: the same
+// GEMM on g_raw with W flipped and transposed and padding 2 - pad, giving dx, times m
+// before its one write. "in" and "out" name the GEMM's input and output: for the input
+// gradient, g_raw's channels and plane, then dx's. A block makes kIgTileOutputs output
+// channels, from groups of kIgGroupChannels input channels.
 constexpr int kIgTileOutputs = 64;
 constexpr int kIgGroupChannels = 16;
 
 template <typename scalar_t>
-struct ImplicitGemmForwardParams {
+struct ImplicitGemmParams {
   const scalar_t* input;  // x, [N, C_in, H, W]
   Strides4 input_strides;
   const scalar_t* mask;   // m, [N_m, C_m, H, W]; nullptr: none (no mask, or x * m given)
@@ -188,13 +191,15 @@ struct ImplicitGemmForwardParams {
   // W packed as [ceil(C_in / 16)][9 taps][C_out rounded up to 64][16 input channels]
   // (kIgGroupChannels, kIgTileOutputs), contiguous, zero past C_in and C_out.
   const scalar_t* weight;
-  const float* ratio;     // [N_m, 1, H', W'] contiguous
-  const float* update;    // [N_m, 1, H', W'] contiguous
+  const float* ratio;     // forward: [N_m, 1, H', W'] contiguous
+  const float* update;    // forward: [N_m, 1, H', W'] contiguous
   int64_t mask_plane_stride;  // H' * W', or 0 when one mask broadcasts over the batch
-  const scalar_t* bias;   // [C_out] or nullptr
-  scalar_t* out;          // y, [N, C_out, H', W'], dense in its layout
+  const scalar_t* bias;   // forward: [C_out] or nullptr
+  scalar_t* out;          // y (dx), [N, C_out, H', W'], dense in its layout
   Strides4 out_strides;
   bool out_channels_last; // the layout of out (else NCHW)
+  const scalar_t* out_mask;  // input gradient: m, [N_m, C_m, H, W]; nullptr: none
+  Strides4 out_mask_strides; // n: 0 for one mask over the batch; c: 0 for one channel
   // x (and a C_in-channel mask) hold every 8 channels of a pixel from a multiple of 8 in
   // one aligned 16-byte run: channels_last with C_in a multiple of 8.
   bool vector_input;

@@ -21,9 +21,10 @@
 // kernels instead (few_outputs_kernel.cuh) for the convolution, which renormalises before
 // its one write (no epilogue pass) and in inference masks on load (no x * m), and for the
 // input gradient, which applies m before its one write (no dx * m pass). With
-// PCONV_CUDA_IGEMM=1, the 16-bit forward of 3x3 unit-stride layers with more outputs is one
-// implicit GEMM on tensor cores (implicit_gemm_kernel.cuh) that masks on load and
-// renormalises before its one write, reading r and u of the mask pass.
+// PCONV_CUDA_IGEMM, the 16-bit forward and input gradient of 3x3 unit-stride layers with
+// more outputs are implicit GEMMs on tensor cores (implicit_gemm_kernel.cuh): the forward
+// masks on load and renormalises before its one write (reading r and u of the mask pass),
+// the input gradient masks before its one write.
 //
 // Headers: only c10/cuda (guard, stream; through op_context.h) and per-operator ATen
 // headers; no ATen/cuda/CUDAContext.h, which pulls cuBLAS/cuSPARSE/cuSOLVER headers this
@@ -42,6 +43,7 @@
 #include <ATen/ops/constant_pad_nd.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/flip.h>
 #include <ATen/ops/mul.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
@@ -395,38 +397,48 @@ at::Tensor few_outputs_input_grad_cuda(const at::Tensor& grad_raw,
 
 // ------------------------------------------------------------ implicit-GEMM forward
 
-// The implicit-GEMM forward (implicit_gemm_kernel.cuh) takes the layers it can where
-// PCONV_CUDA_IGEMM in the environment is "1" (read at every call, so that the routes can be
-// timed in one process); unset or "0", they keep cuDNN and the passes around it, until GPU
-// timings (python -m benchmarks.routes --igemm) show where the kernel is the faster.
-bool implicit_gemm_enabled() {
+// The implicit-GEMM kernels (implicit_gemm_kernel.cuh) take the layers they can as
+// PCONV_CUDA_IGEMM in the environment names them (read at every call, so that the routes
+// can be timed in one process): "1" both the forward and the input gradient, "forward" or
+// "input_grad" that one; unset or "0", the layers keep cuDNN and the passes around it,
+// until GPU timings (python -m benchmarks.routes --igemm) show where the kernels are the
+// faster.
+bool implicit_gemm_enabled(DirectKernel which) {
   const char* env = std::getenv("PCONV_CUDA_IGEMM");
   if (env == nullptr || std::strcmp(env, "0") == 0) return false;
-  TORCH_CHECK(std::strcmp(env, "1") == 0, "PCONV_CUDA_IGEMM must be 0 or 1, not '", env, "'");
-  return true;
+  if (std::strcmp(env, "1") == 0) return true;
+  const bool forward = std::strcmp(env, "forward") == 0;
+  TORCH_CHECK(forward || std::strcmp(env, "input_grad") == 0,
+              "PCONV_CUDA_IGEMM must be 0, 1, forward or input_grad, not '", env, "'");
+  return forward == (which == DirectKernel::kForward);
 }
 
-// True when the implicit-GEMM forward takes this layer: bfloat16 or float16 on compute
-// capability 8.0 or later (tensor cores), groups 1, more outputs than the few-output
-// kernels take, 3x3 with unit stride and dilation (any padding), and offsets within a
-// sample of x and of the mask that fit its 32-bit offsets.
-bool takes_implicit_gemm(const at::Tensor& input, const c10::optional<at::Tensor>& mask,
-                         const ConvGeometry& g) {
-  const auto dtype = input.scalar_type();
+// True when the implicit-GEMM kernel `which` takes this layer: bfloat16 or float16 on
+// compute capability 8.0 or later (tensor cores), groups 1, more outputs than the
+// few-output kernels take, 3x3 with unit stride and dilation (any padding), and offsets
+// within a sample of the tensor it reads (x, or g_raw [N, C_out, H', W'] with `read`'s
+// strides) and of the mask that fit its 32-bit offsets.
+bool takes_implicit_gemm(const at::Tensor& read, const c10::optional<at::Tensor>& mask,
+                         const ConvGeometry& g, DirectKernel which) {
+  const auto dtype = read.scalar_type();
   if ((dtype != at::kHalf && dtype != at::kBFloat16) || g.batch == 0 || g.groups != 1 ||
       g.out_channels <= kFewOutputs || g.kernel_h != 3 || g.kernel_w != 3 || g.stride_h != 1 ||
-      g.stride_w != 1 || g.dil_h != 1 || g.dil_w != 1 || !implicit_gemm_enabled() ||
+      g.stride_w != 1 || g.dil_h != 1 || g.dil_w != 1 || !implicit_gemm_enabled(which) ||
       compute_capability() < 80) {
     return false;
   }
   const bool has_mask = mask.has_value() && mask->defined();
-  return fits_32_bits(strides_of(input), g.in_channels, g.in_h, g.in_w) &&
+  const bool read_fits = which == DirectKernel::kForward
+                             ? fits_32_bits(strides_of(read), g.in_channels, g.in_h, g.in_w)
+                             : fits_32_bits(strides_of(read), g.out_channels, g.out_h, g.out_w);
+  return read_fits &&
          (!has_mask || fits_32_bits(mask_strides_of(*mask), mask->size(1), g.in_h, g.in_w));
 }
 
-// W as the implicit-GEMM forward reads it: [ceil(C_in / 16)][9 taps][C_out rounded up to
-// 64][16 input channels], contiguous, zero past C_in and C_out, so that a block stages a
-// group's weight for its outputs in 16-byte copies.
+// W ([C_out, C_in, 3, 3] of geometry g) as the implicit-GEMM kernels read it:
+// [ceil(C_in / 16)][9 taps][C_out rounded up to 64][16 input channels], contiguous, zero
+// past C_in and C_out, so that a block stages a group's weight for its outputs in 16-byte
+// copies.
 at::Tensor pack_implicit_gemm_weight(const at::Tensor& weight, const ConvGeometry& g) {
   const int64_t groups = ceil_div(g.in_channels, kIgGroupChannels);
   const int64_t outputs = ceil_div(g.out_channels, kIgTileOutputs) * kIgTileOutputs;
@@ -445,6 +457,31 @@ bool pixels_hold_aligned_channel_runs(const at::Tensor& t) {
          aligned16(t.const_data_ptr());
 }
 
+// The fields both implicit-GEMM kernels take: the GEMM's input `in` and output `out` (any
+// strides; dense), the packed weight and the geometry g of that GEMM.
+template <typename scalar_t>
+ImplicitGemmParams<scalar_t> implicit_gemm_params(const at::Tensor& in, const at::Tensor& packed,
+                                                  at::Tensor& out, const ConvGeometry& g) {
+  ImplicitGemmParams<scalar_t> p{};
+  p.input = in.const_data_ptr<scalar_t>();
+  p.input_strides = strides_of(in);
+  p.weight = packed.const_data_ptr<scalar_t>();
+  p.out = out.mutable_data_ptr<scalar_t>();
+  p.out_strides = strides_of(out);
+  p.out_channels_last = p.out_strides.c == 1 && p.out_strides.w != 1;
+  p.vector_input = pixels_hold_aligned_channel_runs(in);
+  p.batch = g.batch;
+  p.in_channels = g.in_channels;
+  p.out_channels = g.out_channels;
+  p.in_h = g.in_h;
+  p.in_w = g.in_w;
+  p.out_h = g.out_h;
+  p.out_w = g.out_w;
+  p.pad_h = g.pad_h;
+  p.pad_w = g.pad_w;
+  return p;
+}
+
 // y ([N, C_out, H', W'] in `format`) of a 3x3 unit-stride layer from x and m directly (any
 // strides; no mask: none applied, as for x * m given as the input), with r and u of the
 // mask pass.
@@ -459,36 +496,42 @@ at::Tensor implicit_gemm_forward_cuda(const at::Tensor& input,
   const at::Tensor packed = pack_implicit_gemm_weight(weight, g);
   const at::Tensor bias_c =
       bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
-  const bool has_mask = mask.has_value() && mask->defined();
-  const bool per_channel_mask = has_mask && mask->size(1) != 1;
+  const bool per_channel_mask = mask.has_value() && mask->defined() && mask->size(1) != 1;
   AT_DISPATCH_REDUCED_FLOATING_TYPES(input.scalar_type(), "pconv_implicit_gemm_forward_cuda",
                                      [&] {
-    ImplicitGemmForwardParams<scalar_t> p{};
-    p.input = input.const_data_ptr<scalar_t>();
-    p.input_strides = strides_of(input);
+    ImplicitGemmParams<scalar_t> p = implicit_gemm_params<scalar_t>(input, packed, out, g);
     set_few_outputs_mask(p, mask);
-    p.weight = packed.const_data_ptr<scalar_t>();
+    p.vector_input =
+        p.vector_input && (!per_channel_mask || pixels_hold_aligned_channel_runs(*mask));
     p.ratio = mr.ratio.const_data_ptr<float>();
     p.update = mr.update.const_data_ptr<float>();
     p.mask_plane_stride = mr.batch == 1 ? 0 : g.out_h * g.out_w;
     p.bias = bias_c.defined() ? bias_c.const_data_ptr<scalar_t>() : nullptr;
-    p.out = out.mutable_data_ptr<scalar_t>();
-    p.out_strides = strides_of(out);
-    p.out_channels_last = p.out_strides.c == 1 && p.out_strides.w != 1;
-    p.vector_input = pixels_hold_aligned_channel_runs(input) &&
-                     (!per_channel_mask || pixels_hold_aligned_channel_runs(*mask));
-    p.batch = g.batch;
-    p.in_channels = g.in_channels;
-    p.out_channels = g.out_channels;
-    p.in_h = g.in_h;
-    p.in_w = g.in_w;
-    p.out_h = g.out_h;
-    p.out_w = g.out_w;
-    p.pad_h = g.pad_h;
-    p.pad_w = g.pad_w;
     launch_implicit_gemm_forward<scalar_t>(p, current_stream());
   });
   return out;
+}
+
+// dx = conv_input_grad(g_raw, W) * m of a 3x3 unit-stride layer ([N, C_in, H, W] in
+// `format`): at unit stride, the convolution of g_raw with W transposed and flipped,
+// padded by 2 - pad, so the same implicit GEMM with the mask applied at its store.
+at::Tensor implicit_gemm_input_grad_cuda(const at::Tensor& grad_raw,
+                                         const c10::optional<at::Tensor>& mask,
+                                         const at::Tensor& weight, const at::Tensor& source,
+                                         const ConvGeometry& g, at::MemoryFormat format) {
+  at::Tensor dx = at::empty(source.sizes(), source.options().memory_format(format));
+  const ConvGeometry t = input_grad_geometry(g);
+  const at::Tensor packed = pack_implicit_gemm_weight(weight.transpose(0, 1).flip({2, 3}), t);
+  AT_DISPATCH_REDUCED_FLOATING_TYPES(grad_raw.scalar_type(),
+                                     "pconv_implicit_gemm_input_grad_cuda", [&] {
+    ImplicitGemmParams<scalar_t> p = implicit_gemm_params<scalar_t>(grad_raw, packed, dx, t);
+    if (mask.has_value() && mask->defined()) {
+      p.out_mask = mask->const_data_ptr<scalar_t>();
+      p.out_mask_strides = mask_strides_of(*mask);
+    }
+    launch_implicit_gemm_input_grad<scalar_t>(p, current_stream());
+  });
+  return dx;
 }
 
 // ------------------------------------------------------------------------------ ops
@@ -534,7 +577,7 @@ ForwardResult forward_cuda(const at::Tensor& input, const c10::optional<at::Tens
   const at::MemoryFormat format = conv_output_format(input, weight);
   ForwardResult res;
   const bool direct = g.batch > 0 && few_outputs_direct(g, DirectKernel::kForward);
-  const bool igemm = !direct && takes_implicit_gemm(input, mask, g);
+  const bool igemm = !direct && takes_implicit_gemm(input, mask, g, DirectKernel::kForward);
   if ((direct || igemm) && !keep_masked_input) {
     res.mr = mask_ratio_cuda(mask, g, input, &res.update);
     if (res.mr.batch != g.batch) {
@@ -642,14 +685,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
             at::zeros(weight.sizes(), weight.options().memory_format(weight.suggest_memory_format()));
       }
     } else {
-      // A few-output layer's input gradient comes masked, in its layout, from one kernel;
-      // cuDNN then computes the weight gradient alone.
+      // A few-output layer's input gradient comes masked, in its layout, from one kernel,
+      // and so does that of a layer the implicit GEMM takes; cuDNN then computes the weight
+      // gradient alone.
       const bool direct_dx = need_dx && few_outputs_direct(g, DirectKernel::kInputGrad);
+      const bool igemm_dx = need_dx && !direct_dx &&
+                            takes_implicit_gemm(grad_raw, mask, g, DirectKernel::kInputGrad);
       if (direct_dx) {
         grad_input = few_outputs_input_grad_cuda(grad_raw, mask, weight, source, g,
                                                  grad_input_format);
+      } else if (igemm_dx) {
+        grad_input = implicit_gemm_input_grad_cuda(grad_raw, mask, weight, source, g,
+                                                   grad_input_format);
       }
-      const bool cudnn_dx = need_dx && !direct_dx;
+      const bool cudnn_dx = need_dx && !direct_dx && !igemm_dx;
       // The weight gradient reads x * m; the input gradient only needs the input's shape
       // (and layout), so without dW an unwritten tensor stands in for an input in another.
       at::Tensor xm;
